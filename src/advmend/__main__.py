@@ -1,0 +1,5 @@
+import sys
+
+from advmend.cli import main
+
+sys.exit(main())

@@ -1,0 +1,19 @@
+"""Attacks: one PGD core (FGSM, PGD L-inf/L2, restarts, CW margin) and named protocols."""
+
+from advmend.attacks.losses import LOSSES, ce_loss, margin_loss
+from advmend.attacks.modes import attack_mode
+from advmend.attacks.pgd import PGD, fgsm, pgd, pgd_tracked
+from advmend.attacks.presets import PROTOCOLS, protocol_attacks
+
+__all__ = [
+    "LOSSES",
+    "PGD",
+    "PROTOCOLS",
+    "attack_mode",
+    "ce_loss",
+    "fgsm",
+    "margin_loss",
+    "pgd",
+    "pgd_tracked",
+    "protocol_attacks",
+]

@@ -1,0 +1,35 @@
+"""Per-example attack losses (reduction='none'): the attack maximises them.
+
+Per-example values keep results independent of the batch size; attacks sum them only to get
+the input gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from advmend.registry import Registry
+
+AttackLoss = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+LOSSES: Registry[AttackLoss] = Registry("attack loss")
+
+
+@LOSSES.register("ce")
+def ce_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of the true class."""
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+@LOSSES.register("margin")
+def margin_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float = 0.0) -> torch.Tensor:
+    """Carlini-Wagner margin: -max(z_y - max_{j != y} z_j, -kappa).
+
+    Increasing it pushes the best wrong logit above the true one; past a margin of `kappa` the loss is
+    flat (kappa = 50 in the FSR paper's "C&W" protocol, which in practice never saturates).
+    """
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.scatter(1, y[:, None], float("-inf")).amax(dim=1)
+    return -torch.clamp(true - other, min=-kappa)

@@ -1,0 +1,230 @@
+"""The one iterative gradient attack core: FGSM, BIM, PGD (L-inf and L2), restarts, CW-margin.
+
+Madry, Makelov, Schmidt, Tsipras, Vladu, "Towards Deep Learning Models Resistant to Adversarial
+Attacks", ICLR 2018, https://arxiv.org/abs/1706.06083. FGSM (Goodfellow et al. 2015) is PGD with one
+step of size eps and no random start. Every attack in advmend, for training and for evaluation, is a
+`PGD` configuration run by `pgd()`.
+
+Threat model: untargeted, ||x_adv - x|| <= eps in L-inf or L2, x_adv in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from advmend.attacks.losses import LOSSES
+from advmend.attacks.modes import attack_mode
+from advmend.errors import ConfigError
+from advmend.validate import check_images, check_labels, check_logits
+
+NORMS = ("linf", "l2")
+
+
+@dataclass(frozen=True)
+class PGD:
+    """Settings of one PGD-family attack.
+
+    Args:
+        eps: radius of the threat model.
+        steps: gradient steps; 0 means no attack (x is returned unchanged).
+        step_size: step length; None gives min(eps, 2.5 * eps / steps) (Madry et al.).
+        norm: "linf" (signed steps) or "l2" (normalised steps).
+        random_start: start from a uniform point of the ball instead of x.
+        restarts: independent runs; each example keeps its worst case, and later restarts only
+            run on the examples no earlier restart fooled.
+        loss: "ce" or "margin" (CW).
+        kappa: confidence of the margin loss.
+        keep_best: return, per example, the first iterate that fools the model (evaluation)
+            rather than the last iterate (training, Madry's PGD-AT).
+        name: label used in reports.
+
+    Example:
+        >>> x_adv = pgd(model, x, y, PGD(eps=8/255, steps=20, step_size=0.8/255, random_start=False))
+    """
+
+    eps: float
+    steps: int = 10
+    step_size: float | None = None
+    norm: str = "linf"
+    random_start: bool = True
+    restarts: int = 1
+    loss: str = "ce"
+    kappa: float = 0.0
+    keep_best: bool = True
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not (self.eps >= 0 and math.isfinite(self.eps)):
+            raise ConfigError(f"attack eps must be a finite number >= 0, got {self.eps}")
+        if self.steps < 0:
+            raise ConfigError(f"attack steps must be >= 0, got {self.steps}")
+        if self.restarts < 1:
+            raise ConfigError(f"attack restarts must be >= 1, got {self.restarts}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"attack norm must be one of {NORMS}, got {self.norm!r}")
+        LOSSES.get(self.loss)  # raises a ConfigError naming the valid losses
+        if self.step_size is not None and not self.step_size > 0:
+            raise ConfigError(f"attack step_size must be > 0, got {self.step_size}")
+
+    @property
+    def alpha(self) -> float:
+        """The step size actually used."""
+        if self.step_size is not None:
+            return self.step_size
+        return min(self.eps, 2.5 * self.eps / max(self.steps, 1))
+
+    def describe(self) -> dict:
+        """Exact settings, for reports."""
+        return {
+            "name": self.name or f"PGD-{self.steps}",
+            "norm": self.norm,
+            "eps": self.eps,
+            "steps": self.steps,
+            "step_size": self.alpha,
+            "random_start": self.random_start,
+            "restarts": self.restarts,
+            "loss": self.loss,
+            "kappa": self.kappa,
+        }
+
+
+def fgsm(eps: float, norm: str = "linf") -> PGD:
+    """FGSM: one step of size eps from x (Goodfellow et al. 2015)."""
+    return PGD(eps=eps, steps=1, step_size=eps, norm=norm, random_start=False, name="FGSM")
+
+
+def _random_start(x: torch.Tensor, cfg: PGD, generator: torch.Generator | None) -> torch.Tensor:
+    if cfg.norm == "linf":
+        u = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        delta = (2 * u - 1) * cfg.eps
+    else:  # uniform direction, radius with the ball's volume distribution
+        g = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        direction = g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        r = torch.rand(x.shape[0], device=x.device, dtype=x.dtype, generator=generator)
+        delta = direction * (cfg.eps * r.pow(1.0 / x[0].numel())).view(-1, 1, 1, 1)
+    return (x + delta).clamp(0, 1) - x
+
+
+def _step(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, cfg: PGD) -> torch.Tensor:
+    """One ascent step, then projection onto the eps-ball and onto the [0, 1] box."""
+    if cfg.norm == "linf":
+        delta = (delta + cfg.alpha * grad.sign()).clamp(-cfg.eps, cfg.eps)
+    else:
+        g_norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        delta = delta + cfg.alpha * grad / g_norm
+        d_norm = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        delta = delta * (cfg.eps / d_norm.clamp_min(cfg.eps))
+    return (x + delta).clamp(0, 1) - x
+
+
+def _run_once(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGD, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One PGD run. Returns x_adv and, when the caller needs them, (fooled, final loss) per example."""
+    loss_fn = LOSSES.get(cfg.loss)
+    delta = _random_start(x, cfg, generator) if cfg.random_start else torch.zeros_like(x)
+    track = cfg.keep_best or cfg.restarts > 1
+    best = x.clone() if cfg.keep_best else None
+    fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    for t in range(cfg.steps):
+        delta.requires_grad_(True)
+        logits = model(x + delta)
+        if t == 0:
+            check_logits(logits, x.shape[0])
+        loss = loss_fn(logits, y, cfg.kappa)
+        (grad,) = torch.autograd.grad(loss.sum(), delta)
+        delta = delta.detach()
+        if cfg.keep_best:
+            # Keep the first iterate that fools each example: later steps may undo it.
+            newly = (logits.detach().argmax(1) != y) & ~fooled
+            best = torch.where(newly.view(-1, 1, 1, 1), x + delta, best)
+            fooled |= newly
+        delta = _step(delta, grad, x, cfg)
+    x_adv = x + delta
+    if not track:
+        return x_adv, None, None
+    with torch.no_grad():  # the last iterate has not been scored yet
+        logits = model(x_adv)
+        if cfg.steps == 0:
+            check_logits(logits, x.shape[0])
+        final_loss = loss_fn(logits, y, cfg.kappa)
+        final_fooled = logits.argmax(1) != y
+    if cfg.keep_best:
+        x_adv = torch.where(fooled.view(-1, 1, 1, 1), best, x_adv)
+        final_fooled |= fooled
+    return x_adv, final_fooled, final_loss
+
+
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: PGD,
+    *,
+    generator: torch.Generator | None = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Run the attack `cfg` on `model` and return adversarial examples (a new tensor).
+
+    The model runs in eval mode with frozen parameters (see `attack_mode`); its modes, its
+    parameters' `.grad` and `x`, `y` are left as they were.
+
+    Args:
+        model: maps (N, C, H, W) images in [0, 1] to (N, K) logits.
+        x: (N, C, H, W) float images in [0, 1].
+        y: (N,) int64 true labels.
+        cfg: the attack's settings.
+        generator: optional torch.Generator (on x's device) for the random start.
+        validate: check x and y at the boundary (training turns this off after the data loader
+            has already guaranteed it, to save a host sync per batch).
+
+    Returns:
+        (N, C, H, W) tensor with ||x_adv - x|| <= eps and values in [0, 1].
+    """
+    return pgd_tracked(model, x, y, cfg, generator=generator, validate=validate, score=False)[0]
+
+
+def pgd_tracked(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: PGD,
+    *,
+    generator: torch.Generator | None = None,
+    validate: bool = True,
+    score: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`pgd` that also returns, per example, whether x_adv is misclassified (when `score`).
+
+    Evaluation uses this so that scoring costs no extra forward pass: PGD-k costs k forward+backward
+    passes plus one forward pass per example.
+    """
+    if validate:
+        check_images(x)
+        check_labels(y, x.shape[0])
+    x = x.detach()
+    if cfg.steps == 0 or cfg.eps == 0:
+        if not score:
+            return x.clone(), None
+        with attack_mode(model), torch.no_grad():
+            logits = check_logits(model(x), x.shape[0])
+        return x.clone(), logits.argmax(1) != y
+    if score and not (cfg.keep_best or cfg.restarts > 1):
+        cfg = replace(cfg, keep_best=True)  # scoring needs the final forward pass anyway
+    with attack_mode(model):
+        x_adv, fooled, loss = _run_once(model, x, y, cfg, generator)
+        for _ in range(cfg.restarts - 1):
+            todo = (~fooled).nonzero().squeeze(1)
+            if todo.numel() == 0:
+                break
+            cand, cand_fooled, cand_loss = _run_once(model, x[todo], y[todo], cfg, generator)
+            better = cand_fooled | (cand_loss > loss[todo])
+            idx = todo[better]
+            x_adv[idx] = cand[better]
+            loss[idx] = cand_loss[better]
+            fooled[idx] = cand_fooled[better]
+        return x_adv.detach(), fooled

@@ -1,0 +1,1 @@
+"""Throughput and overhead measurements (not timed tests): `advmend bench`."""

@@ -1,0 +1,33 @@
+"""`advmend list`: what can be named in a config."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("list", help="list models, defenses, training methods, attacks, protocols, datasets, configs")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from advmend.attacks import LOSSES, PROTOCOLS
+    from advmend.config import bundled_configs
+    from advmend.data import DATASETS
+    from advmend.models import FSR_PRESETS, MODELS
+    from advmend.training.build import OBJECTIVES
+
+    sections = {
+        "models (model.name)": [f"{m}  (FSR at {', '.join(FSR_PRESETS.get(m, ['-']))})" for m in MODELS.names()],
+        "defenses": ["fsr  (fsr.enabled: true; fsr.layers: [...] for other placements)"],
+        "training methods (train.method)": OBJECTIVES.names(),
+        "attacks": ["fgsm", "pgd (linf, l2; random start; restarts)", f"losses (attack.loss): {', '.join(LOSSES.names())}"],
+        "protocols (eval.protocol, --protocol)": PROTOCOLS.names(),
+        "datasets (data.name)": DATASETS.names(),
+        "configs (advmend train NAME)": bundled_configs(),
+    }
+    for title, items in sections.items():
+        print(f"{title}:")
+        for item in items:
+            print(f"  {item}")
+    return 0

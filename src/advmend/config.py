@@ -1,0 +1,274 @@
+"""Run configuration: frozen dataclasses mapped 1:1 to YAML, strict keys, dotted ``--set`` overrides.
+
+Library code receives these dataclasses, never CLI arguments. Unknown keys and wrong types are
+``ConfigError``s naming the dotted path (``train.attack.eps``), so a typo never trains silently with a
+default. Float fields also accept a fraction written as a string, e.g. ``eps: 8/255``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from advmend.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data, where it lives, and how it is split and augmented."""
+
+    name: str = "cifar10"
+    root: str | None = None  # None: $ADVMEND_DATA, else ./data
+    download: bool = False
+    options: dict[str, Any] = field(default_factory=dict)  # loader options: path, image_size, n_train...
+    train_subset: int | None = None  # seeded subset of the training split
+    val_size: int = 1000  # seeded held-out validation split taken from the training split
+    augment: bool | None = None  # None: the dataset's standard (pad-4 crop + flip on CIFAR)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The classifier. `normalize` puts the dataset's mean/std inside the model ([0,1] in)."""
+
+    name: str = "resnet18"
+    normalize: bool = False
+    options: dict[str, Any] = field(default_factory=dict)  # model-specific keyword arguments
+
+
+@dataclass(frozen=True)
+class FSRConfig:
+    """Feature Separation and Recalibration blocks (../shared/specs/fsr.md)."""
+
+    enabled: bool = False
+    layers: tuple[str, ...] | None = None  # None: the model's reference placement
+    tau: float = 0.1
+    hidden: int = 64
+    lambda_sep: float = 1.0
+    lambda_rec: float = 1.0
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """An L-inf or L2 PGD-family attack. `eps: null` takes the dataset's standard radius."""
+
+    norm: str = "linf"
+    eps: float | None = None
+    step_size: float | None = None  # None: min(eps, 2.5 * eps / steps) (Madry et al.)
+    steps: int = 10
+    random_start: bool = True
+    restarts: int = 1
+    loss: str = "ce"
+    kappa: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and the training objective. `milestones` are fractions of `epochs`."""
+
+    method: str = "pgd_at"
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "piecewise"  # piecewise | cosine | constant
+    milestones: tuple[float, ...] = (0.75, 0.9)
+    gamma: float = 0.1
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    val_attack: AttackConfig = field(default_factory=AttackConfig)
+    val_every: int = 1
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation protocol on the test split; `after_train` runs it when training ends."""
+
+    protocol: str = "paper"
+    n_examples: int | None = None  # seeded subset of the test set; None: all of it
+    batch_size: int = 256
+    seed: int = 0
+    after_train: bool = False
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one `advmend train` run needs; saved resolved with every checkpoint."""
+
+    name: str = "run"
+    out_dir: str | None = None  # None: runs/<name>
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    fsr: FSRConfig = field(default_factory=FSRConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+_FRACTION = re.compile(r"^\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp` and convert it (lists to tuples, ints to floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, path)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and (m := _FRACTION.match(value)):
+            try:
+                return float(m.group(1)) / float(m.group(2))
+            except (ValueError, ZeroDivisionError):
+                pass
+        raise ConfigError(f"{path}: expected a number (or a fraction like 8/255), got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{path}: expected a string, got {value!r}")
+    raise ConfigError(f"{path}: unsupported type {tp}")  # pragma: no cover - a bug in this module
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key {dotted!r}; valid keys here: {', '.join(sorted(names))}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain, YAML/JSON-ready mapping of a config dataclass (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings to a raw mapping; values are parsed as YAML scalars/lists."""
+    data = _deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def _deepcopy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or bad YAML is a ConfigError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found (see `advmend list` for bundled configs)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def bundled_configs() -> list[str]:
+    """Names of the configs shipped with advmend (usable as `advmend train NAME`)."""
+    return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A path to a YAML file, or the name of a bundled config such as `quickstart` or `cifar10/pgdat_resnet18`."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    bundled = CONFIG_DIR / (name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
+    if bundled.is_file():
+        return bundled
+    raise ConfigError(
+        f"config {name_or_path!r} not found: give a YAML path or one of: {', '.join(bundled_configs())}"
+    )
+
+
+def load_run_config(name_or_path: str, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run config from YAML (a path or bundled name), apply ``--set`` overrides, validate."""
+    data = load_yaml(resolve_config_path(name_or_path))
+    data = apply_overrides(data, overrides or [])
+    return from_dict(RunConfig, data)

@@ -1,0 +1,349 @@
+"""Where data sets come from: ``.npz`` files, torchvision, image folders, a synthetic toy set.
+
+Every loader has the signature ``load(root: Path, split: str, download: bool, **opts)`` and
+returns an :class:`~advmend.data.arrays.ArrayDataset`. Use :func:`load_dataset`, which resolves
+the root, checks the split and rejects unknown options.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+from urllib.error import URLError
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from advmend.data.arrays import ArrayDataset, derive_seed, from_numpy
+from advmend.errors import ConfigError, DataError
+from advmend.registry import Registry
+
+__all__ = ["DATASETS", "DATASET_INFO", "SPLITS", "dataset_info", "load_dataset", "resolve_root"]
+
+DATASETS: Registry[Callable[..., ArrayDataset]] = Registry("dataset")
+SPLITS = ("train", "test")
+
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+
+_DIGITS = tuple(str(i) for i in range(10))
+
+DATASET_INFO: dict[str, dict[str, Any]] = {
+    "cifar10": {
+        "mean": (0.4914, 0.4822, 0.4465), "std": (0.2471, 0.2435, 0.2616), "eps": 8 / 255,
+        "augment": True, "num_classes": 10, "image_shape": (3, 32, 32),
+    },
+    "cifar100": {
+        "mean": (0.5071, 0.4865, 0.4409), "std": (0.2673, 0.2564, 0.2762), "eps": 8 / 255,
+        "augment": True, "num_classes": 100, "image_shape": (3, 32, 32),
+    },
+    "svhn": {
+        "mean": (0.4377, 0.4438, 0.4728), "std": (0.198, 0.201, 0.197), "eps": 8 / 255,
+        "augment": False, "num_classes": 10, "image_shape": (3, 32, 32),
+    },
+    "mnist": {
+        "mean": (0.1307,), "std": (0.3081,), "eps": 0.3,
+        "augment": False, "num_classes": 10, "image_shape": (1, 28, 28),
+    },
+}  # fmt: skip
+
+
+def dataset_info(name: str, *, channels: int = 3) -> dict[str, Any]:
+    """Normalisation statistics, default L-inf eps and augmentation convention of a data set.
+
+    Args:
+        name: A registered data set name.
+        channels: Channel count used for the neutral defaults of npz/folder/synthetic.
+
+    Returns:
+        A fresh dict with keys ``mean``, ``std`` (per-channel tuples), ``eps`` (float),
+        ``augment`` (bool: pad-crop+flip is standard), ``num_classes`` and ``image_shape``
+        (``None`` where they depend on the files).
+
+    Raises:
+        ConfigError: Unknown data set name.
+    """
+    DATASETS.get(name)  # raises ConfigError listing the valid names
+    if name in DATASET_INFO:
+        return dict(DATASET_INFO[name])
+    return {
+        "mean": (0.5,) * channels, "std": (0.5,) * channels, "eps": 8 / 255,
+        "augment": False, "num_classes": None, "image_shape": None,
+    }  # fmt: skip
+
+
+def resolve_root(root: str | os.PathLike[str] | None) -> Path:
+    """The data root: ``root`` if given, else ``$ADVMEND_DATA``, else ``./data``; made absolute."""
+    if root is None or str(root) == "":
+        root = os.environ.get("ADVMEND_DATA") or "data"
+    return Path(root).expanduser().resolve()
+
+
+def load_dataset(
+    name: str,
+    split: str,
+    *,
+    root: str | os.PathLike[str] | None = None,
+    download: bool = False,
+    **opts: Any,
+) -> ArrayDataset:
+    """Loads one split of a registered data set into memory.
+
+    Args:
+        name: Registered name (``DATASETS.names()``): cifar10, cifar100, svhn, mnist, npz,
+            folder, synthetic.
+        split: ``"train"`` or ``"test"``.
+        root: Data folder (see :func:`resolve_root`).
+        download: Let torchvision download a missing built-in data set.
+        **opts: Loader options (e.g. ``path`` for npz/folder, ``image_size``).
+
+    Returns:
+        The data set.
+
+    Raises:
+        ConfigError: Unknown name, split or option.
+        DataError: Data missing or malformed.
+    """
+    loader = DATASETS.get(name)
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r} for dataset {name!r}; choose one of: {', '.join(SPLITS)}")
+    allowed = [p for p in inspect.signature(loader).parameters if p not in ("root", "split", "download")]
+    for key in opts:
+        if key not in allowed:
+            raise ConfigError(
+                f"dataset {name!r} has no option {key!r}; its options: {', '.join(allowed) or 'none'}"
+            )
+    return loader(resolve_root(root), split, bool(download), **opts)
+
+
+# --------------------------------------------------------------------------- npz files
+
+
+def _read_npz(path: Path, split: str, default_classes: tuple[str, ...] | None) -> ArrayDataset:
+    """Reads ``x_<split>``/``y_<split>`` (+ optional ``classes``) from a cifar10.npz-style file."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys = set(data.files)
+            need = {f"x_{split}", f"y_{split}"}
+            if not need <= keys:
+                raise DataError(
+                    f"{path} lacks arrays {sorted(need - keys)} (has {sorted(keys)}); expected the layout "
+                    "of shared/data/cifar10.npz: x_train, y_train, x_test, y_test, optional classes"
+                )
+            x, y = data[f"x_{split}"], data[f"y_{split}"]
+            if "classes" in keys:
+                classes = tuple(str(c) for c in data["classes"])
+            elif default_classes is not None:
+                classes = default_classes
+            else:
+                # Infer from all labels present so train and test agree on the class count.
+                top = max(int(data[k].max()) for k in ("y_train", "y_test") if k in keys and data[k].size)
+                classes = tuple(str(i) for i in range(top + 1))
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"cannot read {path}: {err}") from err
+    try:
+        return from_numpy(x, y, classes)
+    except DataError as err:
+        raise DataError(f"{path} ({split}): {err}") from err
+
+
+@DATASETS.register("npz")
+def load_npz(root: Path, split: str, download: bool, *, path: str | None = None) -> ArrayDataset:
+    """A ``.npz`` file with the layout of shared/data/cifar10.npz (option ``path``).
+
+    A relative ``path`` is looked up in the current directory, then in the data root.
+    """
+    file = _find_path("npz", path, root)
+    if not file.is_file():
+        raise DataError(f"npz file {file} not found (or not a file); set --set data.path=FILE.npz")
+    return _read_npz(file, split, None)
+
+
+# --------------------------------------------------------------------------- built-ins
+
+
+def _missing(name: str, root: Path, download: bool, err: BaseException) -> DataError:
+    if download:
+        head = f"{name} not found in {root} and downloading it failed ({type(err).__name__}: {err})"
+        tail = ", or retry the download where the internet can be reached"
+    else:
+        head = f"{name} not found in {root}"
+        tail = ", or allow downloading with --set data.download=true"
+    return DataError(
+        f"{head}: put {name}.npz (the layout of shared/data/cifar10.npz) there, set ADVMEND_DATA "
+        f"or --set data.root=DIR to a folder that has it{tail}"
+    )
+
+
+def _torchvision(name: str, root: Path, split: str, download: bool) -> ArrayDataset:
+    import torchvision.datasets as tvd  # imported lazily: slow, and only needed without an npz
+
+    train = split == "train"
+    try:
+        if name == "cifar10":
+            tv = tvd.CIFAR10(str(root), train=train, download=download)
+            return from_numpy(tv.data, np.asarray(tv.targets), CIFAR10_CLASSES)
+        if name == "cifar100":
+            tv = tvd.CIFAR100(str(root), train=train, download=download)
+            return from_numpy(tv.data, np.asarray(tv.targets), tuple(tv.classes))
+        if name == "svhn":
+            tv = tvd.SVHN(str(root), split=split, download=download)
+            # SVHN .data is NCHW; the transpose view turns it back into NHWC without a copy.
+            return from_numpy(tv.data.transpose(0, 2, 3, 1), tv.labels, _DIGITS)
+        tv = tvd.MNIST(str(root), train=train, download=download)
+        return from_numpy(tv.data.numpy(), tv.targets.numpy(), _DIGITS)
+    except ImportError as err:  # torchvision's SVHN reader needs scipy
+        raise DataError(
+            f"{name} from torchvision needs {err.name or 'a missing package'} ({err}); install it "
+            f"or put {name}.npz into {root}"
+        ) from err
+    except (RuntimeError, URLError, OSError) as err:
+        raise _missing(name, root, download, err) from err
+
+
+_BUILTIN_CLASSES: dict[str, tuple[str, ...]] = {
+    "cifar10": CIFAR10_CLASSES,
+    "cifar100": tuple(str(i) for i in range(100)),
+    "svhn": _DIGITS,
+    "mnist": _DIGITS,
+}
+
+
+def _builtin(name: str) -> Callable[..., ArrayDataset]:
+    def load(root: Path, split: str, download: bool) -> ArrayDataset:
+        npz = root / f"{name}.npz"
+        if npz.is_file():  # a local npz always wins: no torchvision, no network
+            return _read_npz(npz, split, _BUILTIN_CLASSES[name])
+        return _torchvision(name, root, split, download)
+
+    load.__name__ = f"load_{name}"
+    load.__doc__ = f"{name}: ``<root>/{name}.npz`` if present, else torchvision's copy in ``root``."
+    return load
+
+
+for _name in _BUILTIN_CLASSES:
+    DATASETS.register(_name)(_builtin(_name))
+
+
+# --------------------------------------------------------------------------- image folders
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+
+
+def _find_path(dataset: str, path: str | os.PathLike[str] | None, root: Path) -> Path:
+    if path is None or str(path) == "":
+        raise ConfigError(f"dataset {dataset!r} needs the option path (e.g. --set data.path=...)")
+    p = Path(path).expanduser()
+    if not p.is_absolute() and not p.exists() and (root / p).exists():
+        p = root / p
+    return p.resolve()
+
+
+@DATASETS.register("folder")
+def load_folder(
+    root: Path,
+    split: str,
+    download: bool,
+    *,
+    path: str | None = None,
+    image_size: int | None = None,
+    grayscale: bool = False,
+) -> ArrayDataset:
+    """Images in ``<path>/<split>/<class>/*.png|jpg|jpeg|bmp``, classes = sorted folder names.
+
+    Class names are the union over the train and test folders so both splits share labels.
+    With ``image_size`` every image is resized (bilinear) to that square size; without it all
+    images must already share one size. A relative ``path`` is looked up in the current
+    directory, then in the data root.
+    """
+    from PIL import Image  # lazy: only this loader needs PIL
+
+    base = _find_path("folder", path, root)
+    bad_size = isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
+    if image_size is not None and bad_size:
+        raise ConfigError(f"folder option image_size must be a positive integer, got {image_size!r}")
+    split_dir = base / split
+    if not split_dir.is_dir():
+        raise DataError(f"image folder {split_dir} not found; expected {base}/{{train,test}}/<class>/*.png")
+    classes = sorted(
+        {d.name for s in SPLITS if (base / s).is_dir() for d in (base / s).iterdir() if d.is_dir()}
+    )
+    mode = "L" if grayscale else "RGB"
+    arrays: list[np.ndarray] = []
+    labels: list[int] = []
+    first: tuple[Path, tuple[int, int]] | None = None
+    for label, cls in enumerate(classes):
+        cls_dir = split_dir / cls
+        if not cls_dir.is_dir():
+            continue
+        for file in sorted(f for f in cls_dir.iterdir() if f.suffix.lower() in _IMAGE_SUFFIXES):
+            try:
+                with Image.open(file) as img:
+                    img = img.convert(mode)
+                    if image_size is not None:
+                        img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+                    arr = np.asarray(img, dtype=np.uint8)
+            except OSError as err:
+                raise DataError(f"cannot read image {file}: {err}") from err
+            if first is None:
+                first = (file, arr.shape[:2])
+            elif arr.shape[:2] != first[1]:
+                raise DataError(
+                    f"image {file} is {arr.shape[1]}x{arr.shape[0]} but {first[0]} is "
+                    f"{first[1][1]}x{first[1][0]}; set the folder option image_size=N to resize all"
+                )
+            arrays.append(arr)
+            labels.append(label)
+    if not arrays:
+        raise DataError(f"no images (*.png, *.jpg, *.jpeg, *.bmp) under {split_dir}/<class>/")
+    return from_numpy(np.stack(arrays), np.asarray(labels, dtype=np.int64), classes)
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+@DATASETS.register("synthetic")
+def load_synthetic(
+    root: Path,
+    split: str,
+    download: bool,
+    *,
+    num_classes: int = 10,
+    image_size: int = 32,
+    channels: int = 3,
+    n_train: int = 512,
+    n_test: int = 256,
+    seed: int = 0,
+    noise: float = 0.2,
+) -> ArrayDataset:
+    """A deterministic, learnable toy set for tests; needs no files.
+
+    Each class has a smooth random prototype (a coarse random grid upsampled bilinearly);
+    an example is ``clip(prototype + noise * N(0, 1), 0, 1)`` quantised to uint8. Train and
+    test share the prototypes and draw examples from different streams. Labels are balanced.
+    """
+    for key, val, lo in (("num_classes", num_classes, 2), ("image_size", image_size, 1),
+                         ("channels", channels, 1), ("n_train", n_train, 1), ("n_test", n_test, 1)):  # fmt: skip
+        if isinstance(val, bool) or not isinstance(val, int) or val < lo:
+            raise ConfigError(f"synthetic option {key} must be an integer >= {lo}, got {val!r}")
+    if float(noise) < 0:
+        raise ConfigError(f"synthetic option noise must be >= 0, got {noise!r}")
+    proto_gen = torch.Generator().manual_seed(derive_seed(seed, 0))
+    grid = max(2, image_size // 4)  # coarse grid => smooth, spatially structured prototypes
+    coarse = torch.rand(num_classes, channels, grid, grid, generator=proto_gen)
+    protos = F.interpolate(coarse, size=(image_size, image_size), mode="bilinear", align_corners=False)
+
+    n = n_train if split == "train" else n_test
+    gen = torch.Generator().manual_seed(derive_seed(seed, 1 if split == "train" else 2))
+    labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=gen)]
+    eps = torch.randn(n, channels, image_size, image_size, generator=gen)
+    x = protos[labels] + float(noise) * eps
+    images = (x.clamp(0, 1) * 255).round().to(torch.uint8)
+    return ArrayDataset(images.contiguous(), labels, tuple(str(i) for i in range(num_classes)))

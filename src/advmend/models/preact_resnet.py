@@ -1,0 +1,91 @@
+"""Pre-activation ResNet-18 (He et al., "Identity Mappings in Deep Residual Networks",
+ECCV 2016), in the CIFAR form used by Rice et al. 2020 and Wong et al. 2020."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from advmend.models.registry import MODELS, init_weights
+
+
+class PreActBlock(nn.Module):
+    """BN-ReLU-conv x2; the shortcut branches off after the first BN-ReLU when projecting."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.relu = nn.ReLU(inplace=False)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(self.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class PreActResNet(nn.Module):
+    """Pre-activation ResNet: ``conv1``, ``layer1``..``layer4``, ``final`` (BN + ReLU),
+    global average pooling and ``fc``.
+
+    Args:
+        num_blocks: Blocks per stage, e.g. ``(2, 2, 2, 2)`` for PreAct ResNet-18.
+        num_classes: Number of logits.
+        in_channels: Input channels.
+        normalize: Input normalisation module, or ``None`` for identity.
+    """
+
+    def __init__(
+        self,
+        num_blocks: tuple[int, int, int, int],
+        *,
+        num_classes: int,
+        in_channels: int = 3,
+        normalize: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.normalize = normalize if normalize is not None else nn.Identity()
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        self._in_planes = 64
+        self.layer1 = self._make_layer(64, num_blocks[0], 1)
+        self.layer2 = self._make_layer(128, num_blocks[1], 2)
+        self.layer3 = self._make_layer(256, num_blocks[2], 2)
+        self.layer4 = self._make_layer(512, num_blocks[3], 2)
+        self.final = nn.Sequential(nn.BatchNorm2d(512), nn.ReLU(inplace=False))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, num_classes)
+        init_weights(self)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        layers = []
+        for s in [stride] + [1] * (blocks - 1):
+            layers.append(PreActBlock(self._in_planes, planes, s))
+            self._in_planes = planes
+        return nn.Sequential(*layers)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns the pooled penultimate features, shape (N, 512)."""
+        x = self.conv1(self.normalize(x))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = self.final(x)
+        return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+@MODELS.register("preact_resnet18")
+def preact_resnet18(
+    *, num_classes: int, in_channels: int = 3, normalize: nn.Module | None = None
+) -> PreActResNet:
+    """PreAct ResNet-18 for 32x32 inputs (``final`` output is 512x4x4)."""
+    return PreActResNet((2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels, normalize=normalize)

@@ -1,0 +1,89 @@
+"""ResNet-18 for CIFAR-sized inputs (He et al., "Deep Residual Learning for Image
+Recognition", CVPR 2016), with the usual 3x3 stride-1 stem and no max-pool."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from advmend.models.registry import MODELS, init_weights
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity (or 1x1 conv-BN) shortcut."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=False)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet: conv1-bn1-relu stem, ``layer1``..``layer4`` (64/128/256/512 channels,
+    strides 1/2/2/2), global average pooling and ``fc``.
+
+    Args:
+        num_blocks: Blocks per stage, e.g. ``(2, 2, 2, 2)`` for ResNet-18.
+        num_classes: Number of logits.
+        in_channels: Input channels.
+        normalize: Input normalisation module, or ``None`` for identity.
+    """
+
+    def __init__(
+        self,
+        num_blocks: tuple[int, int, int, int],
+        *,
+        num_classes: int,
+        in_channels: int = 3,
+        normalize: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.normalize = normalize if normalize is not None else nn.Identity()
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=False)
+        self._in_planes = 64
+        self.layer1 = self._make_layer(64, num_blocks[0], 1)
+        self.layer2 = self._make_layer(128, num_blocks[1], 2)
+        self.layer3 = self._make_layer(256, num_blocks[2], 2)
+        self.layer4 = self._make_layer(512, num_blocks[3], 2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, num_classes)
+        init_weights(self)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        layers = []
+        for s in [stride] + [1] * (blocks - 1):
+            layers.append(BasicBlock(self._in_planes, planes, s))
+            self._in_planes = planes
+        return nn.Sequential(*layers)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns the pooled penultimate features, shape (N, 512)."""
+        x = self.relu(self.bn1(self.conv1(self.normalize(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return torch.flatten(self.avgpool(x), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+@MODELS.register("resnet18")
+def resnet18(*, num_classes: int, in_channels: int = 3, normalize: nn.Module | None = None) -> ResNet:
+    """ResNet-18 for 32x32 inputs (layer4 output is 512x4x4)."""
+    return ResNet((2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels, normalize=normalize)

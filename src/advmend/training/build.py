@@ -1,0 +1,122 @@
+"""From a RunConfig to the objects a run needs: device, data splits, model, attacks, objective.
+
+This is the only place that reads config sections and turns them into library objects, so the
+training loop, the evaluation command and the benchmarks all build things the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from advmend.attacks.pgd import PGD
+from advmend.config import AttackConfig, DataConfig, RunConfig
+from advmend.data import ArrayDataset, dataset_info, load_dataset, split_train_val, subset
+from advmend.defenses.insert import FSRModel
+from advmend.errors import ConfigError
+from advmend.models import create_model, fsr_preset
+from advmend.registry import Registry
+from advmend.training.objectives import AdversarialCE
+
+OBJECTIVES: Registry = Registry("training method")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when available, else CPU; anything else must be a valid torch device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device: invalid device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {name!r} but CUDA is not available; use auto or cpu")
+    return device
+
+
+@dataclass
+class DataSplits:
+    """Train, held-out validation (from the training split) and test sets, plus dataset facts."""
+
+    train: ArrayDataset
+    val: ArrayDataset | None
+    test: ArrayDataset | None
+    info: dict
+
+
+def build_data(cfg: DataConfig, *, need_train: bool = True, need_test: bool = True) -> DataSplits:
+    """Load the splits a run needs; the validation split is seeded and disjoint from training."""
+    opts = dict(cfg.options)
+    info = dataset_info(cfg.name)
+    train = val = test = None
+    if need_train:
+        full = load_dataset(cfg.name, "train", root=cfg.root, download=cfg.download, **opts)
+        if cfg.val_size < 0:
+            raise ConfigError(f"data.val_size must be >= 0, got {cfg.val_size}")
+        if cfg.val_size >= len(full):
+            raise ConfigError(f"data.val_size={cfg.val_size} leaves no training data ({len(full)} examples)")
+        train, val = split_train_val(full, cfg.val_size, cfg.seed) if cfg.val_size else (full, None)
+        if cfg.train_subset is not None:
+            if cfg.train_subset < 1:
+                raise ConfigError(f"data.train_subset must be >= 1, got {cfg.train_subset}")
+            train = subset(train, cfg.train_subset, cfg.seed)
+    if need_test:
+        test = load_dataset(cfg.name, "test", root=cfg.root, download=cfg.download, **opts)
+    ref = train if train is not None else test
+    info["num_classes"] = ref.num_classes
+    info["image_shape"] = ref.image_shape
+    if ref.image_shape[0] != len(info["mean"]):
+        info.update(dataset_info(cfg.name, channels=ref.image_shape[0]) | {
+            "num_classes": ref.num_classes, "image_shape": ref.image_shape})
+    info["augment"] = info["augment"] if cfg.augment is None else cfg.augment
+    return DataSplits(train, val, test, info)
+
+
+def build_model(cfg: RunConfig, num_classes: int, image_shape: tuple[int, int, int]) -> nn.Module:
+    """The classifier of `cfg.model`, with FSR blocks when `cfg.fsr.enabled`."""
+    info = dataset_info(cfg.data.name, channels=image_shape[0])
+    norm = {"mean": info["mean"], "std": info["std"]} if cfg.model.normalize else {}
+    model = create_model(
+        cfg.model.name, num_classes=num_classes, in_channels=image_shape[0], **norm, **cfg.model.options
+    )
+    if not cfg.fsr.enabled:
+        return model
+    layers = list(cfg.fsr.layers) if cfg.fsr.layers else fsr_preset(cfg.model.name)
+    return FSRModel(
+        model, at=layers, num_classes=num_classes, input_shape=image_shape, tau=cfg.fsr.tau, hidden=cfg.fsr.hidden
+    )
+
+
+def build_attack(cfg: AttackConfig, default_eps: float, *, keep_best: bool, name: str = "") -> PGD:
+    """A PGD configuration from its config section; eps None takes the dataset's standard radius."""
+    return PGD(
+        eps=default_eps if cfg.eps is None else cfg.eps,
+        steps=cfg.steps,
+        step_size=cfg.step_size,
+        norm=cfg.norm,
+        random_start=cfg.random_start,
+        restarts=cfg.restarts,
+        loss=cfg.loss,
+        kappa=cfg.kappa,
+        keep_best=keep_best,
+        name=name or f"PGD-{cfg.steps}",
+    )
+
+
+@OBJECTIVES.register("pgd_at")
+def _pgd_at(cfg: RunConfig, eps: float) -> AdversarialCE:
+    # Training uses the last PGD iterate, as Madry et al. (keep_best=False).
+    attack = build_attack(cfg.train.attack, eps, keep_best=False)
+    return AdversarialCE(attack, cfg.fsr.lambda_sep, cfg.fsr.lambda_rec)
+
+
+@OBJECTIVES.register("standard")
+def _standard(cfg: RunConfig, eps: float) -> AdversarialCE:
+    return AdversarialCE(None, cfg.fsr.lambda_sep, cfg.fsr.lambda_rec)
+
+
+def build_objective(cfg: RunConfig, eps: float):
+    """The training objective named by `train.method`."""
+    return OBJECTIVES.get(cfg.train.method)(cfg, eps)

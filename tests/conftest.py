@@ -1,0 +1,32 @@
+import pytest
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """A small conv net with BatchNorm and Dropout, so mode handling is observable."""
+
+    def __init__(self, num_classes: int = 5, channels: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        return self.fc(self.drop(h.mean(dim=(2, 3))))
+
+
+@pytest.fixture
+def tiny_net():
+    torch.manual_seed(0)
+    return TinyNet()
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6, 3, 8, 8, generator=g)
+    y = torch.randint(0, 5, (6,), generator=g)
+    return x, y
