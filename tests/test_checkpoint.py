@@ -17,8 +17,9 @@ from advmend.training.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
+    """small_cnn (conv, BatchNorm with int64 buffers, linear) at width 2: tiny and fast."""
     torch.manual_seed(seed)
-    return create_model("small_cnn", num_classes=10, width=4)
+    return create_model("small_cnn", num_classes=10, width=2)
 
 
 def _sgd(model: torch.nn.Module) -> torch.optim.SGD:
@@ -29,7 +30,7 @@ def _train_steps(model, opt, n: int = 3, seed: int = 1) -> None:
     g = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(n):
-        x = torch.rand(8, 3, 16, 16, generator=g)
+        x = torch.rand(8, 3, 8, 8, generator=g)
         y = torch.randint(0, 10, (8,), generator=g)
         loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
@@ -41,9 +42,9 @@ RECORD = {
     "epoch": 3,
     "metrics": {"loss": 1.25, "train_acc": 40.0},
     "best": {"epoch": 2, "val_robust": 12.5},
-    "config": {"model": {"name": "small_cnn", "options": {"width": 4}}},
+    "config": {"model": {"name": "small_cnn", "options": {"width": 2}}},
     "num_classes": 10,
-    "image_shape": [3, 16, 16],
+    "image_shape": [3, 8, 8],
     "eps": 8 / 255,
 }
 
@@ -84,7 +85,7 @@ def test_round_trip_model_state_and_record(saved):
     # A fresh model accepts the state strictly and computes the same function.
     fresh = _model(seed=123)
     fresh.load_state_dict(state)
-    x = torch.rand(4, 3, 16, 16)
+    x = torch.rand(4, 3, 8, 8)
     model.eval(), fresh.eval()
     assert torch.equal(model(x), fresh(x))
 

@@ -300,11 +300,6 @@ def test_empty_yaml_gives_defaults(tmp_path):
     assert load_run_config(str(p)) == RunConfig()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: PyYAML (YAML 1.1) reads 1e-3 as a string and _coerce only accepts fractions, "
-    "so `--set train.lr=1e-3` is rejected (1.0e-3 works)",
-)
 def test_override_exponent_notation_float(cfg_file):
     cfg = load_run_config(str(cfg_file), ["train.lr=1e-3", "train.weight_decay=5e-4"])
     assert cfg.train.lr == pytest.approx(1e-3)

@@ -160,11 +160,16 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str) and (m := _FRACTION.match(value)):
-            try:
-                return float(m.group(1)) / float(m.group(2))
-            except (ValueError, ZeroDivisionError):
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+                return float(value)
+            except ValueError:
                 pass
+            if m := _FRACTION.match(value):
+                try:
+                    return float(m.group(1)) / float(m.group(2))
+                except (ValueError, ZeroDivisionError):
+                    pass
         raise ConfigError(f"{path}: expected a number (or a fraction like 8/255), got {value!r}")
     if tp is str:
         if isinstance(value, str):
