@@ -23,7 +23,8 @@ def load_trained_model(path: str | Path, device: torch.device) -> tuple[nn.Modul
     try:
         cfg = from_dict(RunConfig, record["config"])
         model = build_model(cfg, record["num_classes"], tuple(record["image_shape"]))
-    except (KeyError, ConfigError) as e:
+        float(record["eps"])
+    except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its recorded config cannot rebuild the model ({e})") from None
     try:
         model.load_state_dict(state)

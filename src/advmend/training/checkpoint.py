@@ -62,6 +62,9 @@ def atomic_write_bytes(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give them the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -150,6 +153,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         record = json.loads(meta["advmend"])
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}: its advmend metadata is not valid JSON (corrupt file)") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path}: its advmend metadata is not a JSON object (corrupt file)")
     if record.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unsupported checkpoint format {record.get('format')!r}, expected {FORMAT!r}")
     if _tensors_digest(tensors) != record.get("tensors_sha256"):

@@ -107,8 +107,9 @@ def train(
         model.load_state_dict(state)
         optimizer.load_state_dict(record["optimizer_state"])
         start_epoch, best_robust = record["epoch"], record["best"]["val_robust"]
-        history = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        history = [h for h in history if h["epoch"] <= start_epoch]
+        metrics = out_dir / "metrics.jsonl"
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        history = [h for h in (json.loads(line) for line in lines if line.strip()) if h["epoch"] <= start_epoch]
         log(f"resuming {out_dir} after epoch {start_epoch}")
     (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     (out_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
