@@ -41,7 +41,7 @@ def _train_steps(model, opt, n: int = 3, seed: int = 1) -> None:
 RECORD = {
     "epoch": 3,
     "metrics": {"loss": 1.25, "train_acc": 40.0},
-    "best": {"epoch": 2, "val_robust": 12.5},
+    "best": {"epoch": 2, "metric": "val_robust_acc", "value": 12.5},
     "config": {"model": {"name": "small_cnn", "options": {"width": 2}}},
     "num_classes": 10,
     "image_shape": [3, 8, 8],

@@ -86,6 +86,7 @@ class TrainConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     val_attack: AttackConfig = field(default_factory=AttackConfig)
     val_every: int = 1
+    select: str = "robust"  # best checkpoint by validation accuracy: robust | clean | last (latest epoch)
     seed: int = 0
     device: str = "auto"
     progress: bool = True

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         build_data(cfg.data, need_train=False)
     print(f"advmend train: {cfg.name} -> {out_dir}")
     result = train(cfg, out_dir, resume=args.resume)
-    print(f"checkpoints: {result.last} (last), {result.best} (best robust validation accuracy)")
+    print(f"checkpoints: {result.last} (last), {result.best} (best by train.select={cfg.train.select})")
     if cfg.eval.after_train:
         device = resolve_device(cfg.train.device)
         model, _, record = load_trained_model(result.best, device)

@@ -1,8 +1,9 @@
 """The training loop: the one place that owns `train()`, `zero_grad`, `backward` and `step`.
 
 Per epoch: a progress bar, one log line and one JSONL record (losses, clean and PGD accuracy on the
-held-out validation split, lr, seconds, images/s); checkpoints `last` and `best` (by robust
-validation accuracy, never the test set), written atomically; `resume=True` continues from `last`.
+held-out validation split, lr, seconds, images/s); checkpoints `last` and `best` (by `train.select`:
+robust or clean validation accuracy, or the latest epoch; never the test set), written atomically;
+`resume=True` continues from `last`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from advmend.training.checkpoint import load_checkpoint, save_checkpoint
 from advmend.training.schedule import check_schedule, learning_rate
 
 LAST, BEST = "last.safetensors", "best.safetensors"
+# Model selection on the held-out validation split (never the test set): the metric of each choice.
+SELECT = {"robust": "val_robust_acc", "clean": "val_clean_acc", "last": "epoch"}
 
 
 @dataclass
@@ -51,6 +54,8 @@ def check_train_config(cfg: RunConfig) -> None:
         if not ok:
             raise ConfigError(f"{key}: invalid value {value!r}")
     check_schedule(t)
+    if t.select not in SELECT:
+        raise ConfigError(f"train.select must be one of {tuple(SELECT)}, got {t.select!r}")
 
 
 def _prepare_out_dir(out_dir: Path, resume: bool) -> None:
@@ -99,14 +104,16 @@ def train(
     )  # fmt: skip
     _prepare_out_dir(out_dir, resume)
 
-    start_epoch, best_robust, history = 0, -1.0, []
+    start_epoch, best_value, history = 0, None, []
+    # Without a validation split there is nothing to select on: best is the latest epoch.
+    select_key = SELECT[cfg.train.select] if data.val is not None else "epoch"
     if resume:
         state, record = load_checkpoint(out_dir / LAST)
         if record["config"]["model"] != to_dict(cfg)["model"] or record["config"]["fsr"] != to_dict(cfg)["fsr"]:
             raise ConfigError(f"--resume: the model or fsr section differs from the run in {out_dir}")
         model.load_state_dict(state)
         optimizer.load_state_dict(record["optimizer_state"])
-        start_epoch, best_robust = record["epoch"], record["best"]["val_robust"]
+        start_epoch, best_value = record["epoch"], record["best"]["value"]
         metrics = out_dir / "metrics.jsonl"
         lines = metrics.read_text().splitlines() if metrics.exists() else []
         history = [h for h in (json.loads(line) for line in lines if line.strip()) if h["epoch"] <= start_epoch]
@@ -131,20 +138,17 @@ def train(
         with open(out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         log(_log_line(rec, cfg.train.epochs))
-        robust = rec.get("val_robust_acc", -1.0)
-        is_best = robust > best_robust or not (out_dir / BEST).exists()
-        best_robust = max(best_robust, robust)
-        best_epoch = epoch + 1 if is_best else _best_epoch(history, best_robust)
+        value = rec.get(select_key)  # None on epochs without validation: not a candidate
+        is_best = value is not None and (best_value is None or value > best_value)
+        if is_best:
+            best_value = value
+        best_epoch = next((h["epoch"] for h in history if h.get(select_key) == best_value), None)
         record = dict(record_base, epoch=epoch + 1, metrics=rec,
-                      best={"epoch": best_epoch, "val_robust": best_robust})  # fmt: skip
+                      best={"epoch": best_epoch, "metric": select_key, "value": best_value})  # fmt: skip
         if is_best:
             save_checkpoint(out_dir / BEST, model, record)
         save_checkpoint(out_dir / LAST, model, record, optimizer)
     return TrainResult(out_dir, out_dir / LAST, out_dir / BEST, history)
-
-
-def _best_epoch(history: list[dict], best: float) -> int:
-    return next((h["epoch"] for h in history if h.get("val_robust_acc", -1.0) == best), history[-1]["epoch"])
 
 
 def _train_epoch(model, objective, optimizer, loader, cfg: RunConfig, epoch: int, device) -> dict:
