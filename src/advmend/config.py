@@ -73,7 +73,8 @@ class AttackConfig:
 class TrainConfig:
     """Optimisation and the training objective. `milestones` are fractions of `epochs`."""
 
-    method: str = "pgd_at"
+    method: str = "pgd_at"  # pgd_at | trades | mart | fast_at | standard
+    beta: float | None = None  # TRADES / MART regulariser weight; None: the method's published default
     epochs: int = 100
     batch_size: int = 128
     lr: float = 0.1
@@ -87,6 +88,14 @@ class TrainConfig:
     val_attack: AttackConfig = field(default_factory=AttackConfig)
     val_every: int = 1
     select: str = "robust"  # best checkpoint by validation accuracy: robust | clean | last (latest epoch)
+    patience: int | None = None  # early stopping: stop after this many validations without a new best
+    ema: float | None = None  # decay of an exponential moving average of the weights (e.g. 0.999); None: off
+    amp: str = "off"  # mixed precision: off | bf16 | fp16 (fp16 uses loss scaling)
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model
+    sync_bn: bool = False  # SyncBatchNorm under DistributedDataParallel
+    deterministic: bool = False  # torch.use_deterministic_algorithms + cuDNN determinism
+    tensorboard: bool = False  # also write TensorBoard event files (needs the tensorboard package)
     seed: int = 0
     device: str = "auto"
     progress: bool = True

@@ -1,11 +1,16 @@
-"""Attacks: one PGD core (FGSM, PGD L-inf/L2, restarts, CW margin) and named protocols."""
+"""Attacks: one PGD core (FGSM, PGD L-inf/L2, restarts, CW margin, EOT), BPDA, and named protocols."""
 
-from advmend.attacks.losses import LOSSES, ce_loss, margin_loss
+from advmend.attacks.adaptive import BPDA, bpda
+
+from advmend.attacks.losses import LOSSES, ce_loss, kl_loss, margin_loss
 from advmend.attacks.modes import attack_mode
 from advmend.attacks.pgd import PGD, fgsm, pgd, pgd_tracked
 from advmend.attacks.presets import PROTOCOLS, protocol_attacks
 
 __all__ = [
+    "BPDA",
+    "bpda",
+    "kl_loss",
     "LOSSES",
     "PGD",
     "PROTOCOLS",

@@ -33,3 +33,14 @@ def margin_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float = 0.0) -> to
     true = logits.gather(1, y[:, None]).squeeze(1)
     other = logits.scatter(1, y[:, None], float("-inf")).amax(dim=1)
     return -torch.clamp(true - other, min=-kappa)
+
+
+@LOSSES.register("kl")
+def kl_loss(logits: torch.Tensor, target: torch.Tensor, kappa: float = 0.0) -> torch.Tensor:
+    """KL(p || softmax(logits)) per example, where `target` is p, an (N, K) probability tensor.
+
+    TRADES' inner maximisation (Zhang et al. 2019): the attack moves the prediction away from the
+    clean prediction p rather than from a label, so it needs no label at all.
+    """
+    log_q = F.log_softmax(logits.float(), dim=1)
+    return F.kl_div(log_q, target.float(), reduction="none").sum(1)

@@ -22,6 +22,12 @@ from advmend.errors import ConfigError
 from advmend.validate import check_images, check_labels, check_logits
 
 NORMS = ("linf", "l2")
+STARTS = ("uniform", "normal")
+NORMAL_START_STD = 1e-3  # TRADES (Zhang et al. 2019): x + 0.001 * N(0, I)
+# Under fp16 autocast the backward pass runs through fp16 activations, where per-element input
+# gradients (often ~1e-7) underflow to zero. Sign (L-inf) and normalised (L2) steps are invariant to a
+# positive factor, so the loss is multiplied by this constant before differentiation.
+FP16_GRAD_SCALE = 2.0**12
 
 
 @dataclass(frozen=True)
@@ -33,11 +39,15 @@ class PGD:
         steps: gradient steps; 0 means no attack (x is returned unchanged).
         step_size: step length; None gives min(eps, 2.5 * eps / steps) (Madry et al.).
         norm: "linf" (signed steps) or "l2" (normalised steps).
-        random_start: start from a uniform point of the ball instead of x.
+        random_start: start from a random point near x instead of x.
+        start: the random start's law: "uniform" in the ball (Madry) or "normal" with standard
+            deviation 0.001 (TRADES), clipped to the ball.
         restarts: independent runs; each example keeps its worst case, and later restarts only
             run on the examples no earlier restart fooled.
         loss: "ce" or "margin" (CW).
         kappa: confidence of the margin loss.
+        eot: gradient samples averaged per step (Expectation over Transformation, Athalye et al.
+            2018) for models with random parts; 1 for deterministic models.
         keep_best: return, per example, the first iterate that fools the model (evaluation)
             rather than the last iterate (training, Madry's PGD-AT).
         name: label used in reports.
@@ -54,6 +64,8 @@ class PGD:
     restarts: int = 1
     loss: str = "ce"
     kappa: float = 0.0
+    start: str = "uniform"
+    eot: int = 1
     keep_best: bool = True
     name: str = ""
 
@@ -64,6 +76,10 @@ class PGD:
             raise ConfigError(f"attack steps must be >= 0, got {self.steps}")
         if self.restarts < 1:
             raise ConfigError(f"attack restarts must be >= 1, got {self.restarts}")
+        if self.eot < 1:
+            raise ConfigError(f"attack eot must be >= 1, got {self.eot}")
+        if self.start not in STARTS:
+            raise ConfigError(f"attack start must be one of {STARTS}, got {self.start!r}")
         if self.norm not in NORMS:
             raise ConfigError(f"attack norm must be one of {NORMS}, got {self.norm!r}")
         LOSSES.get(self.loss)  # raises a ConfigError naming the valid losses
@@ -89,6 +105,8 @@ class PGD:
             "restarts": self.restarts,
             "loss": self.loss,
             "kappa": self.kappa,
+            "start": self.start if self.random_start else None,
+            "eot": self.eot,
         }
 
 
@@ -98,7 +116,14 @@ def fgsm(eps: float, norm: str = "linf") -> PGD:
 
 
 def _random_start(x: torch.Tensor, cfg: PGD, generator: torch.Generator | None) -> torch.Tensor:
-    if cfg.norm == "linf":
+    if cfg.start == "normal":
+        delta = NORMAL_START_STD * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        if cfg.norm == "linf":
+            delta = delta.clamp(-cfg.eps, cfg.eps)
+        else:
+            d_norm = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            delta = delta * (cfg.eps / d_norm.clamp_min(cfg.eps))
+    elif cfg.norm == "linf":
         u = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         delta = (2 * u - 1) * cfg.eps
     else:  # uniform direction, radius with the ball's volume distribution
@@ -121,6 +146,36 @@ def _step(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, cfg: PGD) ->
     return (x + delta).clamp(0, 1) - x
 
 
+def _fp16_autocast() -> bool:
+    """Whether an enclosing torch.autocast region computes in float16 (on CPU or CUDA)."""
+    for device_type in ("cuda", "cpu"):
+        try:  # torch >= 2.4
+            on = torch.is_autocast_enabled(device_type)
+            dtype = torch.get_autocast_dtype(device_type)
+        except TypeError:  # torch 2.3
+            on = torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+            dtype = torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
+        if on and dtype == torch.float16:
+            return True
+    return False
+
+
+def _input_grad(model, x, delta, y, cfg: PGD, loss_fn, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient of the summed per-example loss w.r.t. delta (averaged over `cfg.eot` draws) and the
+    first draw's logits (detached)."""
+    grad, first = None, None
+    for _ in range(cfg.eot):
+        delta.requires_grad_(True)
+        logits = model(x + delta)
+        if first is None:
+            first = check_logits(logits, x.shape[0]).detach()
+        loss = loss_fn(logits, y, cfg.kappa).float()
+        (g,) = torch.autograd.grad(loss.sum() * scale, delta)
+        grad = g if grad is None else grad + g
+    delta.requires_grad_(False)
+    return grad / cfg.eot, first
+
+
 def _run_once(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGD, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -130,17 +185,13 @@ def _run_once(
     track = cfg.keep_best or cfg.restarts > 1
     best = x.clone() if cfg.keep_best else None
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    for t in range(cfg.steps):
-        delta.requires_grad_(True)
-        logits = model(x + delta)
-        if t == 0:
-            check_logits(logits, x.shape[0])
-        loss = loss_fn(logits, y, cfg.kappa)
-        (grad,) = torch.autograd.grad(loss.sum(), delta)
+    scale = FP16_GRAD_SCALE if _fp16_autocast() else 1.0
+    for _ in range(cfg.steps):
+        grad, logits = _input_grad(model, x, delta, y, cfg, loss_fn, scale)
         delta = delta.detach()
         if cfg.keep_best:
             # Keep the first iterate that fools each example: later steps may undo it.
-            newly = (logits.detach().argmax(1) != y) & ~fooled
+            newly = (logits.argmax(1) != y) & ~fooled
             best = torch.where(newly.view(-1, 1, 1, 1), x + delta, best)
             fooled |= newly
         delta = _step(delta, grad, x, cfg)
