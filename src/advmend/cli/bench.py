@@ -15,6 +15,10 @@ def add_parser(sub) -> None:
     p.add_argument("--iters", type=int, default=3, help="timed iterations per measurement")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="auto")
+    p.add_argument("--switches", help="instead: PGD-10 AT img/s under speed switches, comma-separated from "
+                   "off,channels_last,bf16,fp16,compile (fp16 needs CUDA), with and without FSR")
+    p.add_argument("--ddp-procs", type=int, help="instead: PGD-10 AT img/s of 1 vs N gloo DDP processes on CPU "
+                   "at the same global batch (first model of --models)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=run)
 
@@ -35,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--batch-size and --iters must be >= 1, --warmup >= 0")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")  # fmt: skip
+    if args.switches or args.ddp_procs:
+        return _run_scale(args, names, device, where)
     rows = []
     for n in names:
         rows.append(bench_model(n, batch_size=args.batch_size, iters=args.iters, warmup=args.warmup, device=device))
@@ -43,5 +49,41 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         payload = {"device": where, "torch": torch.__version__, "rows": [
             {**r.__dict__, "at_cost": r.at_cost, "fsr_overhead": r.fsr_overhead} for r in rows]}  # fmt: skip
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+def _run_scale(args: argparse.Namespace, names: list[str], device, where: str) -> int:
+    import torch
+
+    from advmend.bench.throughput import SWITCHES, bench_ddp, bench_switches, format_switch_rows
+    from advmend.errors import ConfigError
+
+    payload: dict = {"device": where, "torch": torch.__version__}
+    if args.switches:
+        switches = [s.strip() for s in args.switches.split(",") if s.strip()]
+        bad = [s for s in switches if s not in SWITCHES]
+        if bad:
+            raise ConfigError(f"--switches: unknown {bad}; choose from {','.join(SWITCHES)}")
+        if "fp16" in switches and device.type != "cuda":
+            raise ConfigError("--switches: fp16 is measured on CUDA only (CPU fp16 kernels are not a speed-up)")
+        rows = []
+        for n in names:
+            rows += bench_switches(n, batch_size=args.batch_size, iters=args.iters, warmup=args.warmup,
+                                   device=device, switches=switches)  # fmt: skip
+            print(f"measured {n}", flush=True)
+        print(format_switch_rows(rows, where))
+        payload["switches"] = [r.__dict__ for r in rows]
+    if args.ddp_procs:
+        if args.ddp_procs < 2 or args.batch_size % args.ddp_procs:
+            raise ConfigError("--ddp-procs must be >= 2 and divide --batch-size")
+        ips = bench_ddp(names[0], batch_size=args.batch_size, iters=args.iters, warmup=args.warmup,
+                        procs=args.ddp_procs)  # fmt: skip
+        n = args.ddp_procs
+        print(f"\nDDP (gloo, CPU) {names[0]} PGD-10 AT, global batch {args.batch_size}: "
+              f"1 process x {n} threads {ips[1]:.2f} img/s, {n} processes x 1 thread {ips[n]:.2f} img/s, "
+              f"scaling {ips[n] / ips[1]:.2f}x")  # fmt: skip
+        payload["ddp"] = {"procs": n, "images_per_s": {str(k): v for k, v in ips.items()}}
+    if args.json:
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
     return 0

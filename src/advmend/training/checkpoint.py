@@ -66,9 +66,29 @@ def atomic_write_bytes(path: Path, write) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give them the usual permissions
         os.replace(tmp, path)
+        _fsync_dir(path.parent)  # make the rename itself durable (a power cut keeps old or new, never none)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open folders; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def stale_temp_files(folder: str | Path) -> list[Path]:
+    """Temporary files a killed `atomic_write_bytes` left in `folder` (never loaded: their names differ)."""
+    folder = Path(folder)
+    return sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -101,13 +121,19 @@ def save_checkpoint(
     model: torch.nn.Module,
     record: dict[str, Any],
     optimizer: torch.optim.Optimizer | None = None,
+    *,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `model` (and `optimizer`) with `record` (config, epoch, metrics) atomically.
 
+    `extra_tensors` (e.g. RNG states as uint8 tensors, EMA weights) are stored under `extra.<name>`
+    and come back from `load_checkpoint` in `record["extra_tensors"]`.
     Returns the path of the safetensors file; the sidecar is `path` with a `.json` suffix.
     """
     path = Path(path)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    for k, v in (extra_tensors or {}).items():
+        tensors[f"extra.{k}"] = v.detach().cpu().contiguous()
     record = dict(record, format=FORMAT, versions=versions())
     if optimizer is not None:
         opt_tensors, opt_rest = _flatten_optimizer(optimizer.state_dict())
@@ -131,7 +157,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
     Raises CheckpointError if the file is missing, not a safetensors file, not an advmend checkpoint,
     or its tensors do not match the digest recorded when it was written (corrupt or tampered with).
-    The record's "optimizer_state" holds the optimizer state dict when one was saved.
+    The record's "optimizer_state" holds the optimizer state dict when one was saved, and
+    "extra_tensors" the `extra_tensors` passed to `save_checkpoint`, when there were any.
     """
     path = Path(path)
     if not path.is_file():
@@ -166,6 +193,9 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if "optimizer" in record:
         opt_tensors = {k: v for k, v in tensors.items() if k.startswith("optim.")}
         record["optimizer_state"] = _unflatten_optimizer(opt_tensors, record.pop("optimizer"))
+    extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    if extra:
+        record["extra_tensors"] = extra
     return model_state, record
 
 

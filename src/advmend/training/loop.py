@@ -1,21 +1,33 @@
 """The training loop: the one place that owns `train()`, `zero_grad`, `backward` and `step`.
 
-Per epoch: a progress bar, one log line and one JSONL record (losses, clean and PGD accuracy on the
-held-out validation split, lr, seconds, images/s); checkpoints `last` and `best` (by `train.select`:
-robust or clean validation accuracy, or the latest epoch; never the test set), written atomically;
-`resume=True` continues from `last`.
+Per epoch: a progress bar (train.progress), one log line, one JSONL record (losses, clean and PGD
+accuracy on the held-out validation split, lr, seconds, images/s) and, with train.tensorboard, the
+same scalars as TensorBoard events; checkpoints `last` and `best` (by `train.select`: robust or clean
+validation accuracy, or the latest epoch; never the test set), written atomically.
+
+At scale: mixed precision, channels_last and torch.compile (training/precision.py,
+training/distributed.py), DistributedDataParallel under torchrun (rank 0 logs and writes), an EMA of
+the weights used for validation and the best checkpoint (training/ema.py), early stopping after
+`train.patience` validations without a new best, and exact resume: `last` holds the model,
+optimizer, GradScaler, EMA, early-stopping counters and every rank's RNG states, and the schedule is
+a pure function of (epoch, step), so `resume=True` after a kill continues as if never stopped
+(bit-identical weights with train.deterministic).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 import yaml
+from torch import nn
 from tqdm.auto import tqdm
 
 from advmend.config import RunConfig, to_dict
@@ -23,12 +35,20 @@ from advmend.data import BatchLoader
 from advmend.errors import CheckpointError, ConfigError
 from advmend.evaluation.evaluate import evaluate
 from advmend.training.build import build_attack, build_data, build_model, build_objective, resolve_device
-from advmend.training.checkpoint import load_checkpoint, save_checkpoint
+from advmend.training.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, stale_temp_files
+from advmend.training.distributed import (
+    DistContext, env_context, init_distributed, shutdown_distributed, training_view,
+)  # fmt: skip
+from advmend.training.ema import ModelEMA
+from advmend.training.precision import Precision, check_amp, to_channels_last
+from advmend.training.rng import restore_rng_state, rng_state_tensors
 from advmend.training.schedule import check_schedule, learning_rate
 
 LAST, BEST = "last.safetensors", "best.safetensors"
 # Model selection on the held-out validation split (never the test set): the metric of each choice.
 SELECT = {"robust": "val_robust_acc", "clean": "val_clean_acc", "last": "epoch"}
+# Free space wanted before training: best + last + the temporary copy during an atomic rewrite.
+DISK_FACTOR = 3
 
 
 @dataclass
@@ -37,9 +57,10 @@ class TrainResult:
     last: Path
     best: Path
     history: list[dict]
+    stopped: dict | None = field(default=None)  # {"epoch", "reason"} when early stopping ended the run
 
 
-def check_train_config(cfg: RunConfig) -> None:
+def check_train_config(cfg: RunConfig, device: torch.device | None = None) -> None:
     """Value checks that types alone cannot express, each naming its dotted key."""
     t = cfg.train
     for key, value, ok in (
@@ -49,6 +70,8 @@ def check_train_config(cfg: RunConfig) -> None:
         ("train.momentum", t.momentum, 0 <= t.momentum < 1),
         ("train.weight_decay", t.weight_decay, t.weight_decay >= 0),
         ("train.val_every", t.val_every, t.val_every >= 1),
+        ("train.patience", t.patience, t.patience is None or t.patience >= 1),
+        ("train.ema", t.ema, t.ema is None or 0 < t.ema < 1),
         ("eval.batch_size", cfg.eval.batch_size, cfg.eval.batch_size >= 1),
     ):
         if not ok:
@@ -56,9 +79,50 @@ def check_train_config(cfg: RunConfig) -> None:
     check_schedule(t)
     if t.select not in SELECT:
         raise ConfigError(f"train.select must be one of {tuple(SELECT)}, got {t.select!r}")
+    if t.patience is not None and (t.select == "last" or cfg.data.val_size <= 0):
+        raise ConfigError(
+            "train.patience (early stopping) needs a validation split (data.val_size > 0) and "
+            "train.select robust or clean"
+        )
+    device = device if device is not None else resolve_device(t.device)
+    check_amp(t.amp, device)
+    if t.sync_bn and device.type != "cuda":
+        raise ConfigError("train.sync_bn=true needs CUDA devices (torch's SyncBatchNorm runs only on GPUs); set it false")
+    if t.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
 
 
-def _prepare_out_dir(out_dir: Path, resume: bool) -> None:
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def checkpoint_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, ema: bool) -> int:
+    """Bytes of one `last` checkpoint: weights and buffers, one optimizer slot per parameter (SGD
+    momentum) and the EMA copy; the JSON record is small next to them."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    slots = 1 if any(g.get("momentum", 0) for g in optimizer.param_groups) else 0
+    return weights + slots * params + (weights if ema else 0)
+
+
+def check_disk_space(out_dir: Path, need: int) -> None:
+    """ConfigError, before training, when the output filesystem cannot hold the checkpoints."""
+    free = shutil.disk_usage(_existing_ancestor(out_dir)).free
+    if free < DISK_FACTOR * need:
+        raise ConfigError(
+            f"not enough disk space for checkpoints in {out_dir}: {free / 2**20:.1f} MiB free, "
+            f"need about {DISK_FACTOR * need / 2**20:.1f} MiB ({DISK_FACTOR} x {need / 2**20:.1f} MiB); "
+            "free some space or choose another --out"
+        )
+
+
+def _prepare_out_dir(out_dir: Path, resume: bool, rank: int = 0) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"output path {out_dir} exists and is not a folder")
     if not resume and (out_dir / LAST).exists():
@@ -66,12 +130,31 @@ def _prepare_out_dir(out_dir: Path, resume: bool) -> None:
     if resume and not (out_dir / LAST).exists():
         raise CheckpointError(f"--resume: no {LAST} in {out_dir} to resume from")
     out_dir.mkdir(parents=True, exist_ok=True)
-    probe = out_dir / ".advmend-write-test"
+    probe = out_dir / f".advmend-write-test-{rank}-{os.getpid()}"
     try:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"output folder {out_dir} is not writable ({e.strerror}); choose another --out") from None
+
+
+@contextlib.contextmanager
+def _determinism(enabled: bool):
+    """torch.use_deterministic_algorithms + cuDNN determinism for the run; restored afterwards."""
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark)  # fmt: skip
+    # cuBLAS is only deterministic with a fixed workspace (must be set before its first use).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
 
 
 def train(
@@ -81,98 +164,229 @@ def train(
     resume: bool = False,
     log: Callable[[str], None] = print,
 ) -> TrainResult:
-    """Train `cfg` into `out_dir`. Everything is built and checked before anything is written."""
+    """Train `cfg` into `out_dir`. Everything is built and checked before anything is written.
+
+    Under torchrun (RANK / WORLD_SIZE set) this joins the process group, trains with DDP on the same
+    global batch, and leaves it at the end; only rank 0 logs and writes files.
+    """
     out_dir = Path(out_dir)
-    check_train_config(cfg)
+    ctx = env_context()
     device = resolve_device(cfg.train.device)
-    torch.manual_seed(cfg.train.seed)
+    check_train_config(cfg, device)
+    if cfg.train.batch_size % ctx.world_size:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} (the global batch) must be divisible by the "
+            f"{ctx.world_size} processes"
+        )
+    owns_group = not torch.distributed.is_available() or not torch.distributed.is_initialized()
+    device = init_distributed(ctx, device)
+    try:
+        with _determinism(cfg.train.deterministic):
+            return _train(cfg, out_dir, resume, log if ctx.is_main else (lambda s: None), ctx, device)
+    finally:
+        if owns_group:
+            shutdown_distributed(ctx)
+
+
+def _read_history(path: Path, upto_epoch: int) -> list[dict]:
+    """metrics.jsonl records up to `upto_epoch`; a line cut short by a kill is skipped."""
+    history = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("epoch", upto_epoch + 1) <= upto_epoch:
+            history.append(rec)
+    return history
+
+
+def _train(cfg: RunConfig, out_dir: Path, resume: bool, log, ctx: DistContext, device: torch.device) -> TrainResult:
+    t = cfg.train
+    torch.manual_seed(t.seed)
     data = build_data(cfg.data, need_test=False)
     info = data.info
     model = build_model(cfg, info["num_classes"], info["image_shape"]).to(device)
+    if t.sync_bn and ctx.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if t.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     objective = build_objective(cfg, info["eps"])
-    val_attack = build_attack(cfg.train.val_attack, info["eps"], keep_best=True, name=f"PGD-{cfg.train.val_attack.steps}")
+    val_attack = build_attack(t.val_attack, info["eps"], keep_best=True, name=f"PGD-{t.val_attack.steps}")
     optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=cfg.train.lr,
-        momentum=cfg.train.momentum,
-        weight_decay=cfg.train.weight_decay,
-        nesterov=cfg.train.nesterov,
+        model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov
     )
+    # Each rank takes every world_size-th example of the shuffled order, batch_size / world_size at a
+    # time: the union of the ranks' step-s batches is exactly the single-process step-s batch.
     loader = BatchLoader(
-        data.train, cfg.train.batch_size, shuffle=True, device=device, augment=info["augment"],
-        drop_last=len(data.train) >= 2 * cfg.train.batch_size, seed=cfg.train.seed,
+        data.train, t.batch_size // ctx.world_size, shuffle=True, device=device, augment=info["augment"],
+        drop_last=len(data.train) >= 2 * t.batch_size, seed=t.seed, rank=ctx.rank, world_size=ctx.world_size,
     )  # fmt: skip
-    _prepare_out_dir(out_dir, resume)
+    precision = Precision(t.amp, device)
+    ema = ModelEMA(model, t.ema) if t.ema is not None else None
+    view = training_view(model, ctx, device, compile=t.compile)
+    check_disk_space(out_dir, checkpoint_bytes(model, optimizer, ema is not None))
+    _prepare_out_dir(out_dir, resume, ctx.rank)
+    if ctx.is_main:
+        for tmp in stale_temp_files(out_dir):  # left by a write that a kill interrupted
+            tmp.unlink(missing_ok=True)
+            log(f"removed {tmp.name}, an incomplete write from an interrupted run")
+    ctx.barrier()
 
-    start_epoch, best_value, history = 0, None, []
+    start_epoch, best_value, history, since_best, stopped = 0, None, [], 0, None
     # Without a validation split there is nothing to select on: best is the latest epoch.
-    select_key = SELECT[cfg.train.select] if data.val is not None else "epoch"
+    select_key = SELECT[t.select] if data.val is not None else "epoch"
     if resume:
         state, record = load_checkpoint(out_dir / LAST)
         if record["config"]["model"] != to_dict(cfg)["model"] or record["config"]["fsr"] != to_dict(cfg)["fsr"]:
             raise ConfigError(f"--resume: the model or fsr section differs from the run in {out_dir}")
         model.load_state_dict(state)
         optimizer.load_state_dict(record["optimizer_state"])
+        extra = record.get("extra_tensors", {})
+        precision.load_state(record.get("scaler"))
+        if ema is not None:
+            if any(k.startswith("ema.") for k in extra):
+                ema.load_state_tensors(extra, (record.get("ema") or {}).get("updates", 0))
+            else:
+                ema = ModelEMA(model, t.ema)
+                log("--resume: the checkpoint has no EMA; the average restarts from the current weights")
+        rng = {k.split(".", 2)[2]: v for k, v in extra.items() if k.startswith(f"rng.rank{ctx.rank}.")}
+        if rng:
+            restore_rng_state(rng, device)
+        else:
+            log("--resume: no RNG state for this rank in the checkpoint; the run continues, but not bit-exactly")
         start_epoch, best_value = record["epoch"], record["best"]["value"]
-        metrics = out_dir / "metrics.jsonl"
-        lines = metrics.read_text().splitlines() if metrics.exists() else []
-        history = [h for h in (json.loads(line) for line in lines if line.strip()) if h["epoch"] <= start_epoch]
+        early = record.get("early_stopping") or {}
+        since_best, stopped = early.get("validations_since_best", 0), early.get("stopped")
+        history = _read_history(out_dir / "metrics.jsonl", start_epoch)
         log(f"resuming {out_dir} after epoch {start_epoch}")
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    (out_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    if ctx.is_main:
+        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    writer = None
+    if t.tensorboard and ctx.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_epoch + 1)
 
     record_base = {
         "config": to_dict(cfg),
         "num_classes": info["num_classes"],
         "image_shape": list(info["image_shape"]),
         "eps": info["eps"],
+        "world_size": ctx.world_size,
     }
-    for epoch in range(start_epoch, cfg.train.epochs):
-        rec = _train_epoch(model, objective, optimizer, loader, cfg, epoch, device)
-        if data.val is not None and ((epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs):
-            val = evaluate(model, data.val, [val_attack], batch_size=cfg.eval.batch_size, device=device)
-            rec["val_clean_acc"] = 100 * val.clean_accuracy
-            rec["val_robust_acc"] = 100 * val.worst_accuracy
-            rec["val_seconds"] = round(val.seconds, 2)
-        history.append(rec)
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        log(_log_line(rec, cfg.train.epochs))
-        value = rec.get(select_key)  # None on epochs without validation: not a candidate
-        is_best = value is not None and (best_value is None or value > best_value)
-        if is_best:
-            best_value = value
-        best_epoch = next((h["epoch"] for h in history if h.get(select_key) == best_value), None)
-        record = dict(record_base, epoch=epoch + 1, metrics=rec,
-                      best={"epoch": best_epoch, "metric": select_key, "value": best_value})  # fmt: skip
-        if is_best:
-            save_checkpoint(out_dir / BEST, model, record)
-        save_checkpoint(out_dir / LAST, model, record, optimizer)
-    return TrainResult(out_dir, out_dir / LAST, out_dir / BEST, history)
+    try:
+        for epoch in range(start_epoch, t.epochs):
+            if stopped:
+                break
+            rec = _train_epoch(view, model, objective, optimizer, loader, cfg, epoch, device, precision, ema, ctx)
+            if data.val is not None and ((epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs):
+                rec.update(_validate(ema.module if ema else model, data.val, val_attack, cfg, device, ctx))
+            history.append(rec)
+            if ctx.is_main:
+                with open(out_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                if writer is not None:
+                    for k, v in rec.items():
+                        if k != "epoch" and isinstance(v, (int, float)):
+                            writer.add_scalar(k, v, rec["epoch"])
+                    writer.flush()
+            log(_log_line(rec, t.epochs))
+            value = rec.get(select_key)  # None on epochs without validation: not a candidate
+            is_best = value is not None and (best_value is None or value > best_value)
+            if is_best:
+                best_value = value
+            if t.patience is not None and value is not None:
+                since_best = 0 if is_best else since_best + 1
+                if since_best >= t.patience:
+                    stopped = {"epoch": epoch + 1, "reason": f"early stopping: no new best {select_key} in "
+                               f"{since_best} validations (train.patience={t.patience})"}  # fmt: skip
+            best_epoch = next((h["epoch"] for h in history if h.get(select_key) == best_value), None)
+            record = dict(
+                record_base, epoch=epoch + 1, metrics=rec,
+                best={"epoch": best_epoch, "metric": select_key, "value": best_value},
+                ema=None if ema is None else {"decay": ema.decay, "updates": ema.updates, "used_for_selection": True},
+                early_stopping={"patience": t.patience, "metric": select_key,
+                                "validations_since_best": since_best, "stopped": stopped},
+                scaler=precision.state(),
+            )  # fmt: skip
+            extra = _gather_rng(ctx, device)
+            if ema is not None:
+                extra.update(ema.state_tensors())
+            if ctx.is_main:
+                if is_best:  # with EMA, the averaged weights are what was validated and selected
+                    _save(out_dir / BEST, ema.module if ema else model, record)
+                _save(out_dir / LAST, model, record, optimizer, extra)
+            ctx.barrier()  # nobody reads or moves on before rank 0 has written
+            if stopped:
+                log(f"stopped after epoch {stopped['epoch']}: {stopped['reason']}")
+    finally:
+        if writer is not None:
+            writer.close()
+    return TrainResult(out_dir, out_dir / LAST, out_dir / BEST, history, stopped)
 
 
-def _train_epoch(model, objective, optimizer, loader, cfg: RunConfig, epoch: int, device) -> dict:
+def _save(path: Path, model: nn.Module, record: dict, optimizer=None, extra=None) -> None:
+    try:
+        save_checkpoint(path, model, record, optimizer, extra_tensors=extra)
+    except OSError as e:
+        raise CheckpointError(
+            f"could not write {path} ({e.strerror or e}); the previous checkpoint is intact: "
+            "free disk space or fix permissions, then rerun with --resume"
+        ) from None
+
+
+def _gather_rng(ctx: DistContext, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every rank's RNG states (all ranks must call this), named rng.rank<r>.<generator>."""
+    out = {}
+    for name, state in rng_state_tensors(device).items():
+        comm_device = device if device.type == "cuda" else torch.device("cpu")  # nccl gathers on the GPU
+        for r, s in enumerate(ctx.all_gather(state.to(comm_device))):
+            out[f"rng.rank{r}.{name}"] = s.cpu()
+    return out
+
+
+def _validate(model, val_data, attack, cfg: RunConfig, device, ctx: DistContext) -> dict:
+    """Clean and PGD accuracy on the validation split, computed by rank 0 and shared with all ranks
+    (so every rank takes the same early-stopping decision)."""
+    vals = torch.zeros(3, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+    if ctx.is_main:
+        res = evaluate(model, val_data, [attack], batch_size=cfg.eval.batch_size, device=device)
+        vals = torch.tensor([100 * res.clean_accuracy, 100 * res.worst_accuracy, round(res.seconds, 2)],
+                            dtype=torch.float64, device=vals.device)  # fmt: skip
+    clean, robust, seconds = ctx.broadcast(vals).tolist()
+    return {"val_clean_acc": clean, "val_robust_acc": robust, "val_seconds": seconds}
+
+
+def _train_epoch(view, model, objective, optimizer, loader, cfg: RunConfig, epoch: int, device,
+                 precision: Precision, ema: ModelEMA | None, ctx: DistContext) -> dict:  # fmt: skip
     """One epoch. Sums stay on the device; the host syncs only for the progress bar every 20 steps."""
-    model.train()
+    view.train()
     loader.set_epoch(epoch)
     sums: dict[str, torch.Tensor] = {}
     correct = torch.zeros((), device=device)
     seen = 0
     t0 = time.perf_counter()
     n_steps = len(loader)
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not cfg.train.progress, leave=False)
+    show = cfg.train.progress and ctx.is_main
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not show, leave=False)
+    lr = learning_rate(cfg.train, epoch, 0, n_steps)
     for step, (x, y) in enumerate(bar):
+        x = to_channels_last(x, cfg.train.channels_last)
         lr = learning_rate(cfg.train, epoch, step, n_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        out = objective(model, x, y)
+        with precision.autocast():  # the attack and the loss pass both run in it
+            out = objective(view, x, y)
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
+        precision.backward_and_step(out.loss, optimizer)
+        if ema is not None:
+            ema.update(model)
         n = x.shape[0]
         seen += n
         for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
-            sums[k] = sums.get(k, 0) + v * n
+            sums[k] = sums.get(k, 0) + v.float() * n
         correct += (out.logits.detach().argmax(1) == y).sum()
         if step % 20 == 0 or step == n_steps - 1:
             loss_now = float(sums["loss"]) / seen
@@ -180,13 +394,20 @@ def _train_epoch(model, objective, optimizer, loader, cfg: RunConfig, epoch: int
                 raise FloatingPointError(
                     f"training loss became {loss_now} in epoch {epoch + 1}: lower train.lr or check the data"
                 )
-            bar.set_postfix(loss=f"{loss_now:.3f}", lr=f"{lr:.3g}")
+            if show:
+                bar.set_postfix(loss=f"{loss_now:.3f}", lr=f"{lr:.3g}")
     seconds = time.perf_counter() - t0
+    # One all-reduce of every sum: epoch metrics over the global batch, identical on all ranks.
+    keys = sorted(sums)
+    packed = torch.stack([sums[k].to(torch.float64) for k in keys]
+                         + [correct.to(torch.float64), torch.tensor(float(seen), dtype=torch.float64, device=device)])
+    packed = ctx.all_reduce_sum(packed).tolist()
+    total = packed[-1]
     rec = {"epoch": epoch + 1, "lr": lr}
-    rec.update({k: float(v) / seen for k, v in sums.items()})
-    rec["train_acc"] = 100 * float(correct) / seen
+    rec.update({k: v / total for k, v in zip(keys, packed)})
+    rec["train_acc"] = 100 * packed[-2] / total
     rec["seconds"] = round(seconds, 2)
-    rec["images_per_s"] = round(seen / seconds, 1)
+    rec["images_per_s"] = round(total / seconds, 1)
     return rec
 
 
