@@ -3,11 +3,16 @@
 PGD-AT (Madry et al. 2018): minimise CE on adversarial examples made by the shared PGD core with the
 model in eval mode; the loss pass then runs in the model's current (train) mode. With an `FSRModel`,
 the FSR terms of shared/specs/fsr.md are added: L = CE + lambda_sep * L_sep + lambda_rec * L_rec, in
-the same single forward pass. "standard" training is the same objective with no attack.
+the same single forward pass. "standard" training is the same objective with no attack, and fast AT
+(Wong et al. 2020) is the same objective with a one-step attack (`fast_at_attack`).
+
+TRADES and MART live in `trades.py` and `mart.py`; all of them add the FSR terms through
+`adversarial_forward`, so every method composes with FSR the same way.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -16,15 +21,60 @@ from torch import nn
 
 from advmend.attacks.pgd import PGD, pgd
 from advmend.defenses.insert import FSRModel, fsr_losses
+from advmend.errors import ConfigError
 
 
 @dataclass
 class LossOutput:
-    """The scalar to minimise, the logits it was computed on, and detached scalar metrics."""
+    """The scalar to minimise, the logits it was computed on, and detached scalar metrics.
+
+    `x_adv` is the (detached) batch the attack produced, or None for clean training; it is kept for
+    tests and inspection and costs no memory beyond what the step already holds.
+    """
 
     loss: torch.Tensor
     logits: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    x_adv: torch.Tensor | None = None
+
+
+def check_weight(value: float, name: str) -> None:
+    """ConfigError naming the config key unless `value` is a finite number >= 0."""
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+
+
+def adversarial_forward(
+    model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, lambda_sep: float, lambda_rec: float
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The loss pass on the adversarial batch: (final logits, weighted FSR terms or None, metrics).
+
+    For an `FSRModel` with a non-zero weight, one `forward_with_aux` pass gives both the logits and the
+    blocks' auxiliary outputs, so the FSR terms cost no extra forward pass (shared/specs/fsr.md:
+    L_sep and L_rec on the method's adversarial batch, y_adv from the final logits on x'). Otherwise
+    a plain forward pass: with both weights 0 a method is exactly the method without FSR.
+    """
+    if not (isinstance(model, FSRModel) and (lambda_sep != 0 or lambda_rec != 0)):
+        return model(x_adv), None, {}
+    out = model.forward_with_aux(x_adv)
+    sep, rec = fsr_losses(out, y)
+    return out.logits, lambda_sep * sep + lambda_rec * rec, {"fsr_sep": sep.detach(), "fsr_rec": rec.detach()}
+
+
+def fast_at_attack(eps: float, *, norm: str = "linf", step_size: float | None = None) -> PGD:
+    """FGSM with a uniform random start, step alpha = 1.25 * eps ("fast AT").
+
+    Wong, Rice, Kolter, "Fast is better than free: Revisiting adversarial training", ICLR 2020
+    (arXiv 2001.03994): delta ~ U(-eps, eps), one signed step of alpha, projection onto the ball and
+    [0, 1]. The random start is what prevents catastrophic overfitting of plain FGSM training; alpha
+    = 1.25 eps is their recommended step. Wong et al. craft delta in train mode; like every advmend
+    training attack it runs here in eval mode (`attack_mode`). `step_size` overrides alpha.
+    """
+    alpha = 1.25 * eps if step_size is None else step_size
+    return PGD(
+        eps=eps, steps=1, step_size=alpha if alpha > 0 else None, norm=norm, random_start=True,
+        start="uniform", keep_best=False, name="FGSM-RS",
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -41,17 +91,15 @@ class AdversarialCE:
     lambda_sep: float = 1.0
     lambda_rec: float = 1.0
 
+    def __post_init__(self) -> None:
+        check_weight(self.lambda_sep, "fsr.lambda_sep")
+        check_weight(self.lambda_rec, "fsr.lambda_rec")
+
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> LossOutput:
-        x_in = x if self.attack is None else pgd(model, x, y, self.attack, validate=False)
-        use_fsr = isinstance(model, FSRModel) and (self.lambda_sep != 0 or self.lambda_rec != 0)
-        if not use_fsr:
-            logits = model(x_in)
-            loss = F.cross_entropy(logits, y)
-            return LossOutput(loss, logits, {"ce": loss.detach()})
-        out = model.forward_with_aux(x_in)
-        ce = F.cross_entropy(out.logits, y)
-        sep, rec = fsr_losses(out, y)
-        loss = ce + self.lambda_sep * sep + self.lambda_rec * rec
-        return LossOutput(
-            loss, out.logits, {"ce": ce.detach(), "fsr_sep": sep.detach(), "fsr_rec": rec.detach()}
+        x_adv = None if self.attack is None else pgd(model, x, y, self.attack, validate=False).detach()
+        logits, fsr, metrics = adversarial_forward(
+            model, x if x_adv is None else x_adv, y, self.lambda_sep, self.lambda_rec
         )
+        ce = F.cross_entropy(logits, y)
+        loss = ce if fsr is None else ce + fsr
+        return LossOutput(loss, logits, {"ce": ce.detach(), **metrics}, x_adv)
