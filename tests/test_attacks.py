@@ -4,7 +4,18 @@ import pytest
 import torch
 from torch import nn
 
-from advmend.attacks import PGD, attack_mode, fgsm, margin_loss, pgd, pgd_tracked, protocol_attacks
+from advmend.attacks import (
+    PGD,
+    AutoAttackSpec,
+    attack_mode,
+    cw_margin,
+    fgsm,
+    margin_loss,
+    pgd,
+    pgd_tracked,
+    protocol_attacks,
+)
+from advmend.attacks.losses import LOSSES
 from advmend.errors import ConfigError, InputError, ModelContractError
 
 EPS = 8 / 255
@@ -16,6 +27,9 @@ ATTACKS = {
     "pgd_l2_restarts": PGD(eps=0.5, steps=3, norm="l2", restarts=2),
     "cw": PGD(eps=EPS, steps=5, loss="margin", kappa=50.0, random_start=False),
     "train_style": PGD(eps=EPS, steps=4, keep_best=False),
+    "targeted_ce": PGD(eps=EPS, steps=5, targeted=True),
+    "targeted_margin": PGD(eps=EPS, steps=5, loss="margin", kappa=10.0, targeted=True, random_start=False),
+    "cw_l2": cw_margin(0.5, "l2", steps=5),
 }
 
 
@@ -206,3 +220,41 @@ def test_attack_mode_restores_after_error(tiny_net):
             assert not tiny_net.training
             raise RuntimeError("boom")
     assert tiny_net.training and all(p.requires_grad for p in tiny_net.parameters())
+
+
+def test_targeted_losses_values():
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 5.0]])
+    target = torch.tensor([1, 2])
+    ce = LOSSES.get("ce_targeted")(logits, target, 0.0)
+    assert torch.allclose(ce, -torch.nn.functional.cross_entropy(logits, target, reduction="none"))
+    margin = LOSSES.get("margin_targeted")(logits, target, 1.0)
+    # z_t - max_{j != t} z_j, capped at kappa: example 0 is 2 below its target (-2), example 1 is
+    # 3 above it, capped at kappa = 1.
+    assert torch.allclose(margin, torch.tensor([-2.0, 1.0]))
+
+
+def test_targeted_fooled_means_classified_as_target(tiny_net, batch):
+    x, _ = batch
+    with torch.no_grad():
+        pred = tiny_net.eval()(x).argmax(1)
+    # With zero steps nothing moves: "fooled" is true exactly where the target is the prediction.
+    x_adv, hit = pgd_tracked(tiny_net, x, pred, PGD(eps=EPS, steps=0, targeted=True))
+    assert hit.all()
+    x_adv, hit = pgd_tracked(tiny_net, x, (pred + 1) % 5, PGD(eps=EPS, steps=0, targeted=True))
+    assert not hit.any()
+
+
+def test_untargeted_describe_is_unchanged_apart_from_the_flag():
+    d = PGD(eps=EPS, steps=3).describe()
+    assert d["targeted"] is False and d["loss"] == "ce"
+
+
+def test_autoattack_and_full_protocols():
+    (aa,) = protocol_attacks("autoattack", EPS)
+    assert isinstance(aa, AutoAttackSpec) and aa.eps == EPS and aa.version == "standard"
+    assert aa.describe()["n_queries"] == 5000 and aa.describe()["n_iter"] == 100
+    names = [a.describe()["name"] for a in protocol_attacks("full", EPS, "l2")]
+    assert names == ["FGSM", "PGD-20", "PGD-100", "CW-30", "PGD-50x5", "CW-50x5", "AutoAttack"]
+    assert all(a.norm == "l2" for a in protocol_attacks("full", EPS, "l2"))
+    strong = {a.name: a for a in protocol_attacks("strong", EPS)}
+    assert strong["PGD-50x5"].restarts == 5 and strong["CW-50x5"].loss == "margin"

@@ -1,14 +1,21 @@
-"""Attacks: one PGD core (FGSM, PGD L-inf/L2, restarts, CW margin, EOT), BPDA, and named protocols."""
+"""Attacks: one PGD core (FGSM, PGD L-inf/L2, restarts, CW margin, targeted, EOT), BPDA, AutoAttack
+(reference implementation, imported lazily), transfer attacks, and named protocols."""
 
 from advmend.attacks.adaptive import BPDA, bpda
+from advmend.attacks.autoattack import AutoAttackSpec
 
 from advmend.attacks.losses import LOSSES, ce_loss, kl_loss, margin_loss
 from advmend.attacks.modes import attack_mode
 from advmend.attacks.pgd import PGD, fgsm, pgd, pgd_tracked
-from advmend.attacks.presets import PROTOCOLS, protocol_attacks
+from advmend.attacks.presets import PROTOCOLS, cw_margin, protocol_attacks, targeted_pgd
+from advmend.attacks.transfer import Transfer
 
 __all__ = [
+    "AutoAttackSpec",
     "BPDA",
+    "Transfer",
+    "cw_margin",
+    "targeted_pgd",
     "bpda",
     "kl_loss",
     "LOSSES",

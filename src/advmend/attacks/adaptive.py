@@ -6,7 +6,16 @@ backward. EOT (Expectation over Transformation) is the `eot` setting of the atta
 which averages the input gradient over several draws of a randomised model.
 
 Both compose with every gradient attack because a `BPDA` module is just a model: `model(x)` returns the
-classifier's logits on the pre-processed input, exactly as the defense computes them.
+classifier's logits on the pre-processed input, exactly as the defense computes them. That includes
+AutoAttack: pass the `BPDA` module as the model to `AutoAttackSpec.run`/`evaluate`, and set
+`AutoAttackSpec(eot=n)` (or version "rand") for randomised pre-processors.
+
+Masks. "Straight-through for masks" (the spec's BPDA row) needs no separate backward here: for a
+defense x -> x * m(x) whose binary mask m comes from comparisons, the straight-through estimator
+treats m as a constant in the backward pass, which is exactly `stand_in=lambda x: x * m(x)` (the
+comparison has no gradient, so autograd differentiates only the product). For a mask that *selects
+which pixels are replaced* (x -> m * x + (1 - m) * g(x)), pass the same expression with the
+differentiable part you trust as `stand_in`; the identity default is the other common choice.
 """
 
 from __future__ import annotations

@@ -44,3 +44,24 @@ def kl_loss(logits: torch.Tensor, target: torch.Tensor, kappa: float = 0.0) -> t
     """
     log_q = F.log_softmax(logits.float(), dim=1)
     return F.kl_div(log_q, target.float(), reduction="none").sum(1)
+
+
+# Targeted losses: the attack maximises them, so each one grows as the prediction moves towards the
+# target class `t` (the `y` argument of a targeted attack holds the target, not the true label).
+
+
+@LOSSES.register("ce_targeted")
+def ce_targeted_loss(logits: torch.Tensor, target: torch.Tensor, kappa: float = 0.0) -> torch.Tensor:
+    """Minus the cross-entropy of the target class: ascending it descends CE towards the target."""
+    return -F.cross_entropy(logits, target, reduction="none")
+
+
+@LOSSES.register("margin_targeted")
+def margin_targeted_loss(logits: torch.Tensor, target: torch.Tensor, kappa: float = 0.0) -> torch.Tensor:
+    """Targeted Carlini-Wagner margin: -max(max_{j != t} z_j - z_t, -kappa).
+
+    It grows until the target logit leads every other logit by `kappa` (Carlini & Wagner 2017, f_6).
+    """
+    aimed = logits.gather(1, target[:, None]).squeeze(1)
+    other = logits.scatter(1, target[:, None], float("-inf")).amax(dim=1)
+    return -torch.clamp(other - aimed, min=-kappa)

@@ -5,7 +5,8 @@ Attacks", ICLR 2018, https://arxiv.org/abs/1706.06083. FGSM (Goodfellow et al. 2
 step of size eps and no random start. Every attack in advmend, for training and for evaluation, is a
 `PGD` configuration run by `pgd()`.
 
-Threat model: untargeted, ||x_adv - x|| <= eps in L-inf or L2, x_adv in [0, 1].
+Threat model: untargeted (or targeted, `PGD.targeted`), ||x_adv - x|| <= eps in L-inf or L2,
+x_adv in [0, 1].
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ class PGD:
             2018) for models with random parts; 1 for deterministic models.
         keep_best: return, per example, the first iterate that fools the model (evaluation)
             rather than the last iterate (training, Madry's PGD-AT).
+        targeted: the labels passed to the attack are target classes: the loss becomes its
+            targeted form ("ce" descends CE towards the target, "margin" the targeted CW margin) and
+            an example counts as fooled when it is classified as its target.
         name: label used in reports.
 
     Example:
@@ -67,6 +71,7 @@ class PGD:
     start: str = "uniform"
     eot: int = 1
     keep_best: bool = True
+    targeted: bool = False
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -83,6 +88,11 @@ class PGD:
         if self.norm not in NORMS:
             raise ConfigError(f"attack norm must be one of {NORMS}, got {self.norm!r}")
         LOSSES.get(self.loss)  # raises a ConfigError naming the valid losses
+        if self.loss == "kl" and (self.keep_best or self.restarts > 1):
+            # "fooled" compares a prediction with a label; the KL loss's target is a probability row.
+            raise ConfigError("the kl loss takes clean probabilities, not labels: use keep_best=False and restarts=1")
+        if self.targeted and self.loss not in ("ce", "margin"):
+            raise ConfigError(f"a targeted attack needs loss 'ce' or 'margin', got {self.loss!r}")
         if self.step_size is not None and not self.step_size > 0:
             raise ConfigError(f"attack step_size must be > 0, got {self.step_size}")
 
@@ -107,7 +117,13 @@ class PGD:
             "kappa": self.kappa,
             "start": self.start if self.random_start else None,
             "eot": self.eot,
+            "targeted": self.targeted,
         }
+
+    @property
+    def loss_fn(self):
+        """The per-example loss the attack ascends (the targeted form when `targeted`)."""
+        return LOSSES.get(f"{self.loss}_targeted" if self.targeted else self.loss)
 
 
 def fgsm(eps: float, norm: str = "linf") -> PGD:
@@ -176,11 +192,16 @@ def _input_grad(model, x, delta, y, cfg: PGD, loss_fn, scale: float) -> tuple[to
     return grad / cfg.eot, first
 
 
+def _hit(logits: torch.Tensor, y: torch.Tensor, cfg: PGD) -> torch.Tensor:
+    """Per example, whether the attack succeeded: misclassified, or classified as the target."""
+    return logits.argmax(1) == y if cfg.targeted else logits.argmax(1) != y
+
+
 def _run_once(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGD, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One PGD run. Returns x_adv and, when the caller needs them, (fooled, final loss) per example."""
-    loss_fn = LOSSES.get(cfg.loss)
+    loss_fn = cfg.loss_fn
     delta = _random_start(x, cfg, generator) if cfg.random_start else torch.zeros_like(x)
     track = cfg.keep_best or cfg.restarts > 1
     best = x.clone() if cfg.keep_best else None
@@ -191,7 +212,7 @@ def _run_once(
         delta = delta.detach()
         if cfg.keep_best:
             # Keep the first iterate that fools each example: later steps may undo it.
-            newly = (logits.argmax(1) != y) & ~fooled
+            newly = _hit(logits, y, cfg) & ~fooled
             best = torch.where(newly.view(-1, 1, 1, 1), x + delta, best)
             fooled |= newly
         delta = _step(delta, grad, x, cfg)
@@ -201,7 +222,7 @@ def _run_once(
     with torch.no_grad():  # the last iterate has not been scored yet
         logits = model(x_adv)
         final_loss = loss_fn(logits, y, cfg.kappa)
-        final_fooled = logits.argmax(1) != y
+        final_fooled = _hit(logits, y, cfg)
     if cfg.keep_best:
         x_adv = torch.where(fooled.view(-1, 1, 1, 1), best, x_adv)
         final_fooled |= fooled
@@ -225,7 +246,7 @@ def pgd(
     Args:
         model: maps (N, C, H, W) images in [0, 1] to (N, K) logits.
         x: (N, C, H, W) float images in [0, 1].
-        y: (N,) int64 true labels.
+        y: (N,) int64 true labels (target labels when `cfg.targeted`).
         cfg: the attack's settings.
         generator: optional torch.Generator (on x's device) for the random start.
         validate: check x and y at the boundary (training turns this off after the data loader
@@ -261,7 +282,7 @@ def pgd_tracked(
             return x.clone(), None
         with attack_mode(model), torch.no_grad():
             logits = check_logits(model(x), x.shape[0])
-        return x.clone(), logits.argmax(1) != y
+        return x.clone(), _hit(logits, y, cfg)
     if score and not (cfg.keep_best or cfg.restarts > 1):
         cfg = replace(cfg, keep_best=True)  # scoring needs the final forward pass anyway
     with attack_mode(model):

@@ -1,4 +1,10 @@
-"""`advmend eval CHECKPOINT [--protocol NAME] [--n-examples N] [--set key=value ...] [--out DIR]`."""
+"""`advmend eval`: evaluate a checkpoint, or a user's own model, and write its report card.
+
+    advmend eval CHECKPOINT [--protocol NAME] [--n-examples N] [--set key=value ...] [--out DIR]
+    advmend eval --model module:function --weights FILE --dataset cifar10 [--eps 8/255] [--norm linf]
+
+Writes report.json, report.md and accuracy_vs_eps.png; the sanity suite runs with every evaluation.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,14 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint's robustness on the test set")
-    p.add_argument("checkpoint", help="a .safetensors checkpoint written by advmend train")
+    p = sub.add_parser("eval", help="evaluate a checkpoint's (or your model's) robustness on the test set")
+    p.add_argument("checkpoint", nargs="?", help="a .safetensors checkpoint written by advmend train")
+    p.add_argument("--model", help="your own model instead of a checkpoint: module:function returning an nn.Module "
+                                   "([0,1] images in, logits out)")  # fmt: skip
+    p.add_argument("--weights", help="weights of --model: .safetensors, or a .pt/.pth state dict of tensors")
+    p.add_argument("--dataset", help="data set of --model (default cifar10; see `advmend list`)")
+    p.add_argument("--eps", help="attack radius, e.g. 8/255 (default: the checkpoint's, or the data set's threat model)")
+    p.add_argument("--norm", choices=("linf", "l2"), help="threat model (default linf)")
     p.add_argument("--protocol", help="attack protocol (see `advmend list`); default: the run's eval.protocol")
     p.add_argument("--n-examples", type=int, help="evaluate a seeded subset of this many test examples")
     p.add_argument("--batch-size", type=int, help="examples per forward pass")
@@ -17,37 +29,91 @@ def add_parser(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a data or eval setting, e.g. --set data.root=DIR (repeatable)")
     p.add_argument("--out", help="report folder (default: next to the checkpoint, eval-<protocol>)")
+    p.add_argument("--sanity-full", action="store_true", help="also run the costly sanity checks S01-S04")
+    p.add_argument("--cascade", action=argparse.BooleanOptionalAction, default=None,
+                   help="run each attack only on examples still robust (default: the protocol's choice)")
+    p.add_argument("--transfer-from", metavar="CHECKPOINT",
+                   help="add a transfer attack: PGD-20 crafted on this surrogate checkpoint")
+    p.add_argument("--save-adv", metavar="FILE", help="save the adversarial examples (.pt/.pth RobustBench layout, "
+                                                     "or .safetensors)")  # fmt: skip
+    p.add_argument("--no-plot", action="store_true", help="do not write accuracy_vs_eps.png")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
+def _eps(text: str) -> float:
+    """--eps: a number or a fraction such as 8/255, > 0."""
+    from advmend.errors import ConfigError
+
+    num, sep, den = text.partition("/")
+    try:
+        value = float(num) / float(den) if sep else float(text)
+    except (ValueError, ZeroDivisionError):
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise ConfigError(f"--eps must be a number > 0 (or a fraction like 8/255), got {text!r}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
+    from advmend.attacks.pgd import PGD
     from advmend.attacks.presets import PROTOCOLS
-    from advmend.config import RunConfig, apply_overrides, from_dict, to_dict
+    from advmend.attacks.transfer import Transfer
+    from advmend.config import DataConfig, RunConfig, apply_overrides, from_dict, to_dict
+    from advmend.data.sources import dataset_info
     from advmend.errors import ConfigError
     from advmend.evaluation.report import format_table
     from advmend.evaluation.run import load_trained_model, run_protocol
+    from advmend.evaluation.user_model import load_user_model
     from advmend.training.build import build_data, resolve_device
 
     for item in args.overrides:
         if not item.split("=", 1)[0].strip().startswith(("data.", "eval.")):
             raise ConfigError(f"advmend eval --set only changes data.* and eval.* settings, got {item!r}")
+    if (args.checkpoint is None) == (args.model is None):
+        raise ConfigError("advmend eval needs either a CHECKPOINT or --model module:function (with --weights)")
+    if args.model is None and (args.weights or args.dataset):
+        raise ConfigError("--weights and --dataset go with --model; a checkpoint records its own")
+    if args.protocol:
+        PROTOCOLS.get(args.protocol)
+    eps = _eps(args.eps) if args.eps is not None else None
     device = resolve_device(args.device or "auto")
-    model, cfg, record = load_trained_model(args.checkpoint, device)
+    if args.model is not None:
+        model, meta = load_user_model(args.model, args.weights, device)
+        cfg = RunConfig(name=args.model.partition(":")[2], data=DataConfig(name=args.dataset or "cifar10"))
+        record = {"eps": dataset_info(cfg.data.name)["eps"]}
+        default_out = Path(f"eval-{args.protocol or cfg.eval.protocol}-{cfg.name}")
+    else:
+        model, cfg, record = load_trained_model(args.checkpoint, device)
+        meta = {"checkpoint": str(args.checkpoint), "epoch": record.get("epoch")}
+        default_out = None
     cfg = from_dict(RunConfig, apply_overrides(to_dict(cfg), args.overrides))
     ev = cfg.eval
     ev = replace(ev, protocol=args.protocol or ev.protocol)
-    if args.n_examples is not None:
-        ev = replace(ev, n_examples=args.n_examples)
-    if args.batch_size is not None:
-        ev = replace(ev, batch_size=args.batch_size)
+    for key, value in (("n_examples", args.n_examples), ("batch_size", args.batch_size), ("norm", args.norm),
+                       ("cascade", args.cascade)):  # fmt: skip
+        if value is not None:
+            ev = replace(ev, **{key: value})
+    if args.sanity_full:
+        ev = replace(ev, sanity_full=True)
+    if args.no_plot:
+        ev = replace(ev, plot=False)
     PROTOCOLS.get(ev.protocol)
     cfg = replace(cfg, eval=ev)
+    if eps is None:  # the threat model's eps: the checkpoint's training eps for L-inf, 0.5 for L2 (spec)
+        eps = float(record["eps"]) if ev.norm == "linf" else 0.5
+    extra = []
+    if args.transfer_from:
+        surrogate, _, _ = load_trained_model(args.transfer_from, device)
+        extra.append(Transfer(surrogate, PGD(eps=eps, steps=20, norm=ev.norm, name="PGD-20"), str(args.transfer_from)))
     test = build_data(cfg.data, need_train=False).test
-    out_dir = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-{ev.protocol}"
-    result = run_protocol(model, test, cfg, record["eps"], device, out_dir,
-                          {"title": cfg.name, "checkpoint": str(args.checkpoint), "epoch": record.get("epoch")},
-                          progress=not args.quiet)  # fmt: skip
-    print(format_table(result, f"{cfg.name}: {args.checkpoint}, {ev.protocol} protocol"))
+    if default_out is None:
+        default_out = Path(args.checkpoint).parent / f"eval-{ev.protocol}"
+    out_dir = Path(args.out) if args.out else default_out
+    meta = dict(meta, title=cfg.name)
+    result = run_protocol(model, test, cfg, eps, device, out_dir, meta, progress=not args.quiet,
+                          extra_attacks=extra, save_adv=args.save_adv)  # fmt: skip
+    source = args.checkpoint or args.model
+    print(format_table(result, f"{cfg.name}: {source}, {ev.protocol} protocol", result.sanity))
     print(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}")
     return 0

@@ -3,12 +3,21 @@
 Each attack runs only on the examples the model classifies correctly when clean (an example already
 wrong cannot become "robust"), in eval mode, and every adversarial example is checked to lie in the
 threat model's ball and in [0, 1] rather than trusted to.
+
+With `cascade=True` (Croce & Hein 2020, as AutoAttack runs its own attacks) each attack runs only on
+the examples every earlier attack failed on, so no compute is spent on examples already fooled. The
+worst case is unchanged (an example is robust only if every attack fails on it); each attack's number
+then reads "robust accuracy after this attack and all before it".
+
+Attacks are `PGD` settings (run by the one core) or external attacks (`AutoAttackSpec`, `Transfer`):
+objects with `eps`, `norm`, `describe()` and `run(model, x, y, *, device, batch_size, generator)`.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -23,13 +32,44 @@ _TOL = 1e-5  # float32 slack on the ball constraint
 
 
 @dataclass
+class AttackRun:
+    """What an external attack returns for the examples it was given.
+
+    Attributes:
+        x_adv: adversarial examples, same shape and device as the input.
+        fooled: (n,) bool, misclassified w.r.t. the true label.
+        stages: for attacks made of a cascade of sub-attacks (AutoAttack): per stage, a dict with
+            "name", "fooled" ((n,) bool, fooled by this stage or an earlier one), "seconds", "attacked".
+        notes: warnings the attack's own checks raised (e.g. AutoAttack's flags).
+    """
+
+    x_adv: torch.Tensor
+    fooled: torch.Tensor
+    stages: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class ExternalAttack(Protocol):
+    eps: float
+    norm: str
+
+    def describe(self) -> dict: ...
+
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device,
+            batch_size: int, generator: torch.Generator | None) -> AttackRun: ...  # fmt: skip
+
+
+@dataclass
 class AttackResult:
     """One attack's outcome: settings, per-example correctness (N,), time spent."""
 
     settings: dict
     correct: torch.Tensor
     seconds: float
-    attacked: int  # examples actually attacked (clean-correct ones)
+    attacked: int  # examples actually attacked (clean-correct ones, or still-robust ones in a cascade)
+    max_perturbation: float | None = None  # largest measured ||x_adv - x|| in the attack's norm
+    stages: list[dict] = field(default_factory=list)  # per sub-attack: name, robust_accuracy, seconds, attacked
+    notes: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -47,6 +87,10 @@ class EvalResult:
     clean_correct: torch.Tensor
     attacks: list[AttackResult] = field(default_factory=list)
     seconds: float = 0.0
+    cascade: bool = False
+    adv: torch.Tensor | None = None  # (N, C, H, W) worst-case adversarial examples when kept
+    labels: torch.Tensor | None = None  # (N,) true labels, kept with `adv`
+    sanity: Any = None  # the SanityReport, when the sanity suite ran (evaluation.run.run_protocol)
 
     @property
     def n(self) -> int:
@@ -68,9 +112,18 @@ class EvalResult:
         return float(self.worst_correct.float().mean())
 
 
-def _check_bound(x_adv: torch.Tensor, x: torch.Tensor, attack: PGD) -> None:
+def perturbation_size(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-example size of x_adv - x in the attack's norm."""
     delta = (x_adv - x).flatten(1)
-    size = delta.abs().amax(1) if attack.norm == "linf" else delta.norm(dim=1)
+    return delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+
+
+def check_bound(x_adv: torch.Tensor, x: torch.Tensor, attack: Any) -> float:
+    """Assert every example lies in the eps-ball and in [0, 1]; return the largest perturbation."""
+    if x_adv.shape != x.shape or not torch.isfinite(x_adv).all():
+        raise RuntimeError(f"{attack.describe()['name']} returned examples of the wrong shape or non-finite values; "
+                           "this is a bug in the attack, please report it")  # fmt: skip
+    size = perturbation_size(x_adv, x, attack.norm)
     worst, lo, hi = float(size.max()), float(x_adv.min()), float(x_adv.max())
     if worst > attack.eps + _TOL or lo < 0 or hi > 1:
         raise RuntimeError(
@@ -78,17 +131,44 @@ def _check_bound(x_adv: torch.Tensor, x: torch.Tensor, attack: PGD) -> None:
             f"(max {attack.norm} size {worst:.6g} > eps {attack.eps:.6g} or range [{lo:.3g}, {hi:.3g}]); "
             "this is a bug in the attack, please report it"
         )
+    return worst
+
+
+_check_bound = check_bound  # the name used before it became public
+
+
+def random_targets(y: torch.Tensor, num_classes: int, generator: torch.Generator | None) -> torch.Tensor:
+    """A uniformly random class other than the true one, per example (targeted attacks)."""
+    offset = torch.randint(1, num_classes, y.shape, device=y.device, generator=generator)
+    return (y + offset) % num_classes
+
+
+def _images(ds: ArrayDataset, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = idx.cpu()
+    return ds.images[idx].to(device).float().div_(255), ds.labels[idx].to(device)
+
+
+def _run_pgd(model, x, y, attack: PGD, generator, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x_adv and, per example, whether it is misclassified (w.r.t. the true label)."""
+    if not attack.targeted:
+        return pgd_tracked(model, x, y, attack, generator=generator, validate=False)
+    targets = random_targets(y, num_classes, generator)
+    x_adv, _ = pgd_tracked(model, x, targets, attack, generator=generator, validate=False)
+    with attack_mode(model), torch.no_grad():  # robustness is judged against the true label
+        return x_adv, model(x_adv).argmax(1) != y
 
 
 def evaluate(
     model: nn.Module,
     ds: ArrayDataset,
-    attacks: list[PGD],
+    attacks: Sequence[PGD | ExternalAttack],
     *,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     seed: int = 0,
     progress: bool = False,
+    cascade: bool = False,
+    keep_adv: bool = False,
 ) -> EvalResult:
     """Clean accuracy and robust accuracy of `model` on `ds` under each attack.
 
@@ -100,33 +180,69 @@ def evaluate(
         device: where the model lives.
         seed: seeds the attacks' random starts, so an evaluation is repeatable.
         progress: show a progress bar per attack.
+        cascade: run each attack only on the examples still robust to all earlier ones.
+        keep_adv: keep, per example, the adversarial example of the first attack that fooled it (the
+            clean image where none did) in `EvalResult.adv`, e.g. for `--save-adv`.
     """
     start = time.perf_counter()
     device = torch.device(device)
     loader = BatchLoader(ds, batch_size, shuffle=False, device=device)
-    clean = []
+    clean, num_classes = [], 0
     with attack_mode(model), torch.no_grad():
         for x, y in loader:
-            clean.append((check_logits(model(x), x.shape[0]).argmax(1) == y).cpu())
-    result = EvalResult(torch.cat(clean))
+            logits = check_logits(model(x), x.shape[0])
+            num_classes = logits.shape[1]
+            clean.append((logits.argmax(1) == y).cpu())
+    result = EvalResult(torch.cat(clean), cascade=cascade)
+    alive = result.clean_correct.clone()  # robust to every attack so far
+    adv = ds.images.float().div(255) if keep_adv else None
+    adv_set = torch.zeros_like(alive)
     generator = torch.Generator(device=device).manual_seed(seed)
     for attack in attacks:
+        todo = alive if cascade else result.clean_correct
         t0 = time.perf_counter()
-        correct, offset = [], 0
-        bar = tqdm(loader, desc=attack.describe()["name"], disable=not progress, leave=False)
-        for x, y in bar:
-            keep = result.clean_correct[offset : offset + x.shape[0]].to(device)
-            offset += x.shape[0]
-            robust = torch.zeros_like(keep)
-            idx = keep.nonzero().squeeze(1)
-            if idx.numel():
-                x_adv, fooled = pgd_tracked(model, x[idx], y[idx], attack, generator=generator, validate=False)
-                _check_bound(x_adv, x[idx], attack)
+        robust = torch.zeros_like(todo)
+        worst = 0.0
+        stages, notes = [], []
+        idx_all = todo.nonzero().squeeze(1)
+        if isinstance(attack, PGD):
+            bar = tqdm(range(0, idx_all.numel(), batch_size), desc=attack.describe()["name"],
+                       disable=not progress, leave=False)  # fmt: skip
+            for i in bar:
+                idx = idx_all[i : i + batch_size]
+                x, y = _images(ds, idx, device)
+                x_adv, fooled = _run_pgd(model, x, y, attack, generator, num_classes)
+                worst = max(worst, check_bound(x_adv, x, attack))
+                fooled = fooled.cpu()
                 robust[idx] = ~fooled
-            correct.append(robust.cpu())
+                if adv is not None:
+                    new = idx[fooled & ~adv_set[idx]]
+                    adv[new] = x_adv[fooled & ~adv_set[idx]].cpu()
+                    adv_set[new] = True
+        elif idx_all.numel():
+            x, y = _images(ds, idx_all, device)
+            out = attack.run(model, x, y, device=device, batch_size=batch_size, generator=generator)
+            worst = check_bound(out.x_adv, x, attack)
+            fooled = out.fooled.cpu()
+            robust[idx_all] = ~fooled
+            base = todo.clone()
+            for stage in out.stages:
+                correct = base.clone()
+                correct[idx_all] = ~stage["fooled"].cpu()
+                stages.append({"name": stage["name"], "robust_accuracy": 100 * float(correct.float().mean()),
+                               "seconds": round(stage["seconds"], 3), "attacked": stage["attacked"]})  # fmt: skip
+            notes = list(out.notes)
+            if adv is not None:
+                new = idx_all[fooled & ~adv_set[idx_all]]
+                adv[new] = out.x_adv[fooled & ~adv_set[idx_all]].cpu()
+                adv_set[new] = True
         seconds = time.perf_counter() - t0
-        result.attacks.append(
-            AttackResult(attack.describe(), torch.cat(correct), seconds, int(result.clean_correct.sum()))
-        )
+        settings = dict(attack.describe(), cascade=cascade)
+        if cascade:
+            robust &= alive
+        alive &= robust
+        result.attacks.append(AttackResult(settings, robust, seconds, int(todo.sum()), worst, stages, notes))
+    if adv is not None:
+        result.adv, result.labels = adv, ds.labels.clone()
     result.seconds = time.perf_counter() - start
     return result

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from advmend.evaluation.evaluate import EvalResult
+from advmend.evaluation.sanity import SanityReport
 from advmend.training.checkpoint import atomic_write_text, versions
 
 
@@ -22,6 +23,9 @@ def result_to_dict(result: EvalResult, *, per_example: bool = True) -> dict[str,
                 "seconds": round(a.seconds, 3),
                 "attacked_examples": a.attacked,
                 "images_per_s": round(a.attacked / a.seconds, 2) if a.seconds > 0 else None,
+                "max_perturbation": a.max_perturbation,
+                **({"stages": a.stages} if a.stages else {}),
+                **({"notes": a.notes} if a.notes else {}),
             }
             for a in result.attacks
         ],
@@ -29,6 +33,7 @@ def result_to_dict(result: EvalResult, *, per_example: bool = True) -> dict[str,
             "robust_accuracy": 100 * result.worst_accuracy,
             "attacks": [a.name for a in result.attacks],
         },
+        "cascade": result.cascade,
         "seconds": round(result.seconds, 3),
     }
     if per_example:
@@ -40,25 +45,49 @@ def result_to_dict(result: EvalResult, *, per_example: bool = True) -> dict[str,
     return out
 
 
-def table_rows(result: EvalResult) -> list[tuple[str, str, str]]:
-    """(name, accuracy %, settings) rows: clean, each attack, worst case."""
-    rows = [("clean", f"{100 * result.clean_accuracy:.2f}", "")]
-    for a in result.attacks:
-        s = a.settings
+def settings_text(s: dict) -> str:
+    """One line of an attack's exact settings."""
+    if "version" in s:  # AutoAttack
+        extra = (f"{s['norm']} eps={s['eps']:.4g} version={s['version']} n_iter={s['n_iter']} "
+                 f"square_queries={s['n_queries']} eot={s['eot']} seed={s['seed']} ({s['implementation']})")  # fmt: skip
+    else:
         extra = f"{s['norm']} eps={s['eps']:.4g} steps={s['steps']} step={s['step_size']:.4g} loss={s['loss']}"
+        if s.get("targeted"):
+            extra += " targeted"
         if s["random_start"]:
             extra += " rand-start"
         if s["restarts"] > 1:
             extra += f" restarts={s['restarts']}"
-        rows.append((a.name, f"{100 * a.accuracy:.2f}", extra))
+        if s.get("eot", 1) > 1:
+            extra += f" eot={s['eot']}"
+        if s.get("surrogate"):
+            extra += f" surrogate={s['surrogate']}"
+    if s.get("cascade"):
+        extra += " [cascade]"
+    return extra
+
+
+def table_rows(result: EvalResult, sanity: SanityReport | None = None) -> list[tuple[str, str, str]]:
+    """(name, accuracy %, settings) rows: clean, each attack (and its sub-attacks), worst case."""
+    rows = [("clean", f"{100 * result.clean_accuracy:.2f}", "")]
+    for a in result.attacks:
+        rows.append((a.name, f"{100 * a.accuracy:.2f}", settings_text(a.settings)))
+        for st in a.stages:
+            rows.append((f"  after {st['name']}", f"{st['robust_accuracy']:.2f}",
+                         f"{st['attacked']} examples attacked, {st['seconds']:.1f} s"))  # fmt: skip
     if result.attacks:
-        rows.append(("worst case", f"{100 * result.worst_accuracy:.2f}", "per example, over all attacks above"))
+        note = "per example, over all attacks above"
+        if result.cascade:
+            note += "; [cascade]: each attack ran only on examples robust to all attacks above it"
+        if sanity is not None and sanity.warnings:
+            note += "; SANITY WARNINGS: " + ", ".join(c.code for c in sanity.warnings) + " (see below)"
+        rows.append(("worst case", f"{100 * result.worst_accuracy:.2f}", note))
     return rows
 
 
-def format_table(result: EvalResult, title: str = "") -> str:
-    """A fixed-width table for the console."""
-    rows = [("attack", "accuracy %", "settings")] + table_rows(result)
+def format_table(result: EvalResult, title: str = "", sanity: SanityReport | None = None) -> str:
+    """A fixed-width table for the console (with the sanity warnings under it)."""
+    rows = [("attack", "accuracy %", "settings")] + table_rows(result, sanity)
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     lines = [title] if title else []
@@ -67,16 +96,54 @@ def format_table(result: EvalResult, title: str = "") -> str:
         if i == 0:
             lines.append("-" * (w0 + w1 + 4 + max(len(r[2]) for r in rows)))
     lines.append(f"{result.n} examples, {result.seconds:.1f} s")
+    if sanity is not None:
+        counts = {k: sum(c.status == k for c in sanity.checks) for k in ("pass", "warn", "skip")}
+        lines.append(f"sanity: {counts['pass']} pass, {counts['warn']} warn, {counts['skip']} skip")
+        for c in sanity.warnings:
+            lines.append(f"  WARN {c.code}: {c.detail or c.values} -> {c.meaning}")
     return "\n".join(lines)
 
 
-def markdown_report(result: EvalResult, meta: dict[str, Any]) -> str:
-    """report.md: the table a person reads first, then where it came from."""
+def sanity_markdown(sanity: SanityReport) -> list[str]:
+    """The sanity table: code, result, measured values, what a warning means."""
+    lines = ["## Sanity checks", "", "| check | result | measured | passes when | a warning suggests |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for c in sanity.checks:
+        measured = c.detail or ", ".join(f"{k}={_short(v)}" for k, v in c.values.items())
+        status = "**WARN**" if c.status == "warn" else c.status
+        lines.append(f"| {c.code} | {status} | {measured} | {c.passes_when} | {c.meaning} |")
+    lines += ["", "What each check means and what to do about a warning: docs/evaluation.md."]
+    return lines
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_short(x)}" for k, x in v.items()) + "}"
+    if isinstance(v, (list, tuple)):
+        if len(v) > 8:
+            return f"[{len(v)} items]"
+        return "[" + ", ".join(_short(x) for x in v) + "]"
+    return str(v)
+
+
+def markdown_report(result: EvalResult, meta: dict[str, Any], sanity: SanityReport | None = None) -> str:
+    """report.md: the table a person reads first, the sanity table next to it, then where it came from."""
     lines = [f"# advmend evaluation: {meta.get('title', '')}".rstrip(), ""]
-    lines += ["| attack | accuracy (%) | settings | seconds |", "|---|---:|---|---:|"]
+    if sanity is not None and sanity.warnings:
+        lines += [f"**{len(sanity.warnings)} sanity warning(s): {', '.join(c.code for c in sanity.warnings)}.** "
+                  "The numbers below may overstate robustness; see the sanity table.", ""]  # fmt: skip
+    lines += ["| attack | accuracy (%) | settings | seconds | images/s |", "|---|---:|---|---:|---:|"]
     times = {a.name: f"{a.seconds:.1f}" for a in result.attacks}
-    for name, acc, settings in table_rows(result):
-        lines.append(f"| {name} | {acc} | {settings} | {times.get(name, '')} |")
+    speed = {a.name: f"{a.attacked / a.seconds:.1f}" for a in result.attacks if a.seconds > 0}
+    for name, acc, settings in table_rows(result, sanity):
+        lines.append(f"| {name} | {acc} | {settings} | {times.get(name, '')} | {speed.get(name, '')} |")
+    if sanity is not None:
+        lines += [""] + sanity_markdown(sanity)
+    notes = [n for a in result.attacks for n in a.notes]
+    if notes:
+        lines += ["", "AutoAttack's own checks flagged: " + "; ".join(notes)]
     lines += [
         "",
         f"Examples: {result.n} ({meta.get('split', 'test')} split"
@@ -89,15 +156,37 @@ def markdown_report(result: EvalResult, meta: dict[str, Any]) -> str:
     ]
     if meta.get("checkpoint"):
         lines += ["", f"Checkpoint: `{meta['checkpoint']}` (sha256 `{meta.get('checkpoint_sha256', '')}`)"]
+    if meta.get("model"):
+        lines += ["", f"Model: `{meta['model']}`"]
+    if meta.get("plot"):
+        lines += ["", f"![accuracy against eps]({meta['plot']})"]
+    elif meta.get("plot_note"):
+        lines += ["", meta["plot_note"]]
+    if meta.get("adv_file"):
+        lines += ["", f"Adversarial examples: `{meta['adv_file']}` ({meta.get('adv_layout', '')})"]
     return "\n".join(lines) + "\n"
 
 
-def write_report(out_dir: str | Path, result: EvalResult, meta: dict[str, Any]) -> tuple[Path, Path]:
+def write_report(
+    out_dir: str | Path, result: EvalResult, meta: dict[str, Any], sanity: SanityReport | None = None
+) -> tuple[Path, Path]:
     """Write report.json and report.md atomically into `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"meta": meta, "versions": versions(), **result_to_dict(result)}
+    payload = {"meta": meta, "versions": _versions(), **result_to_dict(result)}
+    if sanity is not None:
+        payload["sanity"] = sanity.to_dict()
     json_path, md_path = out / "report.json", out / "report.md"
     atomic_write_text(json_path, json.dumps(payload, indent=2) + "\n")
-    atomic_write_text(md_path, markdown_report(result, meta))
+    atomic_write_text(md_path, markdown_report(result, meta, sanity))
     return json_path, md_path
+
+
+def _versions() -> dict[str, str]:
+    from advmend.attacks.autoattack import autoattack_version
+
+    out = versions()
+    aa = autoattack_version()
+    if aa is not None:
+        out["pyautoattack"] = aa
+    return out

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from advmend.attacks.presets import protocol_attacks
+from advmend.attacks.presets import PROTOCOL_OPTIONS, protocol_attacks
 from advmend.config import RunConfig, from_dict
 from advmend.data import ArrayDataset, subset
 from advmend.errors import CheckpointError, ConfigError
 from advmend.evaluation.evaluate import EvalResult, evaluate
+from advmend.evaluation.plots import accuracy_vs_eps_png
 from advmend.evaluation.report import write_report
+from advmend.evaluation.sanity import run_sanity
 from advmend.training.build import build_model
-from advmend.training.checkpoint import file_sha256, load_checkpoint
+from advmend.training.checkpoint import atomic_write_bytes, file_sha256, load_checkpoint
+
+ADV_SUFFIXES = (".pt", ".pth", ".safetensors")
 
 
 def load_trained_model(path: str | Path, device: torch.device) -> tuple[nn.Module, RunConfig, dict]:
@@ -34,6 +41,31 @@ def load_trained_model(path: str | Path, device: torch.device) -> tuple[nn.Modul
     return model.to(device).eval(), cfg, record
 
 
+def save_adversarial(path: str | Path, result: EvalResult) -> str:
+    """Write the worst-case adversarial examples in RobustBench's external-evaluation layout.
+
+    RobustBench / AutoAttack's `eval.py` save `{'adv_complete': x_adv}` with `torch.save`: a dict holding
+    one float tensor (N, C, H, W) in [0, 1], in the order of the evaluated examples, an example's clean
+    image where no attack fooled it. advmend writes exactly that dict of plain tensors for .pt/.pth (it
+    loads with `torch.load(weights_only=True)`: no pickled code), or the same tensor under the same key,
+    plus `labels`, for .safetensors. Returns a description of the layout for the report.
+    """
+    path = Path(path)
+    if path.suffix not in ADV_SUFFIXES:
+        raise ConfigError(f"--save-adv needs a file ending in one of {ADV_SUFFIXES}, got {path.name!r}")
+    if result.adv is None:
+        raise ConfigError("no adversarial examples were kept (evaluate(..., keep_adv=True))")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    adv = result.adv.contiguous()
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        atomic_write_bytes(path, lambda tmp: save_file({"adv_complete": adv, "labels": result.labels.contiguous()}, tmp))
+        return "safetensors: adv_complete (N, C, H, W) float32 in [0, 1], labels (N,) int64"
+    atomic_write_bytes(path, lambda tmp: torch.save({"adv_complete": adv}, tmp))
+    return "RobustBench external evaluation: torch.save({'adv_complete': (N, C, H, W) float32 in [0, 1]})"
+
+
 def run_protocol(
     model: nn.Module,
     test: ArrayDataset,
@@ -43,18 +75,50 @@ def run_protocol(
     out_dir: Path,
     meta: dict,
     progress: bool = True,
+    *,
+    extra_attacks: Sequence = (),
+    save_adv: str | Path | None = None,
 ) -> EvalResult:
-    """Evaluate on the test set (or its seeded `eval.n_examples` subset) and write report.json/.md."""
-    n = cfg.eval.n_examples
+    """Evaluate on the test set (or its seeded `eval.n_examples` subset), run the sanity suite, and write
+    report.json, report.md and accuracy_vs_eps.png (and the adversarial examples with `save_adv`)."""
+    ev = cfg.eval
+    n = ev.n_examples
     if n is not None and n < 1:
         raise ConfigError(f"eval.n_examples must be >= 1, got {n}")
-    ds = subset(test, n, cfg.eval.seed) if n is not None and n < len(test) else test
-    attacks = protocol_attacks(cfg.eval.protocol, eps)
-    result = evaluate(model, ds, attacks, batch_size=cfg.eval.batch_size, device=device,
-                      seed=cfg.eval.seed, progress=progress)  # fmt: skip
-    meta = dict(meta, protocol=cfg.eval.protocol, eps=eps, device=str(device), split="test",
-                subset_seed=cfg.eval.seed if ds is not test else None)  # fmt: skip
-    if meta.get("checkpoint"):
+    if ev.norm not in ("linf", "l2"):
+        raise ConfigError(f"eval.norm must be linf or l2, got {ev.norm!r}")
+    if save_adv is not None and Path(save_adv).suffix not in ADV_SUFFIXES:
+        raise ConfigError(f"--save-adv needs a file ending in one of {ADV_SUFFIXES}, got {Path(save_adv).name!r}")
+    ds = subset(test, n, ev.seed) if n is not None and n < len(test) else test
+    options = PROTOCOL_OPTIONS.get(ev.protocol, {})
+    cascade = options.get("cascade", False) if ev.cascade is None else ev.cascade
+    costly = options.get("sanity_full", False) if ev.sanity_full is None else ev.sanity_full
+    attacks = protocol_attacks(ev.protocol, eps, ev.norm) + list(extra_attacks)
+    result = evaluate(model, ds, attacks, batch_size=ev.batch_size, device=device, seed=ev.seed,
+                      progress=progress, cascade=cascade, keep_adv=save_adv is not None)  # fmt: skip
+    t0 = time.perf_counter()
+    sanity = run_sanity(model, ds, result, eps, ev.norm, costly=costly, batch_size=ev.batch_size,
+                        device=device, seed=ev.seed)  # fmt: skip
+    sanity_seconds = time.perf_counter() - t0
+    meta = dict(meta, protocol=ev.protocol, eps=eps, norm=ev.norm, device=str(device), split="test",
+                subset_seed=ev.seed if ds is not test else None, cascade=cascade, sanity_full=costly,
+                timings={"evaluation_s": round(result.seconds, 3), "sanity_s": round(sanity_seconds, 3)},
+                hardware={"device": str(device), "cpu_count": os.cpu_count(),
+                          "torch_threads": torch.get_num_threads()})  # fmt: skip
+    if meta.get("checkpoint") and not meta.get("checkpoint_sha256"):
         meta["checkpoint_sha256"] = file_sha256(meta["checkpoint"])
-    write_report(out_dir, result, meta)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if ev.plot:
+        points = sanity.sweep or [(0.0, 100 * result.clean_accuracy)] + (
+            [(eps, 100 * result.worst_accuracy)] if result.attacks else [])
+        marks = [(a.name, a.settings["eps"], 100 * a.accuracy) for a in result.attacks]
+        note = accuracy_vs_eps_png(out_dir / "accuracy_vs_eps.png", points, marks=marks,
+                                   title=f"{meta.get('title', '')} {ev.norm}".strip())  # fmt: skip
+        meta["plot" if note is None else "plot_note"] = "accuracy_vs_eps.png" if note is None else note
+    if save_adv is not None:
+        meta["adv_layout"] = save_adversarial(save_adv, result)
+        meta["adv_file"] = str(save_adv)
+    write_report(out_dir, result, meta, sanity)
+    result.sanity = sanity
     return result

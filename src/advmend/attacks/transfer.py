@@ -1,0 +1,59 @@
+"""Transfer attack: adversarial examples crafted on a surrogate model, scored on the target model.
+
+Papernot, McDaniel, Goodfellow, "Transferability in Machine Learning", 2016; listed by Carlini et al.
+2019 ("On Evaluating Adversarial Robustness", section 4) as a check that a defense's robustness does not
+come from a broken gradient: a transfer attack ignores the target's gradients entirely, so robust
+accuracy under transfer far *below* white-box robust accuracy means the white-box attacks were masked.
+The examples come from the one PGD core run on the surrogate (in the surrogate's eval mode).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from advmend.attacks.modes import attack_mode
+from advmend.attacks.pgd import PGD, pgd
+
+
+@dataclass(frozen=True, eq=False)
+class Transfer:
+    """Craft with `attack` on `surrogate`, score on the model under evaluation.
+
+    Args:
+        surrogate: an independently trained model with the same input and label spaces.
+        attack: the white-box attack run on the surrogate.
+        source: where the surrogate came from (a checkpoint path), for the report.
+    """
+
+    surrogate: nn.Module
+    attack: PGD
+    source: str = ""
+
+    @property
+    def eps(self) -> float:
+        return self.attack.eps
+
+    @property
+    def norm(self) -> str:
+        return self.attack.norm
+
+    def describe(self) -> dict:
+        inner = self.attack.describe()
+        return dict(inner, name=f"transfer {inner['name']}", surrogate=self.source)
+
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device,
+            batch_size: int = 256, generator: torch.Generator | None = None):  # fmt: skip
+        from advmend.evaluation.evaluate import AttackRun
+
+        self.surrogate.to(device)
+        chunks, fooled = [], []
+        for i in range(0, x.shape[0], batch_size):
+            xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+            x_adv = pgd(self.surrogate, xb, yb, self.attack, generator=generator, validate=False)
+            with attack_mode(model), torch.no_grad():
+                fooled.append(model(x_adv).argmax(1) != yb)
+            chunks.append(x_adv)
+        return AttackRun(torch.cat(chunks), torch.cat(fooled))

@@ -1,0 +1,46 @@
+"""Accuracy against eps, as a PNG next to the report (matplotlib, from the `plot` extra)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from advmend.training.checkpoint import atomic_write_bytes
+
+
+def accuracy_vs_eps_png(path: str | Path, points: list[tuple[float, float]], *, title: str = "",
+                        marks: list[tuple[str, float, float]] = ()) -> str | None:  # fmt: skip
+    """Plot accuracy (%) against eps and write it atomically to `path`.
+
+    Args:
+        points: (eps, accuracy %) of the eps sweep (or just clean and the worst case).
+        marks: (label, eps, accuracy %) single points, e.g. each attack of the protocol.
+
+    Returns:
+        None when written, else why not (matplotlib missing), for the report.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install 'advmend[plot]')"
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    try:
+        if points:
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, marker="o", label="PGD-20 (eps sweep)" if len(points) > 2 else "accuracy")
+        for label, eps, acc in marks:  # at the same eps the labels would overlap: they go in the legend
+            ax.scatter([eps], [acc], marker="x", zorder=3, label=f"{label}: {acc:.1f} %")
+        ax.set_xlabel("eps")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.set_title(title or "accuracy against eps", fontsize=9)
+        if points or marks:
+            ax.legend(fontsize=6, loc="upper right")
+        fig.tight_layout()
+        atomic_write_bytes(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
+    return None

@@ -1,0 +1,78 @@
+"""A user's own model for `advmend eval --model module:function --weights FILE`.
+
+The function is called with no arguments and must return an `nn.Module` that maps [0, 1] images to
+logits (normalisation inside). Weights are read without executing pickled code: safetensors, or a
+.pt/.pth state dict through `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from advmend.errors import CheckpointError, ConfigError
+from advmend.training.checkpoint import file_sha256
+
+
+def build_user_model(spec: str) -> nn.Module:
+    """Import `module:function` (the current folder is importable) and call the function."""
+    module_name, sep, func_name = spec.partition(":")
+    if not sep or not module_name or not func_name:
+        raise ConfigError(f"--model must look like module:function (e.g. mypkg.models:build), got {spec!r}")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"--model {spec}: cannot import {module_name!r} ({e}); is it on PYTHONPATH?") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise ConfigError(f"--model {spec}: {module_name} has no function {func_name!r}")
+    model = func()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"--model {spec}: {func_name}() must return a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file, or of a .pt/.pth state dict (loaded with weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors and torch raise several types for a bad file
+        raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                              "give a safetensors file or a .pt/.pth state dict of tensors") from None  # fmt: skip
+    for key in ("state_dict", "model"):  # common wrappers around a state dict
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    return state
+
+
+def load_user_model(spec: str, weights: str | Path | None, device: torch.device) -> tuple[nn.Module, dict]:
+    """Build the user's model, load its weights strictly, move it to `device` in eval mode.
+
+    Returns the model and metadata for the report (model spec, weights path and SHA-256).
+    """
+    model = build_user_model(spec)
+    meta = {"model": spec}
+    if weights is not None:
+        state = read_state_dict(weights)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            first = str(e).splitlines()[0]
+            raise CheckpointError(f"{weights}: weights do not match the model from {spec} ({first})") from None
+        meta.update(checkpoint=str(weights), checkpoint_sha256=file_sha256(weights))
+    return model.to(device).eval(), meta
