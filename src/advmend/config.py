@@ -110,6 +110,42 @@ class EvalConfig:
     batch_size: int = 256
     seed: int = 0
     after_train: bool = False
+    norm: str = "linf"  # threat model of the evaluation: linf or l2
+    cascade: bool | None = None  # attacks only on still-robust examples; None: the protocol's choice
+    sanity_full: bool | None = None  # also the costly sanity checks (S01-S04); None: the protocol's choice
+    plot: bool = True  # write accuracy_vs_eps.png next to the report
+
+
+# --- PSSR (owned by the PSSR feature; see src/advmend/defenses/pssr/)
+@dataclass(frozen=True)
+class PSSRConfig:
+    """Pixel Surgery and Semantic Regeneration (../shared/specs/pssr.md); values are checked by
+    advmend.defenses.pssr.pipeline.check_pssr_config. `train` trains the classifier (when `classifier`
+    is null); `epochs`, `batch_size`, `lr` and `attack` here train the regenerator."""
+
+    enabled: bool = False
+    classifier: str | None = None  # checkpoint of the protected classifier; None: train it first
+    mask: str = "alpha"  # alpha: S >= alpha * mean(S) | ratio: the top-rho pixels
+    alpha: float = 1.0
+    rho: float = 0.2
+    fill: float = 0.0
+    surgery: bool = True  # false: the "without surgery" ablation
+    mode: str = "full"  # full regeneration | hole (regenerate only the removed pixels)
+    width: int = 32
+    depth: int | None = None  # U-Net stages; None: 3 for sides divisible by 8, 2 for 4
+    dropout: float = 0.1
+    lambda_pix: float = 1.0
+    lambda_sem: float = 1.0
+    lambda_feat: float = 1.0
+    lambda_rd: float = 1.0
+    rdrop: str = "cross"  # cross: adversarial vs clean path | literal: two dropout draws of the adversarial path
+    threat: str = "graybox"  # training examples crafted on f (graybox) or on the whole pipeline (adaptive)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    finetune_classifier: bool = False
+    surrogate: str | None = None  # checkpoint of an independent classifier for the transfer threat model
 
 
 @dataclass(frozen=True)
@@ -123,6 +159,7 @@ class RunConfig:
     fsr: FSRConfig = field(default_factory=FSRConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pssr: PSSRConfig = field(default_factory=PSSRConfig)
 
 
 _FRACTION = re.compile(r"^\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")

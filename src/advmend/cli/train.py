@@ -1,8 +1,13 @@
-"""`advmend train CONFIG [--set key=value ...] [--out DIR] [--resume]`."""
+"""`advmend train CONFIG [--set key=value ...] [--out DIR] [--resume]`.
+
+Multi-GPU / multi-node: `torchrun --nproc_per_node N -m advmend train CONFIG ...`; rank 0 alone prints
+and runs the after-training evaluation.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -26,14 +31,22 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_run_config(args.config, args.overrides)
     out_dir = Path(args.out or cfg.out_dir or Path("runs") / cfg.name)
+    if cfg.pssr.enabled:  # PSSR dispatch: its own loop and three-threat-model evaluation (cli/pssr.py)
+        from advmend.cli.pssr import train_pssr_command
+
+        return train_pssr_command(cfg, out_dir, resume=args.resume)
     if cfg.eval.after_train:
         # Fail on a bad protocol or missing test split now, not after hours of training.
         from advmend.attacks.presets import PROTOCOLS
 
         PROTOCOLS.get(cfg.eval.protocol)
         build_data(cfg.data, need_train=False)
-    print(f"advmend train: {cfg.name} -> {out_dir}")
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if main_rank:
+        print(f"advmend train: {cfg.name} -> {out_dir}")
     result = train(cfg, out_dir, resume=args.resume)
+    if not main_rank:
+        return 0
     print(f"checkpoints: {result.last} (last), {result.best} (best by train.select={cfg.train.select})")
     if cfg.eval.after_train:
         device = resolve_device(cfg.train.device)

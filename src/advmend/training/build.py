@@ -18,7 +18,9 @@ from advmend.defenses.insert import FSRModel
 from advmend.errors import ConfigError
 from advmend.models import create_model, fsr_preset
 from advmend.registry import Registry
-from advmend.training.objectives import AdversarialCE
+from advmend.training.mart import MART, MART_BETA
+from advmend.training.objectives import AdversarialCE, fast_at_attack
+from advmend.training.trades import TRADES, TRADES_BETA, trades_attack
 
 OBJECTIVES: Registry = Registry("training method")
 
@@ -76,6 +78,10 @@ def build_data(cfg: DataConfig, *, need_train: bool = True, need_test: bool = Tr
 
 def build_model(cfg: RunConfig, num_classes: int, image_shape: tuple[int, int, int]) -> nn.Module:
     """The classifier of `cfg.model`, with FSR blocks when `cfg.fsr.enabled`."""
+    if cfg.pssr.enabled:  # PSSR hook: the whole pipeline (classifier of cfg.model behind PS + G)
+        from advmend.defenses.pssr.pipeline import build_pssr_model
+
+        return build_pssr_model(cfg, num_classes, image_shape)
     info = dataset_info(cfg.data.name, channels=image_shape[0])
     norm = {"mean": info["mean"], "std": info["std"]} if cfg.model.normalize else {}
     model = create_model(
@@ -105,18 +111,80 @@ def build_attack(cfg: AttackConfig, default_eps: float, *, keep_best: bool, name
     )
 
 
+def _beta(cfg: RunConfig, default: float | None) -> float | None:
+    """`train.beta` for a method that uses it (null: the method's `default`); an error for the others,
+    so a beta meant for another method never trains silently."""
+    beta = cfg.train.beta
+    if default is None:
+        if beta is not None:
+            raise ConfigError(
+                f"train.beta is used only by methods trades and mart, not {cfg.train.method!r}; remove train.beta"
+            )
+        return None
+    return default if beta is None else beta
+
+
+def _label_attack(cfg: RunConfig, eps: float) -> PGD:
+    """`train.attack` as a PGD on the labels; training uses the last iterate, as Madry et al. (keep_best=False)."""
+    if cfg.train.attack.loss == "kl":
+        raise ConfigError(
+            f"train.attack.loss 'kl' is TRADES' inner loss; method {cfg.train.method!r} needs ce or margin"
+        )
+    return build_attack(cfg.train.attack, eps, keep_best=False)
+
+
 @OBJECTIVES.register("pgd_at")
 def _pgd_at(cfg: RunConfig, eps: float) -> AdversarialCE:
-    # Training uses the last PGD iterate, as Madry et al. (keep_best=False).
-    attack = build_attack(cfg.train.attack, eps, keep_best=False)
-    return AdversarialCE(attack, cfg.fsr.lambda_sep, cfg.fsr.lambda_rec)
+    _beta(cfg, None)
+    return AdversarialCE(_label_attack(cfg, eps), cfg.fsr.lambda_sep, cfg.fsr.lambda_rec)
 
 
 @OBJECTIVES.register("standard")
 def _standard(cfg: RunConfig, eps: float) -> AdversarialCE:
+    _beta(cfg, None)
     return AdversarialCE(None, cfg.fsr.lambda_sep, cfg.fsr.lambda_rec)
 
 
+@OBJECTIVES.register("trades")
+def _trades(cfg: RunConfig, eps: float) -> TRADES:
+    a = cfg.train.attack
+    if a.loss not in ("ce", "kl"):  # "ce" is the section's default; TRADES always maximises the KL
+        raise ConfigError(f"train.attack.loss must be kl for method trades, got {a.loss!r}")
+    if not a.random_start:
+        raise ConfigError(
+            "train.attack.random_start must be true for method trades: at x' = x the KL gradient is zero, "
+            "so the attack needs its 0.001 * N(0, I) start"
+        )
+    if a.restarts != 1:
+        raise ConfigError(f"train.attack.restarts must be 1 for method trades, got {a.restarts}")
+    attack = trades_attack(eps if a.eps is None else a.eps, a.steps, a.step_size, norm=a.norm)
+    return TRADES(attack, _beta(cfg, TRADES_BETA), cfg.fsr.lambda_sep, cfg.fsr.lambda_rec)
+
+
+@OBJECTIVES.register("mart")
+def _mart(cfg: RunConfig, eps: float) -> MART:
+    return MART(_label_attack(cfg, eps), _beta(cfg, MART_BETA), cfg.fsr.lambda_sep, cfg.fsr.lambda_rec)
+
+
+@OBJECTIVES.register("fast_at")
+def _fast_at(cfg: RunConfig, eps: float) -> AdversarialCE:
+    _beta(cfg, None)
+    a = cfg.train.attack
+    if a.steps != 1:
+        raise ConfigError(f"train.attack.steps must be 1 for method fast_at (one FGSM step), got {a.steps}")
+    if not a.random_start:
+        raise ConfigError(
+            "train.attack.random_start must be true for method fast_at (FGSM without it overfits "
+            "catastrophically, Wong et al. 2020); for plain FGSM training use method pgd_at with steps 1"
+        )
+    if a.loss != "ce" or a.restarts != 1:
+        raise ConfigError(
+            f"method fast_at needs train.attack.loss ce and restarts 1, got {a.loss!r} and {a.restarts}"
+        )
+    attack = fast_at_attack(eps if a.eps is None else a.eps, norm=a.norm, step_size=a.step_size)
+    return AdversarialCE(attack, cfg.fsr.lambda_sep, cfg.fsr.lambda_rec)
+
+
 def build_objective(cfg: RunConfig, eps: float):
-    """The training objective named by `train.method`."""
+    """The training objective named by `train.method`, with its settings checked."""
     return OBJECTIVES.get(cfg.train.method)(cfg, eps)

@@ -1,0 +1,103 @@
+"""Semantic Regeneration: the conditional alignment extrapolator G of PSSR.
+
+Fu, Zhou, Ma, Zhang, "Invariance-powered Trustworthy Defense via Remove Then Restore", arXiv
+2402.00304 (2024): SR "is built on a conditional alignment extrapolator" that restores the
+discriminative content removed by Pixel Surgery. The paper gives no architecture; ours
+(../shared/specs/pssr.md) is a small U-Net (Ronneberger et al. 2015) conditioned on the surgery: its
+input is concat(x_s, M_s) (C + 1 channels) so it knows which pixels are missing, its output a full
+image in [0, 1] (sigmoid), with dropout in the decoder because the adversarial R-drop regulariser
+compares two dropout draws.
+
+Choices, and why:
+- GroupNorm rather than BatchNorm: the output for one image must not depend on the other images in
+  the batch (clean and adversarial images share a batch in training; attacks see one function).
+- Max-pool down, bilinear up + conv: no checkerboard artefacts from transposed convolutions.
+- Depth from the image size: 3 down/up stages when H and W are divisible by 8 (32x32 -> 4x4),
+  2 when divisible by 4 (28x28 MNIST -> 7x7); anything else is a clear error.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from advmend.errors import ConfigError, InputError
+
+
+def auto_depth(height: int, width: int) -> int:
+    """3 stages if H, W are divisible by 8, 2 if divisible by 4; ConfigError otherwise."""
+    for depth in (3, 2):
+        if height % 2**depth == 0 and width % 2**depth == 0:
+            return depth
+    raise ConfigError(
+        f"the PSSR regenerator needs image sides divisible by 4 (2 U-Net stages) or 8 (3 stages), got "
+        f"{height}x{width}; resize or pad the images (e.g. data.options.image_size)"
+    )
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    groups = math.gcd(8, cout)
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(groups, cout), nn.ReLU(),
+        nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(groups, cout), nn.ReLU(),
+    )  # fmt: skip
+
+
+class Regenerator(nn.Module):
+    """U-Net G: (x_s, M_s) -> regenerated image in [0, 1] with the shape of x_s.
+
+    Args:
+        channels: image channels C (the input has C + 1: the image and the mask).
+        image_size: (H, W) it will see; fixes the depth when `depth` is None.
+        width: channels of the first stage; stage i has width * 2^i.
+        dropout: dropout probability after every decoder stage (0 disables it).
+        depth: number of down/up stages; None picks it from `image_size` (see `auto_depth`).
+    """
+
+    def __init__(
+        self,
+        channels: int = 3,
+        image_size: Sequence[int] = (32, 32),
+        *,
+        width: int = 32,
+        dropout: float = 0.1,
+        depth: int | None = None,
+    ) -> None:
+        super().__init__()
+        h, w = int(image_size[0]), int(image_size[1])
+        if width < 1:
+            raise ConfigError(f"pssr.width must be >= 1, got {width}")
+        if not 0 <= dropout < 1:
+            raise ConfigError(f"pssr.dropout must be in [0, 1), got {dropout}")
+        self.depth = auto_depth(h, w) if depth is None else int(depth)
+        if self.depth < 1 or h % 2**self.depth or w % 2**self.depth:
+            raise ConfigError(f"pssr.depth={depth} does not divide the {h}x{w} images into 2^depth")
+        self.channels, self.image_size = channels, (h, w)
+        widths = [width * 2**i for i in range(self.depth + 1)]
+        self.stem = _block(channels + 1, widths[0])
+        self.down = nn.ModuleList(_block(widths[i], widths[i + 1]) for i in range(self.depth))
+        self.pool = nn.MaxPool2d(2)
+        self.upsample = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        self.up = nn.ModuleList(_block(widths[i + 1] + widths[i], widths[i]) for i in range(self.depth))
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Conv2d(widths[0], channels, 1)
+
+    def forward(self, surgical: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if surgical.dim() != 4 or surgical.shape[1] != self.channels or mask.shape[1:2] != (1,):
+            raise InputError(
+                f"the regenerator takes (N, {self.channels}, H, W) images and (N, 1, H, W) masks, got "
+                f"{tuple(surgical.shape)} and {tuple(mask.shape)}"
+            )
+        h, w = surgical.shape[-2:]
+        if h % 2**self.depth or w % 2**self.depth:
+            raise InputError(f"the regenerator ({self.depth} stages) needs sides divisible by {2**self.depth}, got {h}x{w}")
+        skips = [self.stem(torch.cat([surgical, mask.to(surgical.dtype)], dim=1))]
+        for block in self.down:
+            skips.append(block(self.pool(skips[-1])))
+        h = skips.pop()
+        for i in reversed(range(self.depth)):  # deepest decoder stage first
+            h = self.dropout(self.up[i](torch.cat([self.upsample(h), skips.pop()], dim=1)))
+        return torch.sigmoid(self.head(h))

@@ -1,0 +1,220 @@
+"""Training PSSR's regenerator against a frozen classifier (../shared/specs/pssr.md).
+
+`train_pssr(cfg, out_dir)` behaves like the classifier loop (`advmend.training.loop.train`): a
+progress bar, one log line and one metrics.jsonl record per epoch, validation on the held-out split,
+`last` (with optimizer and RNG state, for `--resume`) and `best` checkpoints written atomically. The
+differences are PSSR's:
+
+- the classifier f comes from `pssr.classifier` (a checkpoint) or, when that is null, is trained
+  first in the same command by the classifier loop into `<out>/classifier/` with the `train` section;
+- the regenerator G is trained with Adam (`pssr.lr`, cosine decay per step over `pssr.epochs`) on
+  batches of `pssr.batch_size`, with adversarial examples made on the fly (`pssr.attack`, against f
+  for `pssr.threat: graybox` or against the whole pipeline for `adaptive`);
+- validation reports the pipeline's clean accuracy, its accuracy on `train.val_attack` examples
+  crafted on f (gray-box) and on the pipeline itself (white box, mask constant), and their
+  per-example worst case (`val_robust_acc`, the selection metric of `train.select: robust`).
+
+The checkpoints hold the whole pipeline (f and G) and a config whose `model`/`fsr` sections are the
+classifier's, so `advmend eval` and `load_trained_model` rebuild it unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from advmend.config import PSSRConfig, RunConfig, to_dict
+from advmend.data import BatchLoader
+from advmend.defenses.pssr.evaluate import GRAYBOX, MASK, evaluate_pssr
+from advmend.defenses.pssr.objective import PSSRObjective
+from advmend.defenses.pssr.pipeline import PSSRModel, check_pssr_config
+from advmend.errors import CheckpointError, ConfigError
+from advmend.evaluation.run import load_trained_model
+from advmend.training.build import build_attack, build_data, build_model, resolve_device
+from advmend.training.checkpoint import atomic_write_text, file_sha256, load_checkpoint, stale_temp_files
+from advmend.training.loop import (
+    BEST, LAST, SELECT, TrainResult, _log_line, _prepare_out_dir, _read_history, _save, check_disk_space,
+    check_train_config, train,
+)  # fmt: skip
+from advmend.training.rng import restore_rng_state, rng_state_tensors
+from advmend.training.schedule import learning_rate
+
+CLASSIFIER_DIR = "classifier"
+# G's architecture and PS settings: a resumed run must use the same ones.
+_ARCH_KEYS = ("mask", "alpha", "rho", "fill", "surgery", "mode", "width", "depth", "dropout", "finetune_classifier")
+
+
+def _classifier(cfg: RunConfig, out_dir: Path, resume: bool, log) -> Path:
+    """The classifier checkpoint: `pssr.classifier`, or one trained now into <out>/classifier/."""
+    if cfg.pssr.classifier is not None:
+        path = Path(cfg.pssr.classifier)
+        if not path.is_file():
+            raise CheckpointError(f"pssr.classifier: checkpoint {str(path)!r} not found (or set it to null to train one)")
+        return path
+    clf_dir = out_dir / CLASSIFIER_DIR
+    clf_cfg = replace(cfg, name=f"{cfg.name}-classifier", pssr=PSSRConfig())
+    if (clf_dir / LAST).exists():
+        _, record = load_checkpoint(clf_dir / LAST)
+        if record.get("epoch", 0) >= cfg.train.epochs or (record.get("early_stopping") or {}).get("stopped"):
+            log(f"using the classifier already trained in {clf_dir}")
+            return clf_dir / BEST
+        log(f"resuming the classifier in {clf_dir}")
+        return train(clf_cfg, clf_dir, resume=True, log=log).best
+    log(f"no pssr.classifier given: training the classifier first into {clf_dir}")
+    return train(clf_cfg, clf_dir, resume=False, log=log).best
+
+
+def train_pssr(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, log: Callable[[str], None] = print) -> TrainResult:
+    """Train the PSSR regenerator of `cfg` into `out_dir` (see the module docstring)."""
+    out_dir = Path(out_dir)
+    p = cfg.pssr
+    if not p.enabled:
+        raise ConfigError("train_pssr needs pssr.enabled: true")
+    check_pssr_config(p)
+    device = resolve_device(cfg.train.device)
+    check_train_config(cfg, device)
+    has_last = (out_dir / LAST).exists()
+    if not resume and (has_last or (out_dir / CLASSIFIER_DIR / LAST).exists()):
+        raise ConfigError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out")
+    if resume and not has_last and not (out_dir / CLASSIFIER_DIR / LAST).exists():
+        raise CheckpointError(f"--resume: no {LAST} in {out_dir} to resume from")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output path {out_dir} exists and is not a folder")
+    data = build_data(cfg.data, need_test=False)  # fail on bad data before training anything
+    info = data.info
+
+    clf_path = _classifier(cfg, out_dir, resume, log)
+    f, f_cfg, f_record = load_trained_model(clf_path, device)
+    if f_cfg.pssr.enabled:
+        raise ConfigError(f"pssr.classifier: {clf_path} is a PSSR checkpoint; give the classifier's checkpoint")
+    if f_record["num_classes"] != info["num_classes"] or tuple(f_record["image_shape"]) != tuple(info["image_shape"]):
+        raise ConfigError(
+            f"pssr.classifier: {clf_path} was trained for {f_record['num_classes']} classes of shape "
+            f"{tuple(f_record['image_shape'])}, but data {cfg.data.name!r} has {info['num_classes']} of "
+            f"{tuple(info['image_shape'])}"
+        )
+    if (f_cfg.model, f_cfg.fsr) != (cfg.model, cfg.fsr):
+        log(f"pssr.classifier: using the classifier's own model/fsr sections ({f_cfg.model.name}) from {clf_path}")
+    # The saved config must rebuild the whole pipeline: f's architecture, this run's pssr section.
+    cfg = replace(cfg, model=f_cfg.model, fsr=f_cfg.fsr, pssr=replace(p, classifier=str(clf_path)))
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, info["num_classes"], info["image_shape"])
+    assert isinstance(model, PSSRModel)
+    model.classifier.load_state_dict(f.state_dict())
+    model = model.to(device)
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=p.lr)
+    objective = PSSRObjective(
+        build_attack(p.attack, info["eps"], keep_best=False), threat=p.threat, lambda_pix=p.lambda_pix,
+        lambda_sem=p.lambda_sem, lambda_feat=p.lambda_feat, lambda_rd=p.lambda_rd, rdrop=p.rdrop,
+    )  # fmt: skip
+    t = cfg.train
+    val_attack = build_attack(t.val_attack, info["eps"], keep_best=True, name=f"PGD-{t.val_attack.steps}")
+    schedule = replace(t, lr=p.lr, epochs=p.epochs, schedule="cosine")  # Adam with cosine decay (the spec)
+    loader = BatchLoader(data.train, p.batch_size, shuffle=True, device=device, augment=info["augment"],
+                         drop_last=len(data.train) >= 2 * p.batch_size, seed=t.seed)  # fmt: skip
+    weights = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    check_disk_space(out_dir, weights + 2 * sum(q.numel() * q.element_size() for q in trainable))  # Adam: 2 slots
+    _prepare_out_dir(out_dir, resume and has_last)
+    for tmp in stale_temp_files(out_dir):
+        tmp.unlink(missing_ok=True)
+        log(f"removed {tmp.name}, an incomplete write from an interrupted run")
+
+    start_epoch, best_value, history = 0, None, []
+    select_key = SELECT[t.select] if data.val is not None else "epoch"
+    if resume and has_last:
+        state, record = load_checkpoint(out_dir / LAST)
+        saved = record["config"]
+        if saved["model"] != to_dict(cfg)["model"] or any(saved["pssr"].get(k) != getattr(p, k) for k in _ARCH_KEYS):
+            raise ConfigError(f"--resume: the classifier or the pssr architecture differs from the run in {out_dir}")
+        model.load_state_dict(state)
+        optimizer.load_state_dict(record["optimizer_state"])
+        rng = {k.split(".", 1)[1]: v for k, v in record.get("extra_tensors", {}).items() if k.startswith("rng.")}
+        if rng:
+            restore_rng_state(rng, device)
+        start_epoch, best_value = record["epoch"], record["best"]["value"]
+        history = _read_history(out_dir / "metrics.jsonl", start_epoch)
+        log(f"resuming {out_dir} after epoch {start_epoch}")
+    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    record_base = {
+        "config": to_dict(cfg), "num_classes": info["num_classes"], "image_shape": list(info["image_shape"]),
+        "eps": info["eps"], "classifier": {"path": str(clf_path), "sha256": file_sha256(clf_path)},
+    }  # fmt: skip
+    for epoch in range(start_epoch, p.epochs):
+        rec = _epoch(model, objective, optimizer, loader, schedule, epoch, cfg.train.progress)
+        if data.val is not None and ((epoch + 1) % t.val_every == 0 or epoch + 1 == p.epochs):
+            rec.update(_validate(model, data.val, val_attack, cfg, device))
+        history.append(rec)
+        with open(out_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        log(_log_line(rec, p.epochs) + f" | pix {rec['pix_adv']:.4f} removed {100 * rec['removed']:.1f}%")
+        value = rec.get(select_key)
+        is_best = value is not None and (best_value is None or value > best_value)
+        if is_best:
+            best_value = value
+        best_epoch = next((h["epoch"] for h in history if h.get(select_key) == best_value), None)
+        record = dict(record_base, epoch=epoch + 1, metrics=rec,
+                      best={"epoch": best_epoch, "metric": select_key, "value": best_value})  # fmt: skip
+        if is_best:
+            _save(out_dir / BEST, model, record)
+        extra = {f"rng.{k}": v for k, v in rng_state_tensors(device).items()}
+        _save(out_dir / LAST, model, record, optimizer, extra)
+    return TrainResult(out_dir, out_dir / LAST, out_dir / BEST, history)
+
+
+def _epoch(model: PSSRModel, objective: PSSRObjective, optimizer, loader, schedule, epoch: int, progress: bool) -> dict:
+    """One epoch; sums stay on the device, the host syncs only for the progress bar every 20 steps."""
+    model.train()  # G only: f stays in eval mode (PSSRModel.train)
+    loader.set_epoch(epoch)
+    sums: dict[str, torch.Tensor] = {}
+    correct, seen, n_steps = 0, 0, len(loader)
+    t0 = time.perf_counter()
+    lr = learning_rate(schedule, epoch, 0, n_steps)
+    bar = tqdm(loader, desc=f"pssr epoch {epoch + 1}/{schedule.epochs}", disable=not progress, leave=False)
+    for step, (x, y) in enumerate(bar):
+        lr = learning_rate(schedule, epoch, step, n_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        out = objective(model, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        n = x.shape[0]
+        seen += n
+        for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
+            sums[k] = sums.get(k, 0) + v.float() * n
+        correct = correct + (out.logits.detach().argmax(1) == y).sum()
+        if step % 20 == 0 or step == n_steps - 1:
+            loss_now = float(sums["loss"]) / seen
+            if loss_now != loss_now or loss_now in (float("inf"), float("-inf")):
+                raise FloatingPointError(f"PSSR training loss became {loss_now} in epoch {epoch + 1}: lower pssr.lr")
+            if progress:
+                bar.set_postfix(loss=f"{loss_now:.3f}", lr=f"{lr:.3g}")
+    seconds = time.perf_counter() - t0
+    rec = {"epoch": epoch + 1, "lr": lr}
+    rec.update({k: float(v) / seen for k, v in sums.items()})
+    rec["train_acc"] = 100 * float(correct) / seen  # the pipeline on the training adversarial examples
+    rec["seconds"] = round(seconds, 2)
+    rec["images_per_s"] = round(seen / seconds, 1)
+    return rec
+
+
+def _validate(model: PSSRModel, val_data, attack, cfg: RunConfig, device) -> dict:
+    """Pipeline accuracy on the validation split: clean, gray-box, white-box (mask constant), worst."""
+    ev = evaluate_pssr(model, val_data, [attack], threat_models=(GRAYBOX, MASK), batch_size=cfg.eval.batch_size,
+                       device=device, seed=cfg.eval.seed)  # fmt: skip
+    return {
+        "val_clean_acc": 100 * ev.result.clean_accuracy,
+        "val_graybox_acc": 100 * ev.threat_accuracy(GRAYBOX),
+        "val_whitebox_acc": 100 * ev.threat_accuracy(MASK),
+        "val_robust_acc": 100 * ev.result.worst_accuracy,
+        "val_seconds": round(ev.result.seconds, 2),
+    }

@@ -1,0 +1,145 @@
+"""PSSR end to end on the synthetic data set: `advmend train` (classifier trained first in the same
+command), the three-threat-model report, `advmend eval`, `advmend pssr-analysis`, resume, errors,
+and the bundled configs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from advmend.cli import main
+from advmend.config import load_run_config
+from advmend.defenses.pssr import PSSRModel
+from advmend.evaluation.run import load_trained_model
+from advmend.training.pssr_loop import train_pssr
+
+CONFIG = {
+    "name": "pssr-cli-test",
+    "data": {"name": "synthetic", "val_size": 32, "options": {"n_train": 160, "n_test": 32}},
+    "model": {"name": "small_cnn", "options": {"width": 8}},
+    "train": {"method": "standard", "epochs": 2, "batch_size": 64, "val_attack": {"steps": 2}, "progress": False},
+    "eval": {"protocol": "quick", "after_train": True, "n_examples": 16},
+    "pssr": {"enabled": True, "width": 4, "epochs": 2, "batch_size": 64, "attack": {"steps": 2}},
+}
+# End-to-end runs: a few seconds each on an idle 2-core CPU, more under load.
+pytestmark = pytest.mark.slow
+
+VAL_KEYS = {"val_clean_acc", "val_graybox_acc", "val_whitebox_acc", "val_robust_acc"}
+
+
+def _write(folder: Path, cfg: dict) -> Path:
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _error_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("advmend: error:"), lines
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("pssr")
+    assert main(["train", str(_write(folder, CONFIG)), "--out", str(folder / "run")]) == 0
+    return folder / "run"
+
+
+def test_train_trains_the_classifier_first_then_the_regenerator(run):
+    assert (run / "classifier" / "best.safetensors").is_file()
+    recs = _metrics(run)
+    assert [r["epoch"] for r in recs] == [1, 2]
+    assert VAL_KEYS <= set(recs[-1]) and {"pix_adv", "ce_adv", "rdrop", "removed"} <= set(recs[-1])
+    assert recs[-1]["val_robust_acc"] <= min(recs[-1]["val_graybox_acc"], recs[-1]["val_whitebox_acc"])
+    model, cfg, record = load_trained_model(run / "best.safetensors", torch.device("cpu"))
+    assert isinstance(model, PSSRModel) and cfg.pssr.enabled
+    assert record["classifier"]["path"].endswith("classifier/best.safetensors")
+    # f inside the PSSR checkpoint is exactly the classifier checkpoint (frozen during training)
+    f, _, _ = load_trained_model(run / "classifier" / "best.safetensors", torch.device("cpu"))
+    for k, v in f.state_dict().items():
+        assert torch.equal(model.classifier.state_dict()[k], v), k
+
+
+def test_after_train_report_labels_every_number_with_its_threat_model(run):
+    rep = json.loads((run / "eval-pssr-quick" / "report.json").read_text())
+    assert set(rep["threat_models"]) == {"graybox", "whitebox-bpda-mask", "whitebox-bpda-identity"}
+    assert all(a["settings"]["threat_model"] in rep["threat_models"] for a in rep["attacks"])
+    head = rep["headline"]["robust_accuracy"]
+    assert head == rep["worst_case"]["robust_accuracy"]
+    assert head <= min(t["robust_accuracy"] for t in rep["threat_models"].values())
+    md = (run / "eval-pssr-quick" / "report.md").read_text()
+    assert "whitebox-bpda-identity" in md and "headline" in md
+
+
+def test_advmend_eval_works_on_a_pssr_checkpoint(run, tmp_path, capsys):
+    assert main(["eval", str(run / "best.safetensors"), "--protocol", "quick", "--n-examples", "8",
+                 "--out", str(tmp_path / "ev"), "--quiet"]) == 0  # fmt: skip
+    rep = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert rep["n_examples"] == 8 and len(rep["attacks"]) == 2
+
+
+@pytest.mark.parametrize("which", ["best.safetensors", "classifier/best.safetensors"])
+def test_pssr_analysis_writes_table_plot_and_grid(run, tmp_path, which):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "an"
+    assert main(["pssr-analysis", str(run / which), "--n-examples", "16", "--steps", "2", "--grid", "3",
+                 "--out", str(out)]) == 0  # fmt: skip
+    for name in ("finding.json", "finding.md", "finding.png", "grid.png"):
+        assert (out / name).stat().st_size > 0, name
+    acc = json.loads((out / "finding.json").read_text())["accuracy"]
+    assert {"clean", "adversarial", "salient removed", "random removed", "PS only"} <= set(acc)
+    assert ("PSSR (gray-box)" in acc) == (which == "best.safetensors")
+
+
+def test_resume_continues_and_a_second_run_is_refused(run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    cfg = _write(tmp_path, CONFIG)
+    assert main(["train", str(cfg), "--out", str(copy)]) == 2
+    assert "--resume" in _error_line(capsys)
+    assert main(["train", str(cfg), "--out", str(copy), "--resume", "--set", "pssr.epochs=3",
+                 "--set", "eval.after_train=false"]) == 0  # fmt: skip
+    assert [r["epoch"] for r in _metrics(copy)] == [1, 2, 3]
+    assert main(["train", str(cfg), "--out", str(copy), "--resume", "--set", "pssr.width=8",
+                 "--set", "pssr.epochs=4"]) == 2  # fmt: skip
+    assert "differs" in _error_line(capsys)
+
+
+def test_two_step_training_from_a_given_classifier(run, tmp_path):
+    cfg = load_run_config(str(_write(tmp_path, CONFIG)), [
+        f"pssr.classifier={run / 'classifier' / 'best.safetensors'}", "pssr.epochs=1", "pssr.rdrop=literal",
+        "pssr.threat=adaptive", "data.options.n_train=160", "data.val_size=32",  # 128 training images: 2 steps of 64
+    ])  # fmt: skip
+    logs: list[str] = []
+    res = train_pssr(cfg, tmp_path / "given", log=logs.append)
+    assert len(res.history) == 1 and res.best.is_file() and not (tmp_path / "given" / "classifier").exists()
+    model, _, _ = load_trained_model(res.best, torch.device("cpu"))
+    x = torch.rand(4, 3, 32, 32)
+    assert torch.equal(model(x), model(x))  # deterministic in eval mode
+
+
+def test_bad_pssr_inputs_are_one_line_errors_and_write_nothing(run, tmp_path, capsys):
+    cfg = _write(tmp_path, CONFIG)
+    cases = [
+        (["--set", "pssr.classifier=missing.safetensors"], "not found"),
+        (["--set", f"pssr.classifier={run / 'best.safetensors'}"], "PSSR checkpoint"),
+        (["--set", "pssr.mask=top"], "pssr.mask"),
+        (["--set", "pssr.rho=2"], "pssr.rho"),
+        (["--set", "pssr.typo=1"], "pssr.typo"),
+        (["--set", "data.options.image_size=30"], "divisible"),
+    ]
+    for i, (extra, needle) in enumerate(cases):
+        out = tmp_path / f"bad{i}"
+        assert main(["train", str(cfg), "--out", str(out), *extra]) == 2, extra
+        assert needle in _error_line(capsys)
+        assert not (out / "last.safetensors").exists()
