@@ -85,7 +85,12 @@ def test_advmend_eval_works_on_a_pssr_checkpoint(run, tmp_path, capsys):
     assert main(["eval", str(run / "best.safetensors"), "--protocol", "quick", "--n-examples", "8",
                  "--out", str(tmp_path / "ev"), "--quiet"]) == 0  # fmt: skip
     rep = json.loads((tmp_path / "ev" / "report.json").read_text())
-    assert rep["n_examples"] == 8 and len(rep["attacks"]) == 2
+    # quick protocol (FGSM, PGD-20) under gray-box and both white-box BPDA threat models
+    assert rep["n_examples"] == 8 and len(rep["attacks"]) == 6
+    assert set(rep["threat_models"]) == {"graybox", "whitebox-bpda-mask", "whitebox-bpda-identity"}
+    # per-example worst over all threat models: never above the weakest threat model's own number
+    assert rep["headline"]["robust_accuracy"] <= min(t["robust_accuracy"] for t in rep["threat_models"].values())
+    assert "headline" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("which", ["best.safetensors", "classifier/best.safetensors"])

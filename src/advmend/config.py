@@ -67,6 +67,8 @@ class AttackConfig:
     restarts: int = 1
     loss: str = "ce"
     kappa: float = 0.0
+    start: str = "uniform"  # random start law: uniform in the ball | normal (0.001 * N(0, I), TRADES / MART code)
+    eot: int = 1  # gradient draws averaged per step, for models with random parts
 
 
 @dataclass(frozen=True)

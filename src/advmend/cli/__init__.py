@@ -1,4 +1,4 @@
-"""The `advmend` command: train, eval, list, bench.
+"""The `advmend` command: train, eval, list, bench, plot, pssr-analysis.
 
 Every error advmend raises on purpose (bad config, data, input or checkpoint) is printed as one line
 and exits with code 2.

@@ -102,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = replace(cfg, eval=ev)
     if eps is None:  # the threat model's eps: the checkpoint's training eps for L-inf, 0.5 for L2 (spec)
         eps = float(record["eps"]) if ev.norm == "linf" else 0.5
+    if cfg.pssr.enabled:  # a PSSR checkpoint: its three labelled threat models, the worst is the headline
+        return _run_pssr(args, cfg, model, eps, device, meta)
     extra = []
     if args.transfer_from:
         surrogate, _, _ = load_trained_model(args.transfer_from, device)
@@ -115,5 +117,23 @@ def run(args: argparse.Namespace) -> int:
                           extra_attacks=extra, save_adv=args.save_adv)  # fmt: skip
     source = args.checkpoint or args.model
     print(format_table(result, f"{cfg.name}: {source}, {ev.protocol} protocol", result.sanity))
+    print(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}")
+    return 0
+
+
+def _run_pssr(args, cfg, model, eps: float, device, meta: dict) -> int:
+    """Gray-box, white-box BPDA (mask constant; identity) and, with --transfer-from, transfer."""
+    from advmend.defenses.pssr.evaluate import run_pssr_protocol
+    from advmend.evaluation.report import format_table
+    from advmend.training.build import build_data
+
+    if args.transfer_from:
+        cfg = replace(cfg, pssr=replace(cfg.pssr, surrogate=str(args.transfer_from)))
+    test = build_data(cfg.data, need_train=False).test
+    out_dir = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-pssr-{cfg.eval.protocol}"
+    ev = run_pssr_protocol(model, test, cfg, eps, device, out_dir, dict(meta, title=cfg.name), progress=not args.quiet)
+    print(format_table(ev.result, f"{cfg.name}: PSSR {args.checkpoint}, {cfg.eval.protocol} protocol, "
+                                  "rows labelled <threat model>/<attack>"))  # fmt: skip
+    print(f"headline (worst over all threat models): {100 * ev.result.worst_accuracy:.2f}% (weakest: {ev.headline_threat})")
     print(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}")
     return 0

@@ -106,6 +106,8 @@ def build_attack(cfg: AttackConfig, default_eps: float, *, keep_best: bool, name
         restarts=cfg.restarts,
         loss=cfg.loss,
         kappa=cfg.kappa,
+        start=cfg.start,
+        eot=cfg.eot,
         keep_best=keep_best,
         name=name or f"PGD-{cfg.steps}",
     )

@@ -122,7 +122,7 @@ def check_disk_space(out_dir: Path, need: int) -> None:
         )
 
 
-def _prepare_out_dir(out_dir: Path, resume: bool, rank: int = 0) -> None:
+def prepare_out_dir(out_dir: Path, resume: bool, rank: int = 0) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"output path {out_dir} exists and is not a folder")
     if not resume and (out_dir / LAST).exists():
@@ -188,7 +188,7 @@ def train(
             shutdown_distributed(ctx)
 
 
-def _read_history(path: Path, upto_epoch: int) -> list[dict]:
+def read_history(path: Path, upto_epoch: int) -> list[dict]:
     """metrics.jsonl records up to `upto_epoch`; a line cut short by a kill is skipped."""
     history = []
     for line in path.read_text().splitlines() if path.exists() else []:
@@ -226,7 +226,7 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, log, ctx: DistContext, d
     ema = ModelEMA(model, t.ema) if t.ema is not None else None
     view = training_view(model, ctx, device, compile=t.compile)
     check_disk_space(out_dir, checkpoint_bytes(model, optimizer, ema is not None))
-    _prepare_out_dir(out_dir, resume, ctx.rank)
+    prepare_out_dir(out_dir, resume, ctx.rank)
     if ctx.is_main:
         for tmp in stale_temp_files(out_dir):  # left by a write that a kill interrupted
             tmp.unlink(missing_ok=True)
@@ -258,7 +258,7 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, log, ctx: DistContext, d
         start_epoch, best_value = record["epoch"], record["best"]["value"]
         early = record.get("early_stopping") or {}
         since_best, stopped = early.get("validations_since_best", 0), early.get("stopped")
-        history = _read_history(out_dir / "metrics.jsonl", start_epoch)
+        history = read_history(out_dir / "metrics.jsonl", start_epoch)
         log(f"resuming {out_dir} after epoch {start_epoch}")
     if ctx.is_main:
         atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -292,7 +292,7 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, log, ctx: DistContext, d
                         if k != "epoch" and isinstance(v, (int, float)):
                             writer.add_scalar(k, v, rec["epoch"])
                     writer.flush()
-            log(_log_line(rec, t.epochs))
+            log(log_line(rec, t.epochs))
             value = rec.get(select_key)  # None on epochs without validation: not a candidate
             is_best = value is not None and (best_value is None or value > best_value)
             if is_best:
@@ -316,8 +316,8 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, log, ctx: DistContext, d
                 extra.update(ema.state_tensors())
             if ctx.is_main:
                 if is_best:  # with EMA, the averaged weights are what was validated and selected
-                    _save(out_dir / BEST, ema.module if ema else model, record)
-                _save(out_dir / LAST, model, record, optimizer, extra)
+                    save_or_explain(out_dir / BEST, ema.module if ema else model, record)
+                save_or_explain(out_dir / LAST, model, record, optimizer, extra)
             ctx.barrier()  # nobody reads or moves on before rank 0 has written
             if stopped:
                 log(f"stopped after epoch {stopped['epoch']}: {stopped['reason']}")
@@ -327,7 +327,7 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, log, ctx: DistContext, d
     return TrainResult(out_dir, out_dir / LAST, out_dir / BEST, history, stopped)
 
 
-def _save(path: Path, model: nn.Module, record: dict, optimizer=None, extra=None) -> None:
+def save_or_explain(path: Path, model: nn.Module, record: dict, optimizer=None, extra=None) -> None:
     try:
         save_checkpoint(path, model, record, optimizer, extra_tensors=extra)
     except OSError as e:
@@ -411,7 +411,7 @@ def _train_epoch(view, model, objective, optimizer, loader, cfg: RunConfig, epoc
     return rec
 
 
-def _log_line(rec: dict, epochs: int) -> str:
+def log_line(rec: dict, epochs: int) -> str:
     parts = [f"epoch {rec['epoch']}/{epochs}", f"loss {rec['loss']:.4f}", f"train acc {rec['train_acc']:.2f}%"]
     if "fsr_sep" in rec:
         parts.append(f"sep {rec['fsr_sep']:.3f} rec {rec['fsr_rec']:.3f}")

@@ -40,7 +40,7 @@ from advmend.evaluation.run import load_trained_model
 from advmend.training.build import build_attack, build_data, build_model, resolve_device
 from advmend.training.checkpoint import atomic_write_text, file_sha256, load_checkpoint, stale_temp_files
 from advmend.training.loop import (
-    BEST, LAST, SELECT, TrainResult, _log_line, _prepare_out_dir, _read_history, _save, check_disk_space,
+    BEST, LAST, SELECT, TrainResult, log_line, prepare_out_dir, read_history, save_or_explain, check_disk_space,
     check_train_config, train,
 )  # fmt: skip
 from advmend.training.rng import restore_rng_state, rng_state_tensors
@@ -122,7 +122,7 @@ def train_pssr(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, log
                          drop_last=len(data.train) >= 2 * p.batch_size, seed=t.seed)  # fmt: skip
     weights = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     check_disk_space(out_dir, weights + 2 * sum(q.numel() * q.element_size() for q in trainable))  # Adam: 2 slots
-    _prepare_out_dir(out_dir, resume and has_last)
+    prepare_out_dir(out_dir, resume and has_last)
     for tmp in stale_temp_files(out_dir):
         tmp.unlink(missing_ok=True)
         log(f"removed {tmp.name}, an incomplete write from an interrupted run")
@@ -140,7 +140,7 @@ def train_pssr(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, log
         if rng:
             restore_rng_state(rng, device)
         start_epoch, best_value = record["epoch"], record["best"]["value"]
-        history = _read_history(out_dir / "metrics.jsonl", start_epoch)
+        history = read_history(out_dir / "metrics.jsonl", start_epoch)
         log(f"resuming {out_dir} after epoch {start_epoch}")
     atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
@@ -155,7 +155,7 @@ def train_pssr(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, log
         history.append(rec)
         with open(out_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(rec) + "\n")
-        log(_log_line(rec, p.epochs) + f" | pix {rec['pix_adv']:.4f} removed {100 * rec['removed']:.1f}%")
+        log(log_line(rec, p.epochs) + f" | pix {rec['pix_adv']:.4f} removed {100 * rec['removed']:.1f}%")
         value = rec.get(select_key)
         is_best = value is not None and (best_value is None or value > best_value)
         if is_best:
@@ -164,9 +164,9 @@ def train_pssr(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, log
         record = dict(record_base, epoch=epoch + 1, metrics=rec,
                       best={"epoch": best_epoch, "metric": select_key, "value": best_value})  # fmt: skip
         if is_best:
-            _save(out_dir / BEST, model, record)
+            save_or_explain(out_dir / BEST, model, record)
         extra = {f"rng.{k}": v for k, v in rng_state_tensors(device).items()}
-        _save(out_dir / LAST, model, record, optimizer, extra)
+        save_or_explain(out_dir / LAST, model, record, optimizer, extra)
     return TrainResult(out_dir, out_dir / LAST, out_dir / BEST, history)
 
 
