@@ -19,9 +19,12 @@ def run(args: argparse.Namespace) -> int:
 
     sections = {
         "models (model.name)": [f"{m}  (FSR at {', '.join(FSR_PRESETS.get(m, ['-']))})" for m in MODELS.names()],
-        "defenses": ["fsr  (fsr.enabled: true; fsr.layers: [...] for other placements)"],
+        "defenses": ["fsr  (fsr.enabled: true; fsr.layers: [...] for other placements)",
+                     "pssr  (pssr.enabled: true; configs pssr/*; advmend pssr-analysis)"],
         "training methods (train.method)": OBJECTIVES.names(),
-        "attacks": ["fgsm", "pgd (linf, l2; random start; restarts)", f"losses (attack.loss): {', '.join(LOSSES.names())}"],
+        "attacks": ["fgsm", "pgd (linf, l2; uniform or normal random start; restarts; targeted; eot)",
+                    "autoattack (standard, rand; pyautoattack)", "transfer (advmend eval --transfer-from)",
+                    "bpda (advmend.attacks.BPDA)", f"losses (attack.loss): {', '.join(LOSSES.names())}"],
         "protocols (eval.protocol, --protocol)": PROTOCOLS.names(),
         "datasets (data.name)": DATASETS.names(),
         "configs (advmend train NAME)": bundled_configs(),
