@@ -30,3 +30,24 @@ def batch():
     x = torch.rand(6, 3, 8, 8, generator=g)
     y = torch.randint(0, 5, (6,), generator=g)
     return x, y
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP threads
+    contending for cores make them ~100x slower. Use with `pytestmark = pytest.mark.usefixtures(...)`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> nn.Module:
+    """A few full-batch Adam steps (lr 1e-2), leaving no .grad behind; returns the model in eval mode."""
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model.eval()

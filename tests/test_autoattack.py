@@ -18,14 +18,10 @@ from advmend.errors import ConfigError
 from advmend.evaluation import evaluate
 from advmend.evaluation.sanity import run_sanity
 
+from conftest import fit
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a loaded 2-core machine they contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +31,7 @@ def trained():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
                           nn.Flatten(), nn.Linear(32, 10))  # fmt: skip
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    x, y = ds.images.float() / 255, ds.labels
-    for _ in range(40):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return model.eval(), ds
+    return fit(model, ds.images.float() / 255, ds.labels, steps=40), ds
 
 
 def _spec(**kw) -> AutoAttackSpec:

@@ -19,17 +19,12 @@ from advmend.errors import ConfigError
 from advmend.evaluation import evaluate
 from advmend.evaluation.evaluate import check_bound
 
+from conftest import fit
+
 EPS = 8 / 255
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP threads
-    contending for cores make them ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TwoClassLinear(nn.Module):
@@ -173,13 +168,7 @@ def tiny_model_and_data():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
                           nn.Linear(32, 5))  # fmt: skip
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    x, y = ds.images.float() / 255, ds.labels
-    for _ in range(30):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model.eval(), ds
+    return fit(model, ds.images.float() / 255, ds.labels, steps=30), ds
 
 
 def test_eval_writes_report_card_with_sanity_plot_transfer_and_adv(checkpoint, tmp_path, capsys):

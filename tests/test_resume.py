@@ -59,16 +59,26 @@ def _sidecar_epoch(out: Path) -> int:
         return 0
 
 
-def _run_and_kill(cmd: list[str], out: Path, delay: float) -> int:
-    """Start training, SIGKILL it `delay` s after its first checkpoint; returns the last complete epoch."""
+def _wait_for_epoch(proc: subprocess.Popen, out: Path, epoch: int, deadline: float) -> float:
+    """Block until `out` holds the checkpoint of `epoch`; returns when it was seen."""
+    while _sidecar_epoch(out) < epoch:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, f"no checkpoint of epoch {epoch} within 120 s"
+        time.sleep(0.005)
+    return time.monotonic()
+
+
+def _run_and_kill(cmd: list[str], out: Path, fraction: float | None) -> int:
+    """Start training and SIGKILL it: right after its first checkpoint (`fraction` None), or at
+    `fraction` (in [0, 1)) of the third epoch, measured by the length of the second one, so that the
+    kill lands mid-run whatever the machine's speed. Returns the last complete epoch."""
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
-        while _sidecar_epoch(out) < 1:
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.01)
-        time.sleep(delay)
+        first = _wait_for_epoch(proc, out, 1, deadline)
+        if fraction is not None:
+            epoch_seconds = _wait_for_epoch(proc, out, 2, deadline) - first
+            time.sleep(fraction * epoch_seconds)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -97,8 +107,8 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.parametrize("when", ["right after the first checkpoint", "at a random moment"])
 def test_sigkill_then_resume_is_bit_identical(tmp_path, uninterrupted, when):
     cfg, out = _write_cfg(tmp_path), tmp_path / "run"
-    delay = 0.0 if when.startswith("right") else random.Random(os.getpid()).uniform(0.0, 1.0)
-    done = _run_and_kill(_cmd(cfg, out), out, delay)
+    fraction = None if when.startswith("right") else random.Random(os.getpid()).uniform(0.0, 1.0)
+    done = _run_and_kill(_cmd(cfg, out), out, fraction)
     assert 1 <= done < CFG["train"]["epochs"], "the kill came after the run ended; nothing was tested"
     res = subprocess.run(_cmd(cfg, out, "--resume"), env=_env(), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr

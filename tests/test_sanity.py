@@ -19,14 +19,7 @@ from conftest import TinyNet
 EPS = 8 / 255
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP threads
-    contending for cores make them ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dataset(n: int = 24, classes: int = 5, seed: int = 0) -> ArrayDataset:

@@ -166,7 +166,7 @@ def test_trades_matches_the_reference_formula():
 
 
 def test_trades_attack_increases_the_kl_from_its_start():
-    model, (x, y) = fsr_model().eval(), fsr_data()
+    model, (x, _) = fsr_model().eval(), fsr_data()
     p = F.softmax(model(x), dim=1).detach()
     kl = LOSSES.get("kl")
     torch.manual_seed(0)

@@ -227,6 +227,12 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(f"{path}: unsupported type {tp}")  # pragma: no cover - a bug in this module
 
 
+def parse_number(value: Any, key: str) -> float:
+    """A float from a number or a string such as "0.5", "1e-3" or "8/255" (the rule of every config
+    value); a ConfigError naming `key` otherwise."""
+    return _coerce(value, float, key)
+
+
 def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError."""
     hints = typing.get_type_hints(cls)

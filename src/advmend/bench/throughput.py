@@ -62,16 +62,8 @@ def bench_model(
     torch.manual_seed(0)
     x = torch.rand(batch_size, 3, image_size, image_size, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
-
-    def make(fsr: bool):
-        model = create_model(name, num_classes=10).to(device)
-        if fsr:
-            model = FSRModel(model, at=fsr_preset(name), num_classes=10, input_shape=(3, image_size, image_size))
-        model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        return model, opt
-
-    model, opt = make(False)
+    model = create_model(name, num_classes=10).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def train_pass():
         opt.zero_grad(set_to_none=True)
@@ -79,20 +71,10 @@ def bench_model(
         opt.step()
 
     train_ips = _images_per_s(train_pass, batch_size, iters, warmup, device)
-    objective = AdversarialCE(PGD(eps=8 / 255, steps=10, step_size=2 / 255, keep_best=False))
-
-    def at_step_for(model, opt):
-        def step():
-            out = objective(model, x, y)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            opt.step()
-
-        return step
-
-    at_ips = _images_per_s(at_step_for(model, opt), batch_size, iters, warmup, device)
-    fsr_model, fsr_opt = make(True)
-    at_fsr_ips = _images_per_s(at_step_for(fsr_model, fsr_opt), batch_size, iters, warmup, device)
+    at_ips, at_fsr_ips = (
+        _images_per_s(_at_step(name, fsr, "off", batch_size, device, image_size), batch_size, iters, warmup, device)
+        for fsr in (False, True)
+    )
     return BenchRow(name, batch_size, train_ips, at_ips, at_fsr_ips)
 
 

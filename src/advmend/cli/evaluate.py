@@ -42,15 +42,14 @@ def add_parser(sub) -> None:
 
 
 def _eps(text: str) -> float:
-    """--eps: a number or a fraction such as 8/255, > 0."""
+    """--eps: a number or a fraction such as 8/255 (parsed as config values are), > 0."""
+    import math
+
+    from advmend.config import parse_number
     from advmend.errors import ConfigError
 
-    num, sep, den = text.partition("/")
-    try:
-        value = float(num) / float(den) if sep else float(text)
-    except (ValueError, ZeroDivisionError):
-        value = float("nan")
-    if not (value > 0 and value != float("inf")):
+    value = parse_number(text, "--eps")
+    if not (value > 0 and math.isfinite(value)):
         raise ConfigError(f"--eps must be a number > 0 (or a fraction like 8/255), got {text!r}")
     return value
 

@@ -75,19 +75,6 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _plt():
-    from advmend.errors import ConfigError
-
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError("pssr-analysis draws PNGs with matplotlib: pip install 'advmend[plot]'") from None
-    return plt
-
-
 def random_mask_like(mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """A uniformly random {0,1} mask with, per image, exactly as many ones as `mask` (batched)."""
     flat = mask.flatten(1)
@@ -119,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     from advmend.errors import ConfigError
     from advmend.evaluation.run import load_trained_model
     from advmend.training.build import build_data, resolve_device
-    from advmend.training.checkpoint import atomic_write_bytes, atomic_write_text, file_sha256
+    from advmend.plotting import pyplot, save_png
+    from advmend.training.checkpoint import atomic_write_text, file_sha256
 
     for item in args.overrides:
         if not item.split("=", 1)[0].strip().startswith("data."):
@@ -130,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
                            ("--rho", args.rho, args.rho is None or 0 <= args.rho <= 1)):  # fmt: skip
         if not ok:
             raise ConfigError(f"{key}: invalid value {value!r}")
-    plt = _plt()  # before any work: a missing matplotlib is an error up front
+    plt = pyplot("pssr-analysis")  # before any work: a missing matplotlib is an error up front
     device = resolve_device(args.device)
     model, cfg, record = load_trained_model(args.checkpoint, device)
     cfg = from_dict(RunConfig, apply_overrides(to_dict(cfg), args.overrides))
@@ -204,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     ax.set_ylim(0, 100)
     ax.set_title(f"salient vs trivial perturbation ({rule} {mask_desc}, {ratio:.1f}% removed)", fontsize=9)
     fig.tight_layout()
-    _save_png(fig, out / "finding.png", atomic_write_bytes, plt)
+    save_png(fig, out / "finding.png", dpi=110)
 
     cols = [("x", grid[0]), ("x_adv", grid[1]), ("delta", grid[2]), ("mask", grid[3]), ("surgical", grid[4])]
     if grid[5] is not None:
@@ -218,12 +206,7 @@ def run(args: argparse.Namespace) -> int:
             axes[i][j].axis("off")
         axes[0][j].set_title(title, fontsize=8)
     fig.tight_layout()
-    _save_png(fig, out / "grid.png", atomic_write_bytes, plt)
+    save_png(fig, out / "grid.png", dpi=110)
     print("\n".join(lines[2:]))
     print(f"wrote {out / 'finding.md'}, finding.json, finding.png, grid.png")
     return 0
-
-
-def _save_png(fig, path: Path, atomic_write_bytes, plt) -> None:
-    atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)

@@ -23,7 +23,6 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from advmend.config import load_run_config
-    from advmend.data import subset
     from advmend.evaluation.report import format_table
     from advmend.evaluation.run import load_trained_model, run_protocol
     from advmend.training.build import build_data, resolve_device

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from advmend.training.checkpoint import atomic_write_bytes
+from advmend.errors import ConfigError
+from advmend.plotting import pyplot, save_png
 
 
 def accuracy_vs_eps_png(path: str | Path, points: list[tuple[float, float]], *, title: str = "",
@@ -19,28 +20,22 @@ def accuracy_vs_eps_png(path: str | Path, points: list[tuple[float, float]], *, 
         None when written, else why not (matplotlib missing), for the report.
     """
     try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError:
+        plt = pyplot("the accuracy-vs-eps plot")
+    except ConfigError:
         return "no plot: matplotlib is not installed (pip install 'advmend[plot]')"
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    try:
-        if points:
-            xs, ys = zip(*sorted(points))
-            ax.plot(xs, ys, marker="o", label="PGD-20 (eps sweep)" if len(points) > 2 else "accuracy")
-        for label, eps, acc in marks:  # at the same eps the labels would overlap: they go in the legend
-            ax.scatter([eps], [acc], marker="x", zorder=3, label=f"{label}: {acc:.1f} %")
-        ax.set_xlabel("eps")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_ylim(-2, 102)
-        ax.grid(alpha=0.3)
-        ax.set_title(title or "accuracy against eps", fontsize=9)
-        if points or marks:
-            ax.legend(fontsize=6, loc="upper right")
-        fig.tight_layout()
-        atomic_write_bytes(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
-    finally:
-        plt.close(fig)
+    if points:
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label="PGD-20 (eps sweep)" if len(points) > 2 else "accuracy")
+    for label, eps, acc in marks:  # at the same eps the labels would overlap: they go in the legend
+        ax.scatter([eps], [acc], marker="x", zorder=3, label=f"{label}: {acc:.1f} %")
+    ax.set_xlabel("eps")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "accuracy against eps", fontsize=9)
+    if points or marks:
+        ax.legend(fontsize=6, loc="upper right")
+    fig.tight_layout()
+    save_png(fig, path)
     return None

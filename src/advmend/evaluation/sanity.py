@@ -202,7 +202,8 @@ def check_noise(model: nn.Module, ds: ArrayDataset, eps: float, norm: str, clean
 
 
 def _is_pgd(a) -> bool:
-    return "steps" in a.settings and "version" not in a.settings and not a.name.startswith("transfer")
+    """A white-box attack of the PGD core: not AutoAttack ("version") nor a transfer ("surrogate")."""
+    return "steps" in a.settings and "version" not in a.settings and "surrogate" not in a.settings
 
 
 def check_fgsm_vs_pgd(model, ds, result: EvalResult, eps, norm, batch_size, device, seed) -> Check:

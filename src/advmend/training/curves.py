@@ -5,24 +5,31 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from advmend.errors import ConfigError, InputError
+from advmend.errors import InputError
+from advmend.plotting import pyplot, save_png
+
+
+def read_history(path: Path, upto_epoch: int | None = None) -> list[dict]:
+    """The epoch records of a metrics.jsonl (up to `upto_epoch`); a line cut short by a kill is skipped."""
+    history = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "epoch" in rec and (upto_epoch is None or rec["epoch"] <= upto_epoch):
+            history.append(rec)
+    return history
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The per-epoch records of `run_dir/metrics.jsonl` (a line cut short by a kill is skipped)."""
+    """The per-epoch records of `run_dir/metrics.jsonl`, for plotting."""
     path = Path(run_dir) / "metrics.jsonl"
     if not Path(run_dir).is_dir():
         raise InputError(f"run folder {run_dir} not found")
     if not path.is_file():
         raise InputError(f"{run_dir} has no metrics.jsonl: is it an `advmend train` output folder?")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and "epoch" in rec:
-            records.append(rec)
+    records = read_history(path)
     if not records:
         raise InputError(f"{path} holds no epoch records yet: train at least one epoch first")
     return records
@@ -30,13 +37,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 def plot_curves(records: list[dict], out: str | Path, title: str = "") -> Path:
     """Two panels, written to the PNG `out`: training losses, and train / clean / robust accuracy."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only, no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError('plotting needs matplotlib: pip install "advmend[plot]" (or pip install matplotlib)') from None
+    plt = pyplot("advmend plot")
     out = Path(out)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     epochs = [r["epoch"] for r in records]
@@ -59,10 +60,4 @@ def plot_curves(records: list[dict], out: str | Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    try:
-        fig.savefig(out, dpi=120)
-    except OSError as e:
-        raise ConfigError(f"cannot write {out} ({e.strerror}); choose another --out") from None
-    finally:
-        plt.close(fig)
-    return out
+    return save_png(fig, out)

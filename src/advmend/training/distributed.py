@@ -103,17 +103,6 @@ class _Dispatch(nn.Module):
         return self.model.forward_with_aux(x) if aux else self.model(x)
 
 
-class _WrappedView(nn.Module):
-    """What objectives call for a non-FSR model: logits through the wrapper."""
-
-    def __init__(self, wrapped: nn.Module) -> None:
-        super().__init__()
-        self.wrapped = wrapped
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.wrapped(x)
-
-
 class _WrappedFSRView(FSRModel):
     """An FSRModel face for a wrapped FSRModel: objectives still add the FSR losses.
 
@@ -147,4 +136,5 @@ def training_view(
         wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=ids, find_unused_parameters=find_unused)
     if compile:
         wrapped = torch.compile(wrapped)
-    return _WrappedFSRView(wrapped) if isinstance(model, FSRModel) else _WrappedView(wrapped)
+    # A plain model's wrapper is called as model(x) directly; an FSR model needs the FSRModel face.
+    return _WrappedFSRView(wrapped) if isinstance(model, FSRModel) else wrapped

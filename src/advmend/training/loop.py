@@ -36,6 +36,7 @@ from advmend.errors import CheckpointError, ConfigError
 from advmend.evaluation.evaluate import evaluate
 from advmend.training.build import build_attack, build_data, build_model, build_objective, resolve_device
 from advmend.training.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, stale_temp_files
+from advmend.training.curves import read_history
 from advmend.training.distributed import (
     DistContext, env_context, init_distributed, shutdown_distributed, training_view,
 )  # fmt: skip
@@ -188,19 +189,6 @@ def train(
             shutdown_distributed(ctx)
 
 
-def read_history(path: Path, upto_epoch: int) -> list[dict]:
-    """metrics.jsonl records up to `upto_epoch`; a line cut short by a kill is skipped."""
-    history = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and rec.get("epoch", upto_epoch + 1) <= upto_epoch:
-            history.append(rec)
-    return history
-
-
 def _train(cfg: RunConfig, out_dir: Path, resume: bool, log, ctx: DistContext, device: torch.device) -> TrainResult:
     t = cfg.train
     torch.manual_seed(t.seed)
@@ -228,9 +216,7 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, log, ctx: DistContext, d
     check_disk_space(out_dir, checkpoint_bytes(model, optimizer, ema is not None))
     prepare_out_dir(out_dir, resume, ctx.rank)
     if ctx.is_main:
-        for tmp in stale_temp_files(out_dir):  # left by a write that a kill interrupted
-            tmp.unlink(missing_ok=True)
-            log(f"removed {tmp.name}, an incomplete write from an interrupted run")
+        remove_stale_temp_files(out_dir, log)
     ctx.barrier()
 
     start_epoch, best_value, history, since_best, stopped = 0, None, [], 0, None
@@ -280,7 +266,7 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, log, ctx: DistContext, d
         for epoch in range(start_epoch, t.epochs):
             if stopped:
                 break
-            rec = _train_epoch(view, model, objective, optimizer, loader, cfg, epoch, device, precision, ema, ctx)
+            rec = train_epoch(view, model, objective, optimizer, loader, cfg, epoch, device, precision, ema, ctx)
             if data.val is not None and ((epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs):
                 rec.update(_validate(ema.module if ema else model, data.val, val_attack, cfg, device, ctx))
             history.append(rec)
@@ -293,16 +279,12 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, log, ctx: DistContext, d
                             writer.add_scalar(k, v, rec["epoch"])
                     writer.flush()
             log(log_line(rec, t.epochs))
-            value = rec.get(select_key)  # None on epochs without validation: not a candidate
-            is_best = value is not None and (best_value is None or value > best_value)
-            if is_best:
-                best_value = value
-            if t.patience is not None and value is not None:
+            is_best, best_value, best_epoch = select_best(history, select_key, best_value)
+            if t.patience is not None and rec.get(select_key) is not None:  # a validated epoch
                 since_best = 0 if is_best else since_best + 1
                 if since_best >= t.patience:
                     stopped = {"epoch": epoch + 1, "reason": f"early stopping: no new best {select_key} in "
                                f"{since_best} validations (train.patience={t.patience})"}  # fmt: skip
-            best_epoch = next((h["epoch"] for h in history if h.get(select_key) == best_value), None)
             record = dict(
                 record_base, epoch=epoch + 1, metrics=rec,
                 best={"epoch": best_epoch, "metric": select_key, "value": best_value},
@@ -325,6 +307,26 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, log, ctx: DistContext, d
         if writer is not None:
             writer.close()
     return TrainResult(out_dir, out_dir / LAST, out_dir / BEST, history, stopped)
+
+
+def remove_stale_temp_files(out_dir: Path, log: Callable[[str], None]) -> None:
+    """Delete the temporary files a kill during an atomic write left in `out_dir` (never loaded)."""
+    for tmp in stale_temp_files(out_dir):
+        tmp.unlink(missing_ok=True)
+        log(f"removed {tmp.name}, an incomplete write from an interrupted run")
+
+
+def select_best(history: list[dict], select_key: str, best_value: float | None) -> tuple[bool, float | None, int | None]:
+    """Model selection after the epoch `history[-1]`: (is it the new best, best value, best epoch).
+
+    Epochs without the selection metric (no validation that epoch) are not candidates.
+    """
+    value = history[-1].get(select_key)
+    is_best = value is not None and (best_value is None or value > best_value)
+    if is_best:
+        best_value = value
+    best_epoch = next((h["epoch"] for h in history if h.get(select_key) == best_value), None)
+    return is_best, best_value, best_epoch
 
 
 def save_or_explain(path: Path, model: nn.Module, record: dict, optimizer=None, extra=None) -> None:
@@ -359,9 +361,15 @@ def _validate(model, val_data, attack, cfg: RunConfig, device, ctx: DistContext)
     return {"val_clean_acc": clean, "val_robust_acc": robust, "val_seconds": seconds}
 
 
-def _train_epoch(view, model, objective, optimizer, loader, cfg: RunConfig, epoch: int, device,
-                 precision: Precision, ema: ModelEMA | None, ctx: DistContext) -> dict:  # fmt: skip
-    """One epoch. Sums stay on the device; the host syncs only for the progress bar every 20 steps."""
+def train_epoch(view, model, objective, optimizer, loader, cfg: RunConfig, epoch: int, device,
+                precision: Precision, ema: ModelEMA | None, ctx: DistContext, *, desc: str = "epoch",
+                lr_key: str = "train.lr") -> dict:  # fmt: skip
+    """One epoch of `objective` on `loader`: the only place that runs zero_grad, backward and step.
+
+    `view` is what the objective trains (the model, or its DDP/compile wrapper), `model` the unwrapped
+    module (EMA). The schedule is `cfg.train`'s. Sums stay on the device; the host syncs only for the
+    progress bar every 20 steps. `desc` and `lr_key` name the stage in the progress bar and errors.
+    """
     view.train()
     loader.set_epoch(epoch)
     sums: dict[str, torch.Tensor] = {}
@@ -370,7 +378,7 @@ def _train_epoch(view, model, objective, optimizer, loader, cfg: RunConfig, epoc
     t0 = time.perf_counter()
     n_steps = len(loader)
     show = cfg.train.progress and ctx.is_main
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not show, leave=False)
+    bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.train.epochs}", disable=not show, leave=False)
     lr = learning_rate(cfg.train, epoch, 0, n_steps)
     for step, (x, y) in enumerate(bar):
         x = to_channels_last(x, cfg.train.channels_last)
@@ -392,7 +400,7 @@ def _train_epoch(view, model, objective, optimizer, loader, cfg: RunConfig, epoc
             loss_now = float(sums["loss"]) / seen
             if loss_now != loss_now or loss_now in (float("inf"), float("-inf")):
                 raise FloatingPointError(
-                    f"training loss became {loss_now} in epoch {epoch + 1}: lower train.lr or check the data"
+                    f"training loss became {loss_now} in epoch {epoch + 1}: lower {lr_key} or check the data"
                 )
             if show:
                 bar.set_postfix(loss=f"{loss_now:.3f}", lr=f"{lr:.3g}")

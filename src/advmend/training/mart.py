@@ -3,8 +3,8 @@
 Wang, Zou, Yi, Bailey, Ma, Gu, "Improving Adversarial Robustness Requires Revisiting Misclassified
 Examples", ICLR 2020, and its reference code:
 
-- inner maximisation: standard PGD on CE (the shared core, eval mode; uniform random start here,
-  the reference code starts from x + 0.001 * N(0, I)).
+- inner maximisation: standard PGD on CE (the shared core, eval mode) from `train.attack`; the
+  bundled MART configs use the reference code's start x + 0.001 * N(0, I) (`start: normal`).
 - outer minimisation, model in train mode, with p = softmax:
       BCE(p(x'), y) = CE(f(x'), y) - log(1 - max_{k != y} p_k(x'))
       L = BCE + beta * mean_i [ KL(p(x_i) || p(x'_i)) * (1 - p_{y_i}(x_i)) ]
@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advmend.attacks.losses import kl_loss
 from advmend.attacks.pgd import PGD, pgd
 from advmend.errors import ConfigError
-from advmend.training.objectives import LossOutput, adversarial_forward, check_weight
+from advmend.training.objectives import LossOutput, adversarial_forward, check_fsr_weights, check_weight
 
 MART_BETA = 6.0  # Wang et al. 2020, the reference code's default
 # -log(1 - p) is infinite at p = 1 (a confidently wrong x'), and its gradient 1/(1 - p) explodes near it.
@@ -45,7 +46,7 @@ def boosted_ce(logits_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def weighted_kl(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """mean_i KL(p(x_i) || p(x'_i)) * (1 - p_{y_i}(x_i))."""
     p_clean = F.softmax(logits_clean.float(), dim=1)
-    kl = F.kl_div(F.log_softmax(logits_adv.float(), dim=1), p_clean, reduction="none").sum(dim=1)
+    kl = kl_loss(logits_adv, p_clean)
     return (kl * (1 - p_clean.gather(1, y[:, None]).squeeze(1))).mean()
 
 
@@ -66,8 +67,7 @@ class MART:
 
     def __post_init__(self) -> None:
         check_weight(self.beta, "train.beta")
-        check_weight(self.lambda_sep, "fsr.lambda_sep")
-        check_weight(self.lambda_rec, "fsr.lambda_rec")
+        check_fsr_weights(self.lambda_sep, self.lambda_rec)
         if self.attack.loss == "kl" or self.attack.targeted:
             raise ConfigError(
                 f"mart needs an untargeted attack on the labels (loss ce or margin), got {self.attack.loss!r}"

@@ -44,6 +44,12 @@ def check_weight(value: float, name: str) -> None:
         raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
 
 
+def check_fsr_weights(lambda_sep: float, lambda_rec: float) -> None:
+    """The FSR weights every objective takes (fsr.lambda_sep, fsr.lambda_rec)."""
+    check_weight(lambda_sep, "fsr.lambda_sep")
+    check_weight(lambda_rec, "fsr.lambda_rec")
+
+
 def adversarial_forward(
     model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, lambda_sep: float, lambda_rec: float
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
@@ -92,8 +98,7 @@ class AdversarialCE:
     lambda_rec: float = 1.0
 
     def __post_init__(self) -> None:
-        check_weight(self.lambda_sep, "fsr.lambda_sep")
-        check_weight(self.lambda_rec, "fsr.lambda_rec")
+        check_fsr_weights(self.lambda_sep, self.lambda_rec)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> LossOutput:
         x_adv = None if self.attack is None else pgd(model, x, y, self.attack, validate=False).detach()

@@ -21,14 +21,12 @@ classifier's, so `advmend eval` and `load_trained_model` rebuild it unchanged.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 import yaml
-from tqdm.auto import tqdm
 
 from advmend.config import PSSRConfig, RunConfig, to_dict
 from advmend.data import BatchLoader
@@ -38,13 +36,14 @@ from advmend.defenses.pssr.pipeline import PSSRModel, check_pssr_config
 from advmend.errors import CheckpointError, ConfigError
 from advmend.evaluation.run import load_trained_model
 from advmend.training.build import build_attack, build_data, build_model, resolve_device
-from advmend.training.checkpoint import atomic_write_text, file_sha256, load_checkpoint, stale_temp_files
+from advmend.training.checkpoint import atomic_write_text, file_sha256, load_checkpoint
+from advmend.training.distributed import DistContext
 from advmend.training.loop import (
-    BEST, LAST, SELECT, TrainResult, log_line, prepare_out_dir, read_history, save_or_explain, check_disk_space,
-    check_train_config, train,
+    BEST, LAST, SELECT, TrainResult, check_disk_space, check_train_config, log_line, prepare_out_dir, read_history,
+    remove_stale_temp_files, save_or_explain, select_best, train, train_epoch,
 )  # fmt: skip
+from advmend.training.precision import Precision
 from advmend.training.rng import restore_rng_state, rng_state_tensors
-from advmend.training.schedule import learning_rate
 
 CLASSIFIER_DIR = "classifier"
 # G's architecture and PS settings: a resumed run must use the same ones.
@@ -117,15 +116,13 @@ def train_pssr(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, log
     )  # fmt: skip
     t = cfg.train
     val_attack = build_attack(t.val_attack, info["eps"], keep_best=True, name=f"PGD-{t.val_attack.steps}")
-    schedule = replace(t, lr=p.lr, epochs=p.epochs, schedule="cosine")  # Adam with cosine decay (the spec)
+    schedule = replace(t, lr=p.lr, epochs=p.epochs, schedule="cosine", channels_last=False)  # Adam, cosine (spec)
     loader = BatchLoader(data.train, p.batch_size, shuffle=True, device=device, augment=info["augment"],
                          drop_last=len(data.train) >= 2 * p.batch_size, seed=t.seed)  # fmt: skip
     weights = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     check_disk_space(out_dir, weights + 2 * sum(q.numel() * q.element_size() for q in trainable))  # Adam: 2 slots
     prepare_out_dir(out_dir, resume and has_last)
-    for tmp in stale_temp_files(out_dir):
-        tmp.unlink(missing_ok=True)
-        log(f"removed {tmp.name}, an incomplete write from an interrupted run")
+    remove_stale_temp_files(out_dir, log)
 
     start_epoch, best_value, history = 0, None, []
     select_key = SELECT[t.select] if data.val is not None else "epoch"
@@ -148,19 +145,18 @@ def train_pssr(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, log
         "config": to_dict(cfg), "num_classes": info["num_classes"], "image_shape": list(info["image_shape"]),
         "eps": info["eps"], "classifier": {"path": str(clf_path), "sha256": file_sha256(clf_path)},
     }  # fmt: skip
+    # G's stage runs in fp32 on one process: the classifier loop's speed switches do not apply here.
+    step_cfg, precision, ctx = replace(cfg, train=schedule), Precision("off", device), DistContext()
     for epoch in range(start_epoch, p.epochs):
-        rec = _epoch(model, objective, optimizer, loader, schedule, epoch, cfg.train.progress)
+        rec = train_epoch(model, model, objective, optimizer, loader, step_cfg, epoch, device, precision, None, ctx,
+                          desc="pssr epoch", lr_key="pssr.lr")  # fmt: skip
         if data.val is not None and ((epoch + 1) % t.val_every == 0 or epoch + 1 == p.epochs):
             rec.update(_validate(model, data.val, val_attack, cfg, device))
         history.append(rec)
         with open(out_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(rec) + "\n")
         log(log_line(rec, p.epochs) + f" | pix {rec['pix_adv']:.4f} removed {100 * rec['removed']:.1f}%")
-        value = rec.get(select_key)
-        is_best = value is not None and (best_value is None or value > best_value)
-        if is_best:
-            best_value = value
-        best_epoch = next((h["epoch"] for h in history if h.get(select_key) == best_value), None)
+        is_best, best_value, best_epoch = select_best(history, select_key, best_value)
         record = dict(record_base, epoch=epoch + 1, metrics=rec,
                       best={"epoch": best_epoch, "metric": select_key, "value": best_value})  # fmt: skip
         if is_best:
@@ -168,43 +164,6 @@ def train_pssr(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, log
         extra = {f"rng.{k}": v for k, v in rng_state_tensors(device).items()}
         save_or_explain(out_dir / LAST, model, record, optimizer, extra)
     return TrainResult(out_dir, out_dir / LAST, out_dir / BEST, history)
-
-
-def _epoch(model: PSSRModel, objective: PSSRObjective, optimizer, loader, schedule, epoch: int, progress: bool) -> dict:
-    """One epoch; sums stay on the device, the host syncs only for the progress bar every 20 steps."""
-    model.train()  # G only: f stays in eval mode (PSSRModel.train)
-    loader.set_epoch(epoch)
-    sums: dict[str, torch.Tensor] = {}
-    correct, seen, n_steps = 0, 0, len(loader)
-    t0 = time.perf_counter()
-    lr = learning_rate(schedule, epoch, 0, n_steps)
-    bar = tqdm(loader, desc=f"pssr epoch {epoch + 1}/{schedule.epochs}", disable=not progress, leave=False)
-    for step, (x, y) in enumerate(bar):
-        lr = learning_rate(schedule, epoch, step, n_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        out = objective(model, x, y)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-        n = x.shape[0]
-        seen += n
-        for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
-            sums[k] = sums.get(k, 0) + v.float() * n
-        correct = correct + (out.logits.detach().argmax(1) == y).sum()
-        if step % 20 == 0 or step == n_steps - 1:
-            loss_now = float(sums["loss"]) / seen
-            if loss_now != loss_now or loss_now in (float("inf"), float("-inf")):
-                raise FloatingPointError(f"PSSR training loss became {loss_now} in epoch {epoch + 1}: lower pssr.lr")
-            if progress:
-                bar.set_postfix(loss=f"{loss_now:.3f}", lr=f"{lr:.3g}")
-    seconds = time.perf_counter() - t0
-    rec = {"epoch": epoch + 1, "lr": lr}
-    rec.update({k: float(v) / seen for k, v in sums.items()})
-    rec["train_acc"] = 100 * float(correct) / seen  # the pipeline on the training adversarial examples
-    rec["seconds"] = round(seconds, 2)
-    rec["images_per_s"] = round(seen / seconds, 1)
-    return rec
 
 
 def _validate(model: PSSRModel, val_data, attack, cfg: RunConfig, device) -> dict:

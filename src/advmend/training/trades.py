@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advmend.attacks.losses import kl_loss
 from advmend.attacks.modes import attack_mode
 from advmend.attacks.pgd import PGD, pgd
 from advmend.errors import ConfigError
-from advmend.training.objectives import LossOutput, adversarial_forward, check_weight
+from advmend.training.objectives import LossOutput, adversarial_forward, check_fsr_weights, check_weight
 
 TRADES_BETA = 6.0  # Zhang et al. 2019, CIFAR-10 (1/lambda = 6)
 
@@ -49,8 +50,7 @@ class TRADES:
 
     def __post_init__(self) -> None:
         check_weight(self.beta, "train.beta")
-        check_weight(self.lambda_sep, "fsr.lambda_sep")
-        check_weight(self.lambda_rec, "fsr.lambda_rec")
+        check_fsr_weights(self.lambda_sep, self.lambda_rec)
         a = self.attack
         if a.loss != "kl" or a.targeted or a.keep_best or a.restarts != 1:
             raise ConfigError(
@@ -66,9 +66,7 @@ class TRADES:
         logits_clean = model(x)  # train mode, as the reference: BatchNorm batch statistics
         logits_adv, fsr, metrics = adversarial_forward(model, x_adv, y, self.lambda_sep, self.lambda_rec)
         ce = F.cross_entropy(logits_clean, y)
-        kl = F.kl_div(
-            F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits_clean.float(), dim=1), reduction="batchmean"
-        )
+        kl = kl_loss(logits_adv, F.softmax(logits_clean.float(), dim=1)).mean()  # "batchmean"
         loss = ce + self.beta * kl
         if fsr is not None:
             loss = loss + fsr

@@ -30,11 +30,12 @@ from tqdm.auto import tqdm
 
 from advmend.attacks.adaptive import BPDA
 from advmend.attacks.modes import attack_mode
-from advmend.attacks.pgd import PGD, pgd
+from advmend.attacks.pgd import PGD
+from advmend.attacks.transfer import Transfer
 from advmend.data import ArrayDataset, BatchLoader
 from advmend.defenses.pssr.pipeline import PSSRModel, PSSRPreprocess
 from advmend.evaluation.evaluate import AttackResult, EvalResult, check_bound, evaluate
-from advmend.evaluation.report import result_to_dict
+from advmend.evaluation.report import result_to_dict, settings_text
 from advmend.training.checkpoint import atomic_write_text, versions
 
 GRAYBOX, MASK, IDENTITY, TRANSFER = "graybox", "whitebox-bpda-mask", "whitebox-bpda-identity", "transfer"
@@ -65,7 +66,7 @@ def transfer_attack(
     crafted example is PGD's last iterate (the highest loss on the source), the usual transfer choice.
     """
     device = torch.device(device)
-    craft = replace(attack, keep_best=False)
+    craft = Transfer(source, replace(attack, keep_best=False))  # the last iterate transfers best
     loader = BatchLoader(ds, batch_size, shuffle=False, device=device)
     correct, source_correct, offset = [], [], 0
     t0 = time.perf_counter()
@@ -75,11 +76,11 @@ def transfer_attack(
         robust, src_ok = torch.zeros_like(keep), torch.zeros_like(keep)
         idx = keep.nonzero().squeeze(1)
         if idx.numel():
-            x_adv = pgd(source, x[idx], y[idx], craft, generator=generator, validate=False)
-            check_bound(x_adv, x[idx], attack)
-            with torch.no_grad(), attack_mode(target), attack_mode(source):
-                robust[idx] = target(x_adv).argmax(1) == y[idx]
-                src_ok[idx] = source(x_adv).argmax(1) == y[idx]
+            run = craft.run(target, x[idx], y[idx], device=device, batch_size=batch_size, generator=generator)
+            check_bound(run.x_adv, x[idx], attack)
+            robust[idx] = ~run.fooled
+            with torch.no_grad(), attack_mode(source):  # context: does the example still fool f itself?
+                src_ok[idx] = source(run.x_adv).argmax(1) == y[idx]
         correct.append(robust.cpu())
         source_correct.append(src_ok.cpu())
     settings = dict(attack.describe(), name=f"{label}/{attack.describe()['name']}", threat_model=label,
@@ -202,8 +203,8 @@ def markdown(ev: PSSREvalResult, meta: dict) -> str:
             if a.settings.get("threat_model") != t:
                 continue
             s = a.settings
-            settings = f"{s['norm']} eps={s['eps']:.4g} steps={s['steps']} step={s['step_size']:.4g} loss={s['loss']}"
-            lines.append(f"| {t} | {s['name'].split('/', 1)[1]} | {100 * a.accuracy:.2f} | {settings} | {a.seconds:.1f} |")
+            lines.append(f"| {t} | {s['name'].split('/', 1)[1]} | {100 * a.accuracy:.2f} | {settings_text(s)} "
+                         f"| {a.seconds:.1f} |")  # fmt: skip
         lines.append(f"| {t} | worst case | {100 * ev.threat_accuracy(t):.2f} | per example | |")
     if r.attacks:
         lines.append(f"| **all** | **headline (worst case)** | **{100 * r.worst_accuracy:.2f}** | "
