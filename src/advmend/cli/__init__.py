@@ -13,13 +13,13 @@ from advmend.errors import AdvmendError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from advmend.cli import bench, evaluate, listing, plot, pssr, train
+    from advmend.cli import bench, evaluate, listing, plot, pssr, study, train
 
     parser = argparse.ArgumentParser(
         prog="advmend", description="Adversarial robustness by repair: train, evaluate and benchmark defended classifiers."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (train, evaluate, listing, bench, plot, pssr):
+    for module in (train, evaluate, listing, bench, plot, pssr, study):
         module.add_parser(sub)
     return parser
 

@@ -1,0 +1,61 @@
+"""`advmend study STUDY.yaml` (train, evaluate and record every run) and `advmend results RECORDS`
+(docs/results.md and PNGs from the records alone)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("study", help="run every (config, overrides, seed) of a study and record each finished run")
+    p.add_argument("study", help="study YAML (e.g. configs/study/cifar10_cpu.yaml) or bundled name (study/cifar10_cpu)")
+    p.add_argument("--only", help="comma-separated rows to run (default: all)")
+    p.add_argument("--max-runs", type=int, help="stop after this many runs (each resumes where a kill left it)")
+    p.add_argument("--plan", action="store_true", help="only check the records and list what is done and pending")
+    p.add_argument("--progress", action="store_true", help="progress bars during evaluation")
+    p.set_defaults(func=run_study_command)
+
+    r = sub.add_parser("results", help="regenerate docs/results.md and the PNGs from study records")
+    r.add_argument("root", nargs="?", default="docs/results", help="records root holding one folder per study")
+    r.add_argument("--out", help="the Markdown file (default: ROOT.md, e.g. docs/results.md)")
+    r.add_argument("--check", action="store_true", help="do not write: fail if the file differs from what the records give")
+    r.add_argument("--no-plot", action="store_true", help="do not draw the PNGs")
+    r.set_defaults(func=run_results_command)
+
+
+def run_study_command(args: argparse.Namespace) -> int:
+    from advmend.errors import ConfigError
+    from advmend.study.records import record_path
+    from advmend.study.runner import plan_study, run_study
+
+    if args.max_runs is not None and args.max_runs < 0:
+        raise ConfigError(f"--max-runs must be >= 0, got {args.max_runs}")
+    if args.plan:
+        plan = plan_study(args.study)
+        for s in plan.specs:
+            done = record_path(plan.records_dir, s.run_id).exists()
+            print(f"{'done   ' if done else 'pending'} {s.run_id}")
+        return 0
+    only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
+    written = run_study(args.study, only=only, max_runs=args.max_runs, progress=args.progress)
+    print(f"{len(written)} record(s) written" + "".join(f"\n  {p}" for p in written))
+    return 0
+
+
+def run_results_command(args: argparse.Namespace) -> int:
+    from advmend.errors import ConfigError
+    from advmend.study.render import render
+    from advmend.training.checkpoint import atomic_write_text
+
+    root = Path(args.root)
+    out = Path(args.out) if args.out else root.with_suffix(".md")
+    text, pngs = render(root, plot=not (args.no_plot or args.check))
+    if args.check:
+        if not out.is_file() or out.read_text() != text:
+            raise ConfigError(f"{out} differs from what the records under {root} give; run `advmend results {root}`")
+        print(f"{out} matches the records")
+        return 0
+    atomic_write_text(out, text)
+    print(f"wrote {out}" + "".join(f", {p}" for p in pngs))
+    return 0

@@ -1,0 +1,276 @@
+"""`advmend study STUDY.yaml`: train and evaluate every run of a study, one after another, resumably.
+
+For each (row, seed) without a record: train (resuming from `last.safetensors` when a previous attempt
+was stopped, so a kill loses at most the current epoch), evaluate the best checkpoint under the study's
+one protocol on its fixed test subsets (each evaluation stage is cached next to the checkpoint, so a
+kill during evaluation loses at most one stage), then write the run's record atomically. Runs whose
+record exists are skipped after checking that the record still matches the run's config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from advmend.attacks.autoattack import AutoAttackSpec
+from advmend.attacks.presets import protocol_attacks
+from advmend.config import to_dict
+from advmend.data import ArrayDataset, derive_seed, take
+from advmend.evaluation.evaluate import EvalResult, evaluate
+from advmend.evaluation.run import load_trained_model
+from advmend.evaluation.sanity import run_sanity
+from advmend.study.records import (
+    SCHEMA, STUDY_FILE, STUDY_SCHEMA, RecordError, bits, load_record, read_json, record_path, write_json,
+)  # fmt: skip
+from advmend.study.spec import RunSpec, StudyConfig, load_study, resolve_runs
+from advmend.training.build import build_data, resolve_device
+from advmend.training.checkpoint import file_sha256, versions
+from advmend.training.loop import LAST, train
+
+# The study's attacks on the attack subset: the FSR paper's FGSM, PGD-20 and CW-30 (step eps/10, no
+# random start). PGD-100 is left out: on these models it moves PGD-20 by a fraction of a point and
+# costs five times as much; AutoAttack is the strong attack of the study.
+STUDY_ATTACKS = ("FGSM", "PGD-20", "CW-30")
+
+
+@dataclass
+class StudyPlan:
+    source: str  # the study YAML, as given
+    study: StudyConfig
+    specs: list[RunSpec]
+    records_dir: Path
+    runs_dir: Path
+
+    def pending(self) -> list[RunSpec]:
+        return [s for s in self.specs if not record_path(self.records_dir, s.run_id).exists()]
+
+
+def plan_study(study_file: str | Path) -> StudyPlan:
+    """Load the study, resolve its runs and check every existing record against them (nothing is
+    written): a record of another study, a corrupt record, a record for a changed config, or a record
+    of a run the study no longer has is a RecordError naming the file."""
+    study = load_study(study_file)
+    specs = resolve_runs(study_file, study)
+    records_dir = Path(study.records) / study.id
+    plan = StudyPlan(Path(study_file).as_posix(), study, specs, records_dir, Path(study.runs) / study.id)
+    if records_dir.is_dir():
+        index = records_dir / STUDY_FILE
+        if index.exists():
+            old = read_json(index, "study file")
+            if old.get("schema") != STUDY_SCHEMA or old.get("id") != study.id:
+                raise RecordError(f"{index}: belongs to study {old.get('id')!r}, not {study.id!r}; "
+                                  "give this study its own records folder")  # fmt: skip
+        by_id = {s.run_id: s for s in specs}
+        for path in sorted(records_dir.glob("*.json")):
+            if path.name == STUDY_FILE:
+                continue
+            spec = by_id.get(path.stem)
+            if spec is None:
+                raise RecordError(f"{path}: not a run of study {study.id!r} (row or seed removed?); "
+                                  "restore the row or delete the record")  # fmt: skip
+            load_record(path, study.id, spec.config_sha256)
+    return plan
+
+
+def write_study_file(plan: StudyPlan) -> None:
+    """<records>/<id>/study.json: the study's definition and every run's config hash (the renderer's
+    index; rewritten by each `advmend study` invocation)."""
+    study = plan.study
+    write_json(plan.records_dir / STUDY_FILE, {
+        "schema": STUDY_SCHEMA, "id": study.id, "source": plan.source, "definition": to_dict(study),
+        "runs": {s.run_id: {"row": s.row.name, "seed": s.seed, "config_sha256": s.config_sha256} for s in plan.specs},
+    })  # fmt: skip
+
+
+def run_study(study_file: str | Path, *, only: list[str] | None = None, max_runs: int | None = None,
+              progress: bool = False, log: Callable[[str], None] = print) -> list[Path]:  # fmt: skip
+    """Run every pending run of the study (or of the rows in `only`); returns the records written."""
+    plan = plan_study(study_file)
+    if only:
+        unknown = sorted(set(only) - {r.name for r in plan.study.rows})
+        if unknown:
+            raise RecordError(f"--only: no row {unknown[0]!r} in study {plan.study.id!r}")
+    write_study_file(plan)
+    todo = [s for s in plan.pending() if not only or s.row.name in only]
+    done = len(plan.specs) - len(plan.pending())
+    log(f"study {plan.study.id}: {len(plan.specs)} runs, {done} recorded, {len(todo)} to run now")
+    written = []
+    for spec in todo[: max_runs if max_runs is not None else len(todo)]:
+        written.append(run_one(plan, spec, progress=progress, log=log))
+    return written
+
+
+def git_commit() -> dict:
+    """The commit of the advmend code that produced a record (the checkout the package is imported
+    from, not the current folder), and whether that checkout's source had local changes."""
+    here = Path(__file__).resolve().parent
+    try:
+        run = dict(capture_output=True, text=True, timeout=10, check=True, cwd=here)
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], **run).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/src"], **run).stdout.strip() != ""
+        return {"sha": sha, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"sha": None, "dirty": None}
+
+
+def hardware() -> dict:
+    """What the run ran on, including the load (other jobs make timings slower, never accuracies)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}  # fmt: skip
+    if hasattr(os, "getloadavg"):
+        out["load_average_1m"] = round(os.getloadavg()[0], 2)
+    return out
+
+
+def subset_indices(n_total: int, seed: int) -> torch.Tensor:
+    """The study's one permutation of the test split; every subset is a prefix of it (nested)."""
+    return torch.randperm(n_total, generator=torch.Generator().manual_seed(derive_seed(seed, 7)))
+
+
+def _attack_entry(res: EvalResult, k: int) -> dict:
+    a = res.attacks[k]
+    return {"n": res.n, "accuracy": 100 * a.accuracy, "correct": bits(a.correct), "settings": a.settings,
+            "seconds": round(a.seconds, 2), **({"stages": a.stages} if a.stages else {})}  # fmt: skip
+
+
+def _cached_stage(path: Path, checkpoint_sha: str, compute: Callable[[], dict], log) -> dict:
+    """A stage of the evaluation, cached next to the checkpoint it evaluated (atomic JSON)."""
+    if path.is_file():
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("checkpoint_sha256") == checkpoint_sha:
+                log(f"  {path.stem}: cached")
+                return cached
+        except (OSError, json.JSONDecodeError):
+            pass  # an unreadable cache is recomputed
+    t0 = time.perf_counter()
+    out = dict(compute(), checkpoint_sha256=checkpoint_sha)
+    out["stage_seconds"] = round(time.perf_counter() - t0, 2)
+    write_json(path, out)
+    log(f"  {path.stem}: {out['stage_seconds']:.0f} s")
+    return out
+
+
+def evaluate_run(model, test: ArrayDataset, eps: float, study: StudyConfig, device, checkpoint: Path,
+                 cache_dir: Path, progress: bool, log) -> dict:  # fmt: skip
+    """The study protocol on the best checkpoint: clean, the paper's attacks, AutoAttack, worst case."""
+    e = study.eval
+    sha = file_sha256(checkpoint)
+    perm = subset_indices(len(test), e.seed)
+    clean_idx = None if e.clean_n is None or e.clean_n >= len(test) else perm[: e.clean_n]
+    n_att, n_aa = min(e.attack_n, len(test)), min(e.autoattack_n, len(test))
+    att_idx = perm[:n_att]
+    kw = dict(batch_size=e.batch_size, device=device, seed=e.seed, progress=progress)
+
+    def clean_stage() -> dict:
+        res = evaluate(model, test if clean_idx is None else take(test, clean_idx), [], **kw)
+        return {"n": res.n, "accuracy": 100 * res.clean_accuracy, "correct": bits(res.clean_correct),
+                "seconds": round(res.seconds, 2),
+                "indices": None if clean_idx is None else clean_idx.tolist()}  # fmt: skip
+
+    def attack_stage() -> dict:
+        attacks = [a for a in protocol_attacks("paper", eps, "linf") if a.name in STUDY_ATTACKS]
+        ds = take(test, att_idx)
+        res = evaluate(model, ds, attacks, **kw)
+        out = {"indices": att_idx.tolist(), "clean_correct": bits(res.clean_correct),
+               "attacks": {a.name: _attack_entry(res, k) for k, a in enumerate(res.attacks)}}  # fmt: skip
+        if e.sanity:
+            rep = run_sanity(model, ds, res, eps, "linf", costly=False, batch_size=e.batch_size, device=device, seed=e.seed)
+            out["sanity"] = [{"code": c.code, "status": c.status, "detail": c.detail} for c in rep.checks]
+        return out
+
+    def autoattack_stage() -> dict:
+        res = evaluate(model, take(test, perm[:n_aa]), [AutoAttackSpec(eps=eps, norm="linf", seed=e.seed)],
+                       cascade=True, **kw)  # fmt: skip
+        return {"entry": _attack_entry(res, 0), "clean_correct": bits(res.clean_correct)}
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    clean = _cached_stage(cache_dir / "clean.json", sha, clean_stage, log)
+    att = _cached_stage(cache_dir / "attacks.json", sha, attack_stage, log)
+    attacks = dict(att["attacks"])
+    aa = None
+    if n_aa > 0:
+        aa = _cached_stage(cache_dir / "autoattack.json", sha, autoattack_stage, log)
+        attacks["AutoAttack"] = aa["entry"]
+    # Worst case per example on the smallest subset every attack ran on (a prefix of the others).
+    n_w = n_aa if n_aa > 0 else n_att
+    worst = torch.tensor([c == "1" for c in att["clean_correct"][:n_w]])
+    for entry in attacks.values():
+        worst &= torch.tensor([c == "1" for c in entry["correct"][:n_w]])
+    return {
+        "protocol": "study: clean on clean_n; FGSM, PGD-20, CW-30 (FSR paper settings) on attack_n; "
+                    "AutoAttack standard on autoattack_n; subsets are prefixes of one seeded permutation",
+        "eps": eps, "norm": "linf", "seed": e.seed,
+        "clean": {k: clean[k] for k in ("n", "accuracy", "correct", "seconds", "indices")},
+        "attack_indices": att["indices"],
+        "attacks": attacks,
+        "worst_case": {"n": n_w, "accuracy": 100 * float(worst.float().mean()), "correct": bits(worst),
+                       "attacks": list(attacks)},  # fmt: skip
+        "sanity": att.get("sanity", []),
+        "seconds": round(sum(s["stage_seconds"] for s in (clean, att, aa) if s is not None), 2),
+    }
+
+
+def run_one(plan: StudyPlan, spec: RunSpec, *, progress: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Train (or resume) one run, evaluate it and write its record; returns the record's path."""
+    run_dir = plan.runs_dir / spec.run_id
+    resume = (run_dir / LAST).exists()
+    log(f"{spec.run_id}: {'resuming' if resume else 'training'} in {run_dir}")
+    load_start = hardware()
+    t0 = time.perf_counter()
+    result = train(spec.cfg, run_dir, resume=resume, log=lambda s: log(f"  {s}"))
+    train_wall = time.perf_counter() - t0
+    device = resolve_device(spec.cfg.train.device)
+    model, _, ckpt = load_trained_model(result.best, device)
+    ev = None
+    if plan.study.eval.test:  # a tuning study (test: false) never looks at the test split
+        test = build_data(spec.cfg.data, need_train=False).test
+        ev = evaluate_run(model, test, float(ckpt["eps"]), plan.study, device, result.best,
+                          run_dir / "study-eval", progress, log)  # fmt: skip
+    hist = result.history
+    train_s = sum(h["seconds"] for h in hist)
+    record = {
+        "schema": SCHEMA, "study": plan.study.id, "run": spec.run_id, "row": spec.row.name, "seed": spec.seed,
+        "config": to_dict(spec.cfg), "config_sha256": spec.config_sha256,
+        "commit": git_commit(),
+        "checkpoint": {"file": str(result.best), "sha256": file_sha256(result.best),
+                       "best_epoch": ckpt["best"]["epoch"], "select": spec.cfg.train.select},
+        "metrics": hist,
+        "train": {"epochs": len(hist), "seconds": round(train_s, 1),
+                  "validation_seconds": round(sum(h.get("val_seconds", 0) for h in hist), 1),
+                  "images_per_s": round(sum(h["images_per_s"] for h in hist) / max(len(hist), 1), 1),
+                  # wall time of this invocation only: a resumed run's earlier attempts are in the epochs
+                  "wall_seconds_this_attempt": round(train_wall, 1)},
+        "eval": ev,
+        "hardware": {"at_start": load_start, "at_end": hardware()},
+        "versions": versions(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    path = record_path(plan.records_dir, spec.run_id)
+    write_json(path, record)
+    load_record(path, plan.study.id, spec.config_sha256)  # the record we wrote must read back
+    if ev is None:
+        best = ckpt["best"]["epoch"]
+        m = next((h for h in hist if h["epoch"] == best), {})
+        log(f"{spec.run_id}: validation at best epoch {best}: clean {m.get('val_clean_acc')} "
+            f"robust {m.get('val_robust_acc')} -> {path}")  # fmt: skip
+    else:
+        acc = {k: f"{v['accuracy']:.2f}" for k, v in ev["attacks"].items()}
+        log(f"{spec.run_id}: clean {ev['clean']['accuracy']:.2f} {acc} worst {ev['worst_case']['accuracy']:.2f} -> {path}")
+    return path
