@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -231,6 +232,10 @@ def run_one(plan: StudyPlan, spec: RunSpec, *, progress: bool = False, log: Call
     """Train (or resume) one run, evaluate it and write its record; returns the record's path."""
     run_dir = plan.runs_dir / spec.run_id
     resume = (run_dir / LAST).exists()
+    if run_dir.exists() and not resume:
+        # An attempt stopped before its first checkpoint: nothing to resume. The folder belongs to the
+        # study runner (runs/<study>/<run>), so start that run again from scratch.
+        shutil.rmtree(run_dir)
     log(f"{spec.run_id}: {'resuming' if resume else 'training'} in {run_dir}")
     load_start = hardware()
     t0 = time.perf_counter()

@@ -1,0 +1,356 @@
+"""The study runner (skip, resume after a kill, record schema, bad records) and the results renderer
+(tables and paired intervals from synthetic records with known answers)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from advmend.cli import main
+from advmend.study.records import SCHEMA, STUDY_FILE, RecordError, load_record
+from advmend.study.render import render
+from advmend.study.runner import plan_study, run_study, subset_indices
+from advmend.study.stats import mean_std, paired_bootstrap
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BASE = {
+    "name": "tiny",
+    "data": {"name": "synthetic", "val_size": 32, "options": {"n_train": 128, "n_test": 48, "image_size": 16}},
+    "model": {"name": "small_cnn", "options": {"width": 4}},
+    "train": {"method": "pgd_at", "epochs": 3, "batch_size": 32, "lr": 0.05, "schedule": "cosine",
+              "attack": {"steps": 2, "step_size": 0.01}, "val_attack": {"steps": 1}, "progress": False,
+              "device": "cpu", "deterministic": True},
+}  # fmt: skip
+
+
+def _study(tmp: Path, rows=None, **eval_) -> Path:
+    (tmp / "base.yaml").write_text(yaml.safe_dump(BASE))
+    study = {
+        "id": "tiny", "title": "Tiny", "base": "base.yaml", "records": str(tmp / "rec"), "runs": str(tmp / "runs"),
+        "eval": {"attack_n": 24, "autoattack_n": 0, "batch_size": 48, "sanity": False, **eval_},
+        "rows": rows or [{"name": "at", "seeds": [0]},
+                         {"name": "at_fsr", "overrides": ["fsr.enabled=true", "fsr.hidden=4"], "seeds": [0],
+                          "baseline": "at"}],
+    }  # fmt: skip
+    path = tmp / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def test_records_are_written_then_skipped(tmp_path):
+    path = _study(tmp_path)
+    written = run_study(path, log=_quiet)
+    assert [p.name for p in written] == ["at-s0.json", "at_fsr-s0.json"]
+    stamp = {p: p.stat().st_mtime_ns for p in written}
+    assert run_study(path, log=_quiet) == []  # finished runs are skipped ...
+    assert {p: p.stat().st_mtime_ns for p in written} == stamp  # ... and left untouched
+
+    rec = json.loads(written[1].read_text())
+    assert rec["schema"] == SCHEMA and rec["study"] == "tiny" and rec["run"] == "at_fsr-s0"
+    assert rec["config"]["fsr"]["enabled"] is True and rec["config"]["train"]["seed"] == 0
+    assert len(rec["metrics"]) == 3 and rec["train"]["epochs"] == 3
+    ev = rec["eval"]
+    assert ev["clean"]["n"] == 48 and len(ev["clean"]["correct"]) == 48
+    assert sorted(ev["attacks"]) == ["CW-30", "FGSM", "PGD-20"]
+    assert ev["attack_indices"] == subset_indices(48, 0)[:24].tolist()
+    for name, a in ev["attacks"].items():
+        assert a["n"] == 24 and len(a["correct"]) == 24
+        assert a["accuracy"] == pytest.approx(100 * a["correct"].count("1") / 24)
+    # The worst case is the per-example AND of clean (at the same test indices) and every attack.
+    clean = [ev["clean"]["correct"][i] == "1" for i in ev["attack_indices"]]
+    worst = [c and all(a["correct"][k] == "1" for a in ev["attacks"].values()) for k, c in enumerate(clean)]
+    assert ev["worst_case"]["correct"] == "".join("1" if w else "0" for w in worst)
+    assert {"cpu", "cpu_count", "torch_threads"} <= set(rec["hardware"]["at_start"])
+    assert rec["versions"]["torch"] and rec["checkpoint"]["sha256"]
+
+
+def test_subsets_nest_and_do_not_follow_the_class_order():
+    perm = subset_indices(10000, 0)
+    assert sorted(perm.tolist()) == list(range(10000))
+    assert perm[:500].max() > 9000 and perm[:500].min() < 1000  # not a prefix of a class-sorted split
+    assert perm.tolist() == subset_indices(10000, 0).tolist()
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _strip(rec: dict) -> dict:
+    """A record without what a kill legitimately changes (times, load, the wall time of an attempt)."""
+    rec = json.loads(json.dumps(rec))
+    for key in ("finished", "hardware", "train", "commit"):
+        rec.pop(key)
+    for h in rec["metrics"]:
+        for k in ("seconds", "images_per_s", "val_seconds"):
+            h.pop(k, None)
+    ev = rec["eval"]
+    ev.pop("seconds")
+    ev["clean"].pop("seconds")
+    for a in ev["attacks"].values():
+        a.pop("seconds")
+    return rec
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_record(tmp_path):
+    ref_dir, kill_dir = tmp_path / "ref", tmp_path / "kill"
+    ref_dir.mkdir(), kill_dir.mkdir()
+    rows = [{"name": "at", "seeds": [0]}]
+    ref = run_study(_study(ref_dir, rows), log=_quiet)[0]
+
+    path = _study(kill_dir, rows)
+    cmd = [sys.executable, "-m", "advmend", "study", str(path)]
+    last_json = kill_dir / "runs" / "tiny" / "at-s0" / "last.json"
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (last_json.exists() and json.loads(last_json.read_text() or "{}").get("epoch", 0) >= 1):
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (kill_dir / "rec" / "tiny" / "at-s0.json").exists(), "the kill came after the record; nothing tested"
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "resuming" in res.stdout
+    got = json.loads((kill_dir / "rec" / "tiny" / "at-s0.json").read_text())
+    want = json.loads(ref.read_text())
+    assert _strip(got)["eval"] == _strip(want)["eval"]
+    assert _strip(got)["metrics"] == _strip(want)["metrics"]
+    from advmend.training.checkpoint import load_checkpoint
+
+    (ref_w, _), (got_w, _) = (load_checkpoint(d / "runs" / "tiny" / "at-s0" / "best.safetensors") for d in (ref_dir, kill_dir))
+    assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w) and set(ref_w) == set(got_w)
+
+
+def test_evaluation_stages_are_cached_across_a_failure(tmp_path, monkeypatch):
+    import advmend.study.runner as runner
+
+    path = _study(tmp_path, [{"name": "at", "seeds": [0]}])
+    real = runner.evaluate
+    calls = []
+
+    def failing(model, ds, attacks, **kw):
+        calls.append(len(attacks))
+        if attacks:
+            raise KeyboardInterrupt  # a stop during the attack stage
+        return real(model, ds, attacks, **kw)
+
+    monkeypatch.setattr(runner, "evaluate", failing)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(path, log=_quiet)
+    assert calls == [0, 3]
+    monkeypatch.setattr(runner, "evaluate", lambda *a, **k: (calls.append(len(a[2])), real(*a, **k))[1])
+    logs = []
+    run_study(path, log=logs.append)
+    assert calls == [0, 3, 3]  # the clean stage was not recomputed
+    assert any("clean: cached" in line for line in logs)
+
+
+# --- bad input: one-line error naming the file, nothing overwritten
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("finished")
+    path = _study(tmp)
+    run_study(path, log=_quiet)
+    return tmp, path
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    study = yaml.safe_load((dst / "study.yaml").read_text())
+    study["records"], study["runs"] = str(dst / "rec"), str(dst / "runs")
+    (dst / "study.yaml").write_text(yaml.safe_dump(study))
+    return dst / "study.yaml"
+
+
+def _cli_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("advmend: error:") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_changed_config_is_refused_naming_the_record(finished, tmp_path, capsys):
+    path = _copy(finished[0], tmp_path)
+    study = yaml.safe_load(path.read_text())
+    study["rows"][0]["overrides"] = ["train.lr=0.01"]
+    path.write_text(yaml.safe_dump(study))
+    rec = tmp_path / "rec" / "tiny" / "at-s0.json"
+    before = rec.read_bytes()
+    err = _cli_error(capsys, ["study", str(path)])
+    assert str(rec) in err and "another config" in err
+    assert rec.read_bytes() == before
+    # A key that cannot change a result (the progress bar) is not a change.
+    study["rows"][0]["overrides"] = ["train.progress=true"]
+    path.write_text(yaml.safe_dump(study))
+    assert plan_study(path).pending() == []
+
+
+def test_record_from_another_study_is_refused(finished, tmp_path, capsys):
+    path = _copy(finished[0], tmp_path)
+    rec = tmp_path / "rec" / "tiny" / "at-s0.json"
+    data = json.loads(rec.read_text())
+    data["study"] = "other"
+    rec.write_text(json.dumps(data))
+    err = _cli_error(capsys, ["study", str(path)])
+    assert str(rec) in err and "'other'" in err
+    assert json.loads(rec.read_text())["study"] == "other"
+    err = _cli_error(capsys, ["results", str(tmp_path / "rec"), "--no-plot"])
+    assert str(rec) in err
+    assert not (tmp_path / "rec.md").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not json", "edited accuracy", "wrong length", "renamed"])
+def test_corrupt_record_is_refused(finished, tmp_path, capsys, damage):
+    path = _copy(finished[0], tmp_path)
+    rec = tmp_path / "rec" / "tiny" / "at_fsr-s0.json"
+    text = rec.read_text()
+    if damage == "truncated":
+        rec.write_text(text[: len(text) // 2])
+    elif damage == "not json":
+        rec.write_bytes(b"\x00\xff garbage")
+    elif damage == "edited accuracy":
+        data = json.loads(text)
+        data["eval"]["attacks"]["PGD-20"]["accuracy"] += 5
+        rec.write_text(json.dumps(data))
+    elif damage == "wrong length":
+        data = json.loads(text)
+        data["eval"]["clean"]["correct"] += "1"
+        rec.write_text(json.dumps(data))
+    else:
+        rec.rename(tmp_path / "rec" / "tiny" / "at-s9.json")
+        rec = tmp_path / "rec" / "tiny" / "at-s9.json"
+    before = rec.read_bytes()
+    for argv in (["study", str(path)], ["results", str(tmp_path / "rec"), "--no-plot"]):
+        assert str(rec) in _cli_error(capsys, argv)
+    assert rec.read_bytes() == before
+    assert not (tmp_path / "rec.md").exists()
+
+
+def test_missing_records_folder_or_study_file(tmp_path, capsys):
+    assert "no such records folder" in _cli_error(capsys, ["results", str(tmp_path / "nope")])
+    (tmp_path / "rec" / "x").mkdir(parents=True)
+    assert "no study folders" in _cli_error(capsys, ["results", str(tmp_path / "rec")])
+
+
+def test_results_check_detects_a_hand_edit(finished, tmp_path, capsys):
+    _copy(finished[0], tmp_path)
+    root = tmp_path / "rec"
+    assert main(["results", str(root)]) == 0
+    md = tmp_path / "rec.md"
+    assert (root / "tiny.png").is_file() and "at_fsr − at" in md.read_text()
+    assert main(["results", str(root), "--check"]) == 0
+    md.write_text(md.read_text().replace("| at |", "| at* |"))
+    assert "differs" in _cli_error(capsys, ["results", str(root), "--check"])
+
+
+# --- the renderer's numbers on synthetic records with known answers
+
+
+def _record(run: str, clean: str, attacks: dict[str, str], worst: str, seconds: float = 60.0) -> dict:
+    entry = lambda bits: {"n": len(bits), "accuracy": 100 * bits.count("1") / len(bits), "correct": bits}  # noqa: E731
+    return {
+        "schema": SCHEMA, "study": "syn", "run": run, "config_sha256": "x" * 64, "config": {},
+        "commit": {"sha": "abc", "dirty": False}, "metrics": [{"epoch": 1}],
+        "checkpoint": {"best_epoch": 1, "sha256": "y"},
+        "train": {"epochs": 1, "seconds": seconds, "images_per_s": 100.0},
+        "eval": {"clean": {**entry(clean), "seconds": 1.0}, "attacks": {k: entry(v) for k, v in attacks.items()},
+                 "worst_case": entry(worst), "seconds": 1.0},
+        "hardware": {"at_start": {"cpu": "cpu", "cpu_count": 2, "torch_threads": 2},
+                     "at_end": {"cpu": "cpu", "cpu_count": 2, "torch_threads": 2}},
+        "versions": {"torch": "t", "python": "p", "advmend": "a"},
+    }  # fmt: skip
+
+
+def _write_syn(root: Path, records: list[dict], rows: list[dict]) -> None:
+    folder = root / "syn"
+    folder.mkdir(parents=True)
+    runs = {r["run"]: {"row": r["run"].rsplit("-s", 1)[0], "seed": int(r["run"].rsplit("-s", 1)[1]),
+                       "config_sha256": "x" * 64} for r in records}  # fmt: skip
+    for row in rows:
+        for s in row["seeds"]:
+            runs.setdefault(f"{row['name']}-s{s}", {"row": row["name"], "seed": s, "config_sha256": "x" * 64})
+    (folder / STUDY_FILE).write_text(json.dumps({
+        "schema": "advmend.study/1", "id": "syn", "source": "syn.yaml",
+        "definition": {"id": "syn", "title": "Synthetic", "eval": {"attack_n": 100, "autoattack_n": 100, "seed": 0},
+                       "rows": rows},
+        "runs": runs}))  # fmt: skip
+    for r in records:
+        (folder / f"{r['run']}.json").write_text(json.dumps(r))
+
+
+def test_table_and_paired_interval_from_known_records(tmp_path):
+    n = 100
+    base = lambda k: "1" * k + "0" * (n - k)  # noqa: E731
+    records = [
+        _record("at-s0", base(40), {"PGD-20": base(20), "AutoAttack": base(10)}, base(10)),
+        _record("at-s1", base(50), {"PGD-20": base(30), "AutoAttack": base(20)}, base(20)),
+        # The defense is right on exactly 10 more examples than the baseline under AutoAttack, every seed,
+        # and on exactly the same ones clean.
+        _record("fsr-s0", base(40), {"PGD-20": base(20), "AutoAttack": base(20)}, base(20)),
+        _record("fsr-s1", base(50), {"PGD-20": base(30), "AutoAttack": base(30)}, base(30)),
+    ]
+    rows = [{"name": "at", "seeds": [0, 1]}, {"name": "fsr", "seeds": [0, 1, 2], "baseline": "at"}]
+    _write_syn(tmp_path / "rec", records, rows)
+    text, _ = render(tmp_path / "rec", plot=False)
+    assert "4 of 5 runs finished; still missing: fsr-s2." in text
+    assert "| at | 2/2 | 45.00 ± 7.07 | 25.00 ± 7.07 | 15.00 ± 7.07 | 15.00 ± 7.07 | 1.0 ± 0.0 | 100 ± 0 |" in text
+    assert "| fsr | 2/3 | 45.00 ± 7.07 |" in text
+    line = next(line for line in text.splitlines() if line.startswith("| fsr − at |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1] == "2"
+    assert cells[2] == "+0.00 [+0.00, +0.00]"  # identical clean results: no difference, no spread
+    mean, low, high = (float(x) for x in cells[4].replace("[", "").replace("]", "").replace(",", "").split())
+    assert mean == 10.0 and 4.0 < low < 10.0 < high < 16.0
+    assert cells[-1] == "met"  # +10 AutoAttack points, clean unchanged
+
+
+def test_paired_bootstrap_matches_the_normal_approximation():
+    n, k = 4000, 400  # one seed: +1 on 10 % of the examples, 0 elsewhere
+    diff = np.zeros((1, n))
+    diff[0, :k] = 1
+    mean, low, high = paired_bootstrap(diff)
+    se = 100 * math.sqrt(0.1 * 0.9 / n)
+    assert mean == pytest.approx(10.0)
+    assert low == pytest.approx(10 - 1.96 * se, abs=0.25) and high == pytest.approx(10 + 1.96 * se, abs=0.25)
+    # Seeds add their own spread: two seeds at +5 and +15 points give a much wider interval.
+    two = np.zeros((2, n))
+    two[0, : n // 20], two[1, : 3 * n // 20] = 1, 1
+    m2, l2, h2 = paired_bootstrap(two)
+    assert m2 == pytest.approx(10.0) and l2 < 6 and h2 > 14
+    assert paired_bootstrap(two) == (m2, l2, h2)  # seeded: the page is reproducible
+
+
+def test_mean_std():
+    assert mean_std([40.0, 50.0]) == pytest.approx((45.0, math.sqrt(50)))
+    assert mean_std([3.0]) == (3.0, None)
+
+
+def test_load_record_rejects_a_record_of_another_config(finished, tmp_path):
+    _copy(finished[0], tmp_path)
+    rec = tmp_path / "rec" / "tiny" / "at-s0.json"
+    with pytest.raises(RecordError, match="another config"):
+        load_record(rec, "tiny", "0" * 64)
