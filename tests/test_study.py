@@ -354,3 +354,21 @@ def test_load_record_rejects_a_record_of_another_config(finished, tmp_path):
     rec = tmp_path / "rec" / "tiny" / "at-s0.json"
     with pytest.raises(RecordError, match="another config"):
         load_record(rec, "tiny", "0" * 64)
+
+
+def test_runs_are_seed_major_and_claimed_by_one_process(tmp_path):
+    from advmend.study.runner import claim
+
+    rows = [{"name": "a", "seeds": [0, 1]}, {"name": "b", "seeds": [0, 1], "baseline": "a"}]
+    plan = plan_study(_study(tmp_path, rows))
+    assert [s.run_id for s in plan.pending()] == ["a-s0", "b-s0", "a-s1", "b-s1"]
+    with claim(tmp_path / "runs", "a-s0") as mine:
+        assert mine
+        (tmp_path / "runs" / "a-s0.claim").write_text("1")  # pid 1 is alive: another process owns it
+        with claim(tmp_path / "runs", "a-s0") as other:
+            assert not other
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "runs" / "a-s0.claim").write_text(dead.stdout.strip())  # a killed process's claim
+    with claim(tmp_path / "runs", "a-s0") as mine:
+        assert mine
+    assert not (tmp_path / "runs" / "a-s0.claim").exists()

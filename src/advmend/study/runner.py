@@ -9,6 +9,7 @@ record exists are skipped after checking that the record still matches the run's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -51,7 +52,51 @@ class StudyPlan:
     runs_dir: Path
 
     def pending(self) -> list[RunSpec]:
-        return [s for s in self.specs if not record_path(self.records_dir, s.run_id).exists()]
+        """Runs without a record, seed-major (every row's first seed before any second seed), so that
+        the paired comparisons fill in early when a study is spread over sessions."""
+        rows = {r.name: k for k, r in enumerate(self.study.rows)}
+        todo = [s for s in self.specs if not record_path(self.records_dir, s.run_id).exists()]
+        return sorted(todo, key=lambda s: (s.row.seeds.index(s.seed), rows[s.row.name]))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def claim(runs_dir: Path, run_id: str):
+    """Yields True when this process owns the run (a `<run>.claim` file holding its pid), False when
+    another live process does. Several `advmend study` processes on one machine thus share a study's
+    runs; the claim of a killed process is taken over."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    path = runs_dir / f"{run_id}.claim"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and owner != os.getpid() and _alive(owner):
+                yield False
+                return
+            path.unlink(missing_ok=True)  # a stale claim
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        try:
+            yield True
+        finally:
+            path.unlink(missing_ok=True)
+        return
+    yield False
 
 
 def plan_study(study_file: str | Path) -> StudyPlan:
@@ -103,9 +148,17 @@ def run_study(study_file: str | Path, *, only: list[str] | None = None, max_runs
     todo = [s for s in plan.pending() if not only or s.row.name in only]
     done = len(plan.specs) - len(plan.pending())
     log(f"study {plan.study.id}: {len(plan.specs)} runs, {done} recorded, {len(todo)} to run now")
-    written = []
-    for spec in todo[: max_runs if max_runs is not None else len(todo)]:
-        written.append(run_one(plan, spec, progress=progress, log=log))
+    written: list[Path] = []
+    for spec in todo:
+        if max_runs is not None and len(written) >= max_runs:
+            break
+        with claim(plan.runs_dir, spec.run_id) as mine:
+            if not mine:
+                log(f"{spec.run_id}: another advmend study process is running it; skipped")
+                continue
+            if record_path(plan.records_dir, spec.run_id).exists():  # finished while we waited
+                continue
+            written.append(run_one(plan, spec, progress=progress, log=log))
     return written
 
 
