@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from advmend.attacks import BPDA, PGD, bpda, kl_loss, pgd
+from advmend.attacks import BPDA, PGD, bpda, kl_loss, pgd, pgd_tracked
 from advmend.attacks.pgd import NORMAL_START_STD, _random_start
 from advmend.errors import ConfigError
 
@@ -57,7 +57,7 @@ class NoisyLinear(nn.Module):
         return self.fc((x + 0.05 * torch.randn_like(x)).flatten(1))
 
 
-def test_eot_one_equals_plain_and_eot_is_batch_consistent(tiny_net, batch):
+def test_eot_one_equals_plain_and_eot_on_a_deterministic_model_changes_nothing(tiny_net, batch):
     x, y = batch
     cfg = PGD(eps=8 / 255, steps=3, random_start=False)
     a = pgd(tiny_net, x, y, cfg)
@@ -66,6 +66,24 @@ def test_eot_one_equals_plain_and_eot_is_batch_consistent(tiny_net, batch):
     # a deterministic model: averaging identical gradients changes nothing
     c = pgd(tiny_net, x, y, PGD(eps=8 / 255, steps=3, random_start=False, eot=4))
     assert torch.allclose(a, c, atol=1e-6)
+
+
+def test_eot_results_do_not_depend_on_the_batch(tiny_net, batch):
+    """An example's adversarial example is the same alone, in its batch, or in a reordered batch.
+
+    No random start: a random start is drawn for the whole batch from the generator, so with it an
+    example's start (and result) legitimately depends on its position; the gradient averaging, the
+    best-iterate bookkeeping and the scoring must not."""
+    x, y = batch
+    cfg = PGD(eps=8 / 255, steps=4, step_size=2 / 255, random_start=False, eot=3)
+    full = pgd(tiny_net, x, y, cfg)
+    perm = torch.tensor([4, 0, 5, 2, 1, 3])
+    shuffled = pgd(tiny_net, x[perm], y[perm], cfg)
+    torch.testing.assert_close(shuffled, full[perm], atol=1e-6, rtol=0)
+    for i in range(len(x)):
+        alone = pgd(tiny_net, x[i : i + 1], y[i : i + 1], cfg)
+        torch.testing.assert_close(alone, full[i : i + 1], atol=1e-6, rtol=0)
+    assert (full != x).any()  # the attack did move
 
 
 def test_eot_averages_gradients_of_a_random_model(batch):
@@ -140,3 +158,95 @@ def test_bpda_gives_gradient_through_a_quantiser_where_plain_autograd_gives_none
     moved = pgd(BPDA(quantise, tiny_net), x, y, cfg)
     assert torch.equal(stuck, x)  # zero gradients: sign(0) = 0, the attack never moves
     assert (moved - x).abs().max() > 0
+
+
+# --------------------------------------------------------------------------- random start, step, restarts
+
+
+def test_uniform_start_fills_the_eps_ball():
+    x = torch.full((8, 3, 16, 16), 0.5)  # away from the box: no clipping
+    eps = 8 / 255
+    delta = _random_start(x, PGD(eps=eps), torch.Generator().manual_seed(0))
+    assert delta.abs().max() <= eps + 1e-7
+    assert delta.max() > 0.99 * eps and delta.min() < -0.99 * eps  # reaches the ball's faces
+    assert delta.std().item() == pytest.approx(eps / 3**0.5, rel=0.05)  # U(-eps, eps)
+    norms = _random_start(x, PGD(eps=0.5, norm="l2"), torch.Generator().manual_seed(0)).flatten(1).norm(dim=1)
+    assert (norms <= 0.5 + 1e-6).all() and (norms > 0.45).all()  # radius r^(1/d): mass near the sphere
+
+
+class TwoClassLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(3 * 4 * 4, 2)
+
+    def forward(self, x):
+        return self.lin(x.flatten(1))
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_one_step_has_the_step_size_and_ascends(norm):
+    """On a linear model the CE gradient is along w_other - w_y: one step of `step_size` along it."""
+    model = TwoClassLinear()
+    x = torch.full((4, 3, 4, 4), 0.5)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    eps, step = (8 / 255, 2 / 255) if norm == "linf" else (0.5, 0.1)
+    x_adv = pgd(model, x, y, PGD(eps=eps, steps=1, step_size=step, norm=norm, random_start=False, keep_best=False))
+    w = model.lin.weight.detach()
+    for i, c in enumerate(y.tolist()):
+        direction = (w[1 - c] - w[c]).view_as(x[i])
+        d = x_adv[i] - x[i]
+        if norm == "linf":
+            torch.testing.assert_close(d, step * direction.sign(), atol=1e-6, rtol=0)
+        else:
+            torch.testing.assert_close(d, step * direction / direction.norm(), atol=1e-6, rtol=0)
+
+
+class RecordStarts(nn.Module):
+    """Never fooled (class 0 by a wide margin); records the input of every gradient-enabled pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3 * 8 * 8, 3)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            self.seen.append(x.detach().clone())
+        return self.lin(x.flatten(1)) + torch.tensor([50.0, 0.0, 0.0])
+
+
+def test_each_restart_draws_its_own_random_start(batch):
+    x, _ = batch
+    y = torch.zeros(len(x), dtype=torch.int64)
+    model = RecordStarts()
+    eps = 8 / 255
+    pgd(model, x, y, PGD(eps=eps, steps=1, restarts=3), generator=torch.Generator().manual_seed(0))
+    starts = model.seen  # one gradient pass per run (steps=1), every example in every run (never fooled)
+    assert len(starts) == 3
+    for s in starts:
+        assert s.shape == x.shape and (s - x).abs().max() <= eps + 1e-6 and not torch.equal(s, x)
+    assert all(not torch.equal(starts[i], starts[j]) for i in range(3) for j in range(i + 1, 3))
+
+
+class Gamble(nn.Module):
+    """One pixel decides: the loss grows away from its clean value in both directions, but only the +
+    side fools the model. From a random start each run fools an example with probability 1/2."""
+
+    def forward(self, x):
+        u = (x[:, 0, 0, 0] - 0.5) / (8 / 255)
+        margin = -1 + 2 * torch.relu(u) + 0.5 * torch.relu(-u)
+        return torch.stack([torch.zeros_like(margin), margin], 1)
+
+
+def test_more_restarts_fool_strictly_more_examples():
+    x = torch.full((32, 3, 4, 4), 0.5)
+    y = torch.zeros(32, dtype=torch.int64)
+    fooled = {}
+    for restarts in (1, 8):
+        cfg = PGD(eps=8 / 255, steps=10, restarts=restarts)
+        _, fooled[restarts] = pgd_tracked(Gamble(), x, y, cfg, generator=torch.Generator().manual_seed(0))
+    assert 4 < int(fooled[1].sum()) < 28  # one run: about half
+    assert int(fooled[8].sum()) > 28  # eight: all but about 1 in 256
+    assert not (fooled[1] & ~fooled[8]).any()  # the first run is the same; later ones only add

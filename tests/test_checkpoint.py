@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file as real_save_file
 
 import advmend.training.checkpoint as ckpt_mod
@@ -246,6 +248,71 @@ def test_tensor_swapped_with_valid_file_but_old_digest(saved, tmp_path):
         load_checkpoint(forged)
 
 
+def _raw(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.parametrize("change", [
+    {"eps": 0.5 / 255},  # the issue's case: the attacks would silently run at this eps
+    {"num_classes": 11},
+    {"config": {"model": {"name": "small_cnn", "options": {"width": 4}}}},
+])  # fmt: skip
+def test_modified_record_is_refused(saved, tmp_path, change):
+    """The record (config, eps) is sealed with the tensors: editing it is refused like editing a tensor."""
+    meta, tensors = _raw(saved[0])
+    meta["advmend"] = json.dumps(dict(json.loads(meta["advmend"]), **change), indent=2, sort_keys=True)
+    forged = tmp_path / "forged.safetensors"
+    real_save_file(tensors, str(forged), metadata=meta)
+    with pytest.raises(CheckpointError, match="record .*modified"):
+        load_checkpoint(forged)
+
+
+def test_record_edit_that_keeps_the_json_equal_is_still_refused(saved, tmp_path):
+    """The seal covers the stored text itself: even whitespace changes break it."""
+    meta, tensors = _raw(saved[0])
+    meta["advmend"] = json.dumps(json.loads(meta["advmend"]), sort_keys=True)  # same data, other layout
+    forged = tmp_path / "forged.safetensors"
+    real_save_file(tensors, str(forged), metadata=meta)
+    with pytest.raises(CheckpointError, match="modified"):
+        load_checkpoint(forged)
+
+
+def test_missing_seal_is_refused(saved, tmp_path):
+    meta, tensors = _raw(saved[0])
+    del meta["advmend_sha256"]
+    forged = tmp_path / "forged.safetensors"
+    real_save_file(tensors, str(forged), metadata=meta)
+    with pytest.raises(CheckpointError, match="modified"):
+        load_checkpoint(forged)
+
+
+def test_format_1_checkpoint_is_refused_with_what_to_do(saved, tmp_path):
+    """A checkpoint of the old format (a digest of the tensors alone, its own digest intact): its record
+    cannot be verified, so it is refused with a message saying to retrain, not trusted."""
+    meta, tensors = _raw(saved[0])
+    record = dict(json.loads(meta["advmend"]), format="advmend-checkpoint-1")
+    old = tmp_path / "old.safetensors"
+    real_save_file(tensors, str(old), metadata={"advmend": json.dumps(record)})
+    with pytest.raises(CheckpointError, match="advmend-checkpoint-1.*cannot be verified.*retrain"):
+        load_checkpoint(old)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("image_shape", [3, -1, 32]), ("image_shape", [3, 32]), ("image_shape", [3, 32.5, 32]),
+    ("image_shape", [3, True, 32]), ("image_shape", "3x32x32"), ("image_shape", None),
+    ("num_classes", 1), ("num_classes", 10.0), ("num_classes", "10"),
+    ("eps", 0), ("eps", -0.1), ("eps", float("inf")), ("eps", float("nan")), ("eps", "8/255"),
+    ("epoch", -1), ("epoch", 2.5), ("config", [1, 2]), ("best", {"value": "high"}),
+])  # fmt: skip
+def test_invalid_record_fields_are_refused_at_load(tmp_path, field, value):
+    """A sealed record (as a buggy writer would leave it) whose fields loading relies on are invalid."""
+    path = save_checkpoint(tmp_path / "c.safetensors", _model(), dict(RECORD, **{field: value}))
+    with pytest.raises(CheckpointError, match=f"invalid checkpoint record: {field}") as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value)
+
+
 class _Evil:
     """Unpickling this creates the marker file (what a malicious checkpoint would do)."""
 
@@ -317,3 +384,45 @@ def test_successful_save_leaves_no_temp_files(tmp_path):
     save_checkpoint(tmp_path / "a.safetensors", m, {"epoch": 2})  # overwrite in place
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "a.safetensors"]
     assert load_checkpoint(tmp_path / "a.safetensors")[1]["epoch"] == 2
+
+
+def _safetensors_disk_full(tensors, filename, metadata=None):
+    with open(filename, "wb") as f:
+        f.write(b"\x10\x00\x00")  # what got written before the disk filled up
+    # What safetensors raises when the disk fills up while it writes.
+    raise SafetensorError(
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    )
+
+
+def _os_disk_full(tensors, filename, metadata=None):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("failing", [_safetensors_disk_full, _os_disk_full])
+def test_disk_full_keeps_the_previous_checkpoint_and_its_sidecar(saved, monkeypatch, failing):
+    path, model, opt = saved
+    before = {p.name: p.read_bytes() for p in path.parent.iterdir()}
+    monkeypatch.setattr(ckpt_mod, "save_file", failing)
+    with pytest.raises((SafetensorError, OSError)):
+        save_checkpoint(path, model, dict(RECORD, epoch=4), opt)
+    assert {p.name: p.read_bytes() for p in path.parent.iterdir()} == before  # no temp file left
+    assert load_checkpoint(path)[1]["epoch"] == 3
+
+
+def test_sidecar_write_failure_renames_neither_file(saved, monkeypatch):
+    """The sidecar is written before either file is renamed: a full disk then leaves the pair as it was,
+    never a new checkpoint beside an old sidecar."""
+    path, model, opt = saved
+    before = {p.name: p.read_bytes() for p in path.parent.iterdir()}
+    real = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name.startswith(".ckpt.json."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError):
+        save_checkpoint(path, model, dict(RECORD, epoch=4), opt)
+    assert {p.name: p.read_bytes() for p in path.parent.iterdir()} == before

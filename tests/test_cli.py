@@ -16,6 +16,7 @@ import yaml
 
 from advmend.cli import main
 from advmend.models import MODELS
+from advmend.training.checkpoint import FORMAT as CHECKPOINT_FORMAT
 
 CONFIG = {
     "name": "cli-test",
@@ -88,7 +89,7 @@ def test_train_writes_checkpoints_config_and_metrics(trained, config_path):
     for name in ("last", "best"):
         assert (out / f"{name}.safetensors").is_file()
         side = json.loads((out / f"{name}.json").read_text())
-        assert side["format"] == "advmend-checkpoint-1"
+        assert side["format"] == CHECKPOINT_FORMAT
         assert side["config"]["model"]["name"] == "small_cnn"
     assert json.loads((out / "last.json").read_text())["epoch"] == 2
     assert 1 <= json.loads((out / "best.json").read_text())["epoch"] <= 2

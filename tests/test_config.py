@@ -85,7 +85,7 @@ def test_override_dotted_keys_and_yaml_types(cfg_file):
             "train.lr=0.01",
             "eval.n_examples=null",
             "train.attack.steps=3",
-            "model.name=resnet18",
+            "model.normalize=true",
             "data.options.n_train=100",
             "name=renamed",
         ],
@@ -95,7 +95,7 @@ def test_override_dotted_keys_and_yaml_types(cfg_file):
     assert cfg.train.lr == 0.01
     assert cfg.eval.n_examples is None
     assert cfg.train.attack.steps == 3
-    assert cfg.model.name == "resnet18"
+    assert cfg.model.normalize is True
     assert cfg.model.options == {"width": 8}  # sibling keys of an overridden section survive
     assert cfg.data.options == {"n_train": 100}
     assert cfg.data.name == "synthetic"

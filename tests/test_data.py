@@ -130,6 +130,42 @@ def test_generic_npz_loader(tmp_path):
         load_dataset("npz", "train")
 
 
+def _npz_case(tmp_path: Path, case: str) -> Path:
+    path = tmp_path / "case.npz"
+    x, y = np.zeros((4, 8, 8, 3), np.uint8), np.arange(4)
+    if case == "npy":
+        np.save(tmp_path / "case.npy", x)
+        (tmp_path / "case.npy").rename(path)
+    elif case == "huge labels":  # no classes array: 2**40 inferred class names would exhaust memory
+        np.savez(path, x_train=x, y_train=np.full(4, 2**40), x_test=x, y_test=y)
+    elif case == "empty test":
+        np.savez(path, x_train=x, y_train=y, x_test=x[:0], y_test=y[:0])
+    elif case == "truncated":
+        np.savez(path, x_train=x, y_train=y, x_test=x, y_test=y)
+        path.write_bytes(path.read_bytes()[:100])
+    return path
+
+
+@pytest.mark.parametrize(
+    "case,needle",
+    [("npy", "single array"), ("huge labels", "labels go up to 1099511627776"),
+     ("empty test", "test split is empty"), ("truncated", "cannot read")],
+)  # fmt: skip
+def test_npz_that_cannot_be_used(tmp_path, case, needle):
+    path = _npz_case(tmp_path, case)
+    with pytest.raises(DataError, match=needle) as info:
+        load_dataset("npz", "test", path=str(path))
+    assert str(path) in str(info.value)
+
+
+def test_synthetic_size_is_bounded_and_noise_follows_config_rules():
+    with pytest.raises(ConfigError, match=r"too large.*data\.options\.n_train"):
+        load_dataset("synthetic", "train", n_train=2**40)
+    with pytest.raises(ConfigError, match=r"data\.options\.noise: expected a finite number"):
+        load_dataset("synthetic", "train", noise=float("inf"))
+    assert len(load_dataset("synthetic", "test", n_test=4, noise="1e-3")) == 4  # YAML 1.1 reads 1e-3 as text
+
+
 def test_missing_data_message(tmp_path):
     root = tmp_path / "empty"
     with pytest.raises(DataError) as info:

@@ -186,6 +186,8 @@ def test_eval_writes_report_card_with_sanity_plot_transfer_and_adv(checkpoint, t
     assert len(report["per_example"]["worst_case"]) == 12
     assert report["meta"]["timings"]["sanity_s"] >= 0 and "torch" in report["versions"]
     assert report["meta"]["plot"] == "accuracy_vs_eps.png"
+    curve = report["meta"]["accuracy_vs_eps"]  # the picture's own PGD-10 sweep, 0 to 2 eps
+    assert len(curve["eps"]) == len(curve["accuracy"]) == 6 and curve["n_examples"] == 12
     assert (out / "accuracy_vs_eps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert "## Sanity checks" in md and "S09-gradients" in md and "accuracy_vs_eps.png" in md
@@ -221,6 +223,7 @@ def test_eval_user_model_with_safetensors_and_pt_weights(tmp_path, monkeypatch):
         assert report["meta"]["eps"] == pytest.approx(8 / 255)
         assert len(report["meta"]["checkpoint_sha256"]) == 64
         assert not (out / "accuracy_vs_eps.png").exists()
+        assert "accuracy_vs_eps" not in report["meta"]  # --no-plot skips the sweep too
 
 
 def _error(capsys) -> str:

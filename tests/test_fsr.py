@@ -82,17 +82,75 @@ def test_every_parameter_gets_a_gradient():
     assert not missing
 
 
-def test_y_adv_is_highest_wrong_class():
+def _spec_y_adv(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """shared/specs/fsr.md: the top-1 class when it is wrong, else the top-2 class."""
+    top2 = logits.topk(2, dim=1).indices
+    return torch.where(top2[:, 0] != y, top2[:, 0], top2[:, 1])
+
+
+def test_y_adv_is_top1_when_wrong_and_top2_when_right():
     from advmend.defenses.fsr import FSRBlockOutput, fsr_terms
 
-    logits = torch.tensor([[5.0, 4.0, 1.0], [0.0, 1.0, 9.0]])
-    y = torch.tensor([0, 2])
-    head = torch.zeros(2, 3, requires_grad=True)
-    b = FSRBlockOutput(torch.zeros(1), torch.zeros(1), head, head * 0 + torch.tensor([[0, 9.0, 0], [0, 9.0, 0]]), head)
-    sep, _ = fsr_terms([b], logits, y)
-    # the non-robust branch predicts class 1 confidently: y_adv is 1 for both rows, so its CE is tiny
-    expected = nn.functional.cross_entropy(head, y) + nn.functional.cross_entropy(b.logits_nonrobust, torch.tensor([1, 1]))
-    torch.testing.assert_close(sep, expected)
+    logits = torch.tensor([[5.0, 4.0, 1.0],   # y=0 right: y_adv = top-2 = 1
+                           [2.0, 9.0, 5.0],   # y=0 wrong: y_adv = top-1 = 1 (top-2 would be 2)
+                           [1.0, 3.0, 9.0],   # y=1 wrong: y_adv = top-1 = 2 (top-2 would be y itself)
+                           [0.0, 1.0, 9.0]])  # y=2 right: y_adv = top-2 = 1  # fmt: skip
+    y = torch.tensor([0, 0, 1, 2])
+    y_adv = torch.tensor([1, 1, 2, 1])
+    assert torch.equal(_spec_y_adv(logits, y), y_adv)
+    g = torch.Generator().manual_seed(0)
+    robust, nonrobust, recal = (torch.randn(4, 3, generator=g) for _ in range(3))
+    b = FSRBlockOutput(torch.zeros(1), torch.zeros(1), robust, nonrobust, recal)
+    sep, rec = fsr_terms([b], logits, y)
+    ce = nn.functional.cross_entropy
+    torch.testing.assert_close(sep, ce(robust, y) + ce(nonrobust, y_adv))
+    torch.testing.assert_close(rec, ce(recal, y))
+    top2 = logits.topk(2, dim=1).indices[:, 1]
+    assert not torch.isclose(sep, ce(robust, y) + ce(nonrobust, top2))  # the rows above tell them apart
+
+
+def _spec_block(block: FSRBlock, f: torch.Tensor, tau: float) -> dict[str, torch.Tensor]:
+    """The block's outputs recomputed from shared/specs/fsr.md with its own sub-nets (deterministic mask)."""
+    m = torch.sigmoid(block.separation(f) / tau)
+    f_plus, f_minus = m * f, (1 - m) * f
+    f_tilde = f_minus + (1 - m) * block.recalibration(f_minus)
+    head = lambda t: block.head(t.mean(dim=(2, 3)))  # noqa: E731 - global average pool, then Linear
+    return {"mask": m, "features": f_plus + f_tilde, "logits_robust": head(f_plus),
+            "logits_nonrobust": head(f_minus), "logits_recalibrated": head(f_tilde)}  # fmt: skip
+
+
+def test_aux_outputs_follow_the_spec_including_the_recalibrated_branch():
+    torch.manual_seed(0)
+    block = FSRBlock(8, 5, hidden=4).eval()
+    f = torch.randn(3, 8, 4, 4)
+    aux = block.forward_with_aux(f)
+    spec = _spec_block(block, f, 0.1)
+    for name, value in spec.items():
+        torch.testing.assert_close(getattr(aux, name), value, msg=name)
+    # A(f~-) is not A(f-): the recalibration changes what the head sees.
+    assert not torch.allclose(aux.logits_recalibrated, spec["logits_nonrobust"], atol=1e-3)
+
+
+def test_tau_sets_the_mask_sharpness():
+    torch.manual_seed(0)
+    block = FSRBlock(8, 5, hidden=4, tau=0.5).eval()
+    f = torch.randn(3, 8, 4, 4)
+    spec = _spec_block(block, f, 0.5)
+    torch.testing.assert_close(block(f), spec["features"])
+    torch.testing.assert_close(block.forward_with_aux(f).mask, spec["mask"])
+    assert not torch.allclose(spec["mask"], _spec_block(block, f, 0.1)["mask"], atol=1e-3)
+
+
+def test_train_mode_mask_draws_logistic_noise():
+    torch.manual_seed(0)
+    block = FSRBlock(8, 5, hidden=4, tau=0.3).train()
+    f = torch.randn(3, 8, 4, 4)
+    torch.manual_seed(1)
+    aux = block.forward_with_aux(f)
+    torch.manual_seed(1)
+    z = block.separation(f)  # train-mode BatchNorm, as in the block's own pass
+    u = torch.rand(z.shape)
+    torch.testing.assert_close(aux.mask, torch.sigmoid((z + torch.log(u) - torch.log1p(-u)) / 0.3))
 
 
 def test_insert_into_torchvision_resnet18_and_eject():

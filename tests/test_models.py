@@ -10,6 +10,7 @@ from torch import nn
 
 from advmend.errors import ConfigError
 from advmend.models import FSR_PRESETS, MODELS, Normalize, create_model, fsr_preset
+from advmend.models.registry import check_model_options, model_options
 
 HEAVY = {"wrn34_10", "wrn28_10"}
 NUM_CLASSES = 10
@@ -175,8 +176,54 @@ def test_none_kwargs_dropped_and_width():
     assert model.fc.in_features == 128
     model = create_model("small_cnn", num_classes=10, width=8)
     assert model.features(torch.rand(2, 3, 32, 32)).shape == (2, 32)
-    with pytest.raises(TypeError):
+    # An unknown option is a ConfigError naming it and listing the valid ones (a TypeError before).
+    with pytest.raises(ConfigError, match=r"model\.options\.no_such_option.*its options: width"):
         create_model("small_cnn", num_classes=10, no_such_option=3)
+
+
+@pytest.mark.parametrize(
+    "name,options,needle",
+    [
+        ("small_cnn", {"nope": 1}, r"model\.options\.nope: model 'small_cnn' has no option 'nope'; its options: width"),
+        ("small_cnn", {"width": "abc"}, r"model\.options\.width: expected an integer, got 'abc'"),
+        ("small_cnn", {"width": 2.5}, r"model\.options\.width: expected an integer"),
+        ("small_cnn", {"width": True}, r"model\.options\.width: expected an integer"),
+        ("wrn28_10", {"dropout": "x"}, r"model\.options\.dropout: expected a number"),
+        ("wrn28_10", {"dropout": float("nan")}, r"model\.options\.dropout: expected a finite number"),
+        ("resnet18", {"width": 8}, r"model\.options\.width: .*its options: none"),
+        ("resnet18", {"num_classes": 3}, r"model\.options\.num_classes: .*from the data"),
+        ("resnet18", {"normalize": True}, r"model\.options\.normalize: .*model\.normalize"),
+    ],
+)
+def test_model_options_checked_against_the_factory_signature(name, options, needle):
+    with pytest.raises(ConfigError, match=needle):
+        check_model_options(name, options)
+    if "num_classes" not in options:  # (that one would be a duplicate keyword argument here)
+        with pytest.raises(ConfigError, match=needle):
+            create_model(name, num_classes=10, **options)
+
+
+def test_model_options_converted_like_config_values():
+    assert check_model_options("wrn28_10", {"dropout": "1/10"}) == {"dropout": 0.1}
+    assert check_model_options("wrn28_10", {"dropout": 0}) == {"dropout": 0.0}
+    assert check_model_options("small_cnn", {"width": None}) == {"width": None}  # None: the default
+    assert set(model_options("small_cnn")) == {"width"}
+    assert model_options("resnet18") == {}
+
+
+def test_model_too_large_for_memory_is_config_error():
+    with pytest.raises(ConfigError, match=r"cannot be built with model\.options\.width=1099511627776"):
+        create_model("small_cnn", num_classes=10, width=2**40)  # 118 TB of conv weights
+
+
+def test_model_too_small_for_images_is_config_error():
+    from advmend.config import RunConfig, from_dict
+    from advmend.training.build import build_model
+
+    cfg = from_dict(RunConfig, {"model": {"name": "small_cnn", "options": {"width": 4}}})
+    with pytest.raises(ConfigError, match=r"cannot take 3x1x1 images.*data\.options\.image_size"):
+        build_model(cfg, 10, (3, 1, 1))
+    assert build_model(cfg, 10, (3, 4, 4))(torch.rand(2, 3, 4, 4)).shape == (2, 10)
 
 
 def test_normalize_module():

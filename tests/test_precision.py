@@ -94,18 +94,30 @@ def test_fp16_attack_gradients_do_not_underflow():
     assert torch.isclose(adv, ref, atol=1e-6).float().mean() > 0.8  # measured: 0.865
 
 
+SCALER_KEYS = {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
+
+
 def test_fp16_training_uses_and_checkpoints_the_grad_scaler(tmp_path, fp32_run):
     out = tmp_path / "fp16"
     result = train(_cfg(amp="fp16"), out, log=lambda s: None)
     _, record = load_checkpoint(out / "last.safetensors")
-    assert record["scaler"]["scale"] > 0 and set(record["scaler"]) >= {"scale", "growth_tracker", "_growth_tracker"} & set(record["scaler"])
+    assert set(record["scaler"]) == SCALER_KEYS == set(torch.amp.GradScaler("cpu").state_dict())
+    assert record["scaler"]["scale"] > 0
     assert _max_diff(_weights(out), _weights(fp32_run)) < 1e-2
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
-    # Resume restores the scaler state (scale and growth tracker) exactly.
+    # Resume restores the scaler state (scale and growth tracker) exactly: one epoch, then a resumed
+    # second, ends where two epochs in one go end. A scaler restarted from its defaults (scale 2^16,
+    # tracker 0) would end elsewhere, as the first check shows.
     resumed = from_dict(RunConfig, {**json.loads(json.dumps(record["config"])), "train": {**record["config"]["train"], "epochs": 2}})
     train(resumed, out, resume=True, log=lambda s: None)
     _, rec2 = load_checkpoint(out / "last.safetensors")
-    assert rec2["epoch"] == 2 and rec2["scaler"]["scale"] > 0
+    straight = tmp_path / "fp16_straight"
+    train(_cfg(amp="fp16", epochs=2), straight, log=lambda s: None)
+    _, rec_straight = load_checkpoint(straight / "last.safetensors")
+    assert record["scaler"] != torch.amp.GradScaler("cpu").state_dict()  # epoch 1 moved the state
+    assert rec2["epoch"] == rec_straight["epoch"] == 2
+    assert rec2["scaler"] == rec_straight["scaler"]
+    assert _max_diff(_weights(out), _weights(straight)) == 0
 
 
 def test_bf16_training_is_close_to_fp32(tmp_path, fp32_run):

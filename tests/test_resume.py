@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors import SafetensorError
 
 import advmend.training.checkpoint as ckpt_mod
 import advmend.training.loop as loop_mod
@@ -189,12 +191,134 @@ def test_checkpoint_bytes_estimate_matches_the_file(tmp_path):
     assert estimate <= size < estimate + 64 * 1024  # the rest is the JSON record and RNG states
 
 
-def test_disk_full_during_training_is_a_checkpoint_error(tmp_path, monkeypatch):
-    def full(tensors, filename, metadata=None):
-        raise OSError(28, "No space left on device")
+def _safetensors_full(tensors, filename, metadata=None):
+    # What safetensors raises when the disk fills up while it writes.
+    raise SafetensorError(
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    )
 
+
+def _os_full(tensors, filename, metadata=None):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("full", [_os_full, _safetensors_full])
+def test_disk_full_during_training_is_a_checkpoint_error(tmp_path, monkeypatch, full):
     monkeypatch.setattr(ckpt_mod, "save_file", full)
-    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint is intact"):
+    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint is intact") as info:
         train(_small_cfg(epochs=1), tmp_path / "run", log=lambda s: None)
+    assert "\n" not in str(info.value)
     assert not (tmp_path / "run" / LAST).exists()
     assert not list((tmp_path / "run").glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("full", [_os_full, _safetensors_full])
+def test_disk_full_later_keeps_the_previous_checkpoint(tmp_path, monkeypatch, full):
+    out = tmp_path / "run"
+    train(_small_cfg(epochs=1), out, log=lambda s: None)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".safetensors", ".json")}
+    monkeypatch.setattr(ckpt_mod, "save_file", full)
+    with pytest.raises(CheckpointError, match="previous checkpoint is intact"):
+        train(_small_cfg(epochs=2), out, resume=True, log=lambda s: None)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".safetensors", ".json")} == before
+    assert not list(out.glob(".*.tmp"))
+    assert load_checkpoint(out / LAST)[1]["epoch"] == 1
+
+
+# --------------------------------------------------------------------------- resume under another config
+
+
+def _files(out: Path) -> dict[str, tuple[bytes, int]]:
+    """Bytes and inode of every file: an atomic rewrite with equal bytes still shows as a new inode."""
+    return {p.name: (p.read_bytes(), p.stat().st_ino) for p in sorted(out.iterdir()) if p.is_file()}
+
+
+@pytest.fixture
+def finished(tmp_path) -> Path:
+    out = tmp_path / "run"
+    train(_small_cfg(epochs=2), out, log=lambda s: None)
+    return out
+
+
+@pytest.mark.parametrize("change,keys", [
+    ({"train": {"lr": 0.01}}, ["train.lr"]),
+    ({"train": {"lr": 0.01, "attack": {"steps": 3}}}, ["train.attack.steps", "train.lr"]),
+    ({"model": {"options": {"width": 8}}}, ["model.options.width"]),
+    ({"data": {"seed": 1}}, ["data.seed"]),
+    ({"eval": {"batch_size": 7}}, ["eval.batch_size"]),
+])  # fmt: skip
+def test_resume_with_changed_settings_names_them_and_changes_nothing(finished, change, keys):
+    before = _files(finished)
+    cfg = json.loads(json.dumps(loop_mod.to_dict(_small_cfg(epochs=2))))
+    for section, values in change.items():
+        for k, v in values.items():
+            cfg[section][k] = dict(cfg[section][k], **v) if isinstance(v, dict) else v
+    with pytest.raises(ConfigError, match="differs") as info:
+        train(from_dict(RunConfig, cfg), finished, resume=True, log=lambda s: None)
+    named = [k for k in ("train.lr", "train.attack.steps", "model.options.width", "data.seed", "eval.batch_size")
+             if k in str(info.value)]  # fmt: skip
+    assert sorted(named) == keys
+    assert _files(finished) == before
+
+
+def test_resume_with_the_same_config_never_rewrites_config_yaml(finished):
+    before = _files(finished)
+    # Settings that do not change what the run computes may differ (loop.RESUME_FREE_KEYS).
+    cfg = _small_cfg(epochs=2, progress=True, device="auto")
+    result = train(cfg, finished, resume=True, log=lambda s: None)
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    after = _files(finished)
+    assert after["config.yaml"] == before["config.yaml"]
+    assert yaml.safe_load((finished / "config.yaml").read_text())["train"]["device"] == "cpu"  # the run's
+    for name in ("last.safetensors", "best.safetensors", "last.json"):
+        assert after[name] == before[name]
+
+
+def test_resume_cannot_shorten_a_run_below_what_it_trained(finished):
+    before = _files(finished)
+    with pytest.raises(ConfigError, match="train.epochs=1.*already trained 2 epochs"):
+        train(_small_cfg(epochs=1), finished, resume=True, log=lambda s: None)
+    assert _files(finished) == before
+
+
+def test_resume_to_more_epochs_continues_and_config_yaml_says_so(finished):
+    train(_small_cfg(epochs=3), finished, resume=True, log=lambda s: None)
+    assert load_checkpoint(finished / LAST)[1]["epoch"] == 3
+    assert yaml.safe_load((finished / "config.yaml").read_text())["train"]["epochs"] == 3
+
+
+def test_resume_restores_a_missing_config_yaml_from_the_checkpoint(finished):
+    text = (finished / "config.yaml").read_text()
+    (finished / "config.yaml").unlink()
+    train(_small_cfg(epochs=2, progress=True), finished, resume=True, log=lambda s: None)
+    assert yaml.safe_load((finished / "config.yaml").read_text()) == yaml.safe_load(text)
+
+
+# --------------------------------------------------------------------------- run folders that are not runs
+
+
+def test_run_killed_before_its_first_checkpoint_can_be_started_over(tmp_path):
+    """What a kill during epoch 1 leaves (config.yaml, metrics.jsonl, a temp file) is no checkpoint: the
+    same config may start over there, and --resume says so."""
+    out = tmp_path / "run"
+    train(_small_cfg(epochs=1), out, log=lambda s: None)
+    for name in ("last.safetensors", "last.json", "best.safetensors", "best.json"):
+        (out / name).unlink()
+    (out / ".last.safetensors.abc.tmp").write_bytes(b"partial")
+    with pytest.raises(CheckpointError, match="without --resume"):
+        train(_small_cfg(epochs=1), out, resume=True, log=lambda s: None)
+    with pytest.raises(ConfigError, match="not empty"):  # another config's leftovers are not its own
+        train(_small_cfg(epochs=1, lr=0.01), out, log=lambda s: None)
+    train(_small_cfg(epochs=1), out, log=lambda s: None)
+    assert load_checkpoint(out / LAST)[1]["epoch"] == 1
+
+
+@pytest.mark.parametrize("leftover", ["best.safetensors", "notes.txt", "eval-quick/report.json"])
+def test_non_empty_folder_without_a_run_is_refused(tmp_path, leftover):
+    out = tmp_path / "run"
+    (out / leftover).parent.mkdir(parents=True)
+    (out / leftover).write_text("precious")
+    with pytest.raises(ConfigError, match="not empty.*another --out.*delete"):
+        train(_small_cfg(epochs=1), out, log=lambda s: None)
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [leftover]
+    assert (out / leftover).read_text() == "precious"

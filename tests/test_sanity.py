@@ -93,7 +93,7 @@ class Constant(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.bias = nn.Parameter(torch.tensor([1.0, 0, 0, 0, 0]))
+        self.bias = nn.Parameter(torch.tensor([1.0, 0, 0, 0, -1.0]))  # logits, not a probability row
 
     def forward(self, x):
         return self.bias.expand(x.shape[0], 5) + 0 * x.flatten(1)[:, :1]
@@ -128,11 +128,43 @@ def test_healthy_model_passes_the_cheap_checks():
     assert status["S10-bound"] == SKIP  # no attack ran
 
 
-def test_probabilities_model_raises_S11():
-    model = Probabilities()
-    report = _sanity(model, _labelled_by(model, _dataset()))
-    assert report.get("S11-logits").status == WARN
-    assert report.get("S08-determinism").status == PASS
+class Sigmoids(nn.Module):
+    """Per-class sigmoid scores: in [0, 1] but not a probability vector, so `evaluate` lets it through."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = Linear()
+
+    def forward(self, x):
+        return self.net(x).sigmoid()
+
+
+class PartlyProbabilities(nn.Module):
+    """Probability vectors for most inputs, logits for the rest (the rows `evaluate` does not reject)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = Linear()
+
+    def forward(self, x):
+        z = self.net(x)
+        bright = (x.flatten(1).mean(1) > 0.49)[:, None]
+        return torch.where(bright, z.softmax(1), z)
+
+
+def test_probabilities_model_is_rejected_and_borderline_ones_raise_S11():
+    from advmend.errors import ModelContractError
+
+    with pytest.raises(ModelContractError, match="probabilities"):
+        _sanity(Probabilities(), _dataset())
+    for model in (Sigmoids(), PartlyProbabilities()):
+        ds = _dataset()
+        report = _sanity(model, ds)
+        check = report.get("S11-logits")
+        assert check.status == WARN and "probabilities" in check.detail, (type(model).__name__, check)
+        assert report.get("S08-determinism").status == PASS
+    assert 0.5 <= check.values["probability_rows"] < 1  # PartlyProbabilities: some rows only
+    assert _sanity(Linear(), _dataset()).get("S11-logits").status == PASS
 
 
 def test_randomised_model_raises_S08():
@@ -232,7 +264,118 @@ def test_bound_check_reports_the_measured_perturbation():
 
 
 def test_to_dict_has_meaning_and_values():
-    model = Probabilities()
+    model = Sigmoids()
     report = _sanity(model, _dataset(n=8))
     entry = next(c for c in report.to_dict()["checks"] if c["code"] == "S11-logits")
     assert entry["status"] == WARN and entry["meaning"] and entry["passes_when"] and "max" in entry["values"]
+
+
+# --------------------------------------------------------------------------- attack checks that warn
+# Crafted models read a few pixels of a constant grey image (value BASE) in units of eps, so the
+# attack's path is known exactly. Each is the smallest model showing the failure its check exists for.
+
+BASE = 128 / 255
+
+
+def _grey(n: int = 16) -> ArrayDataset:
+    """n identical grey images, all labelled 0 (the crafted models classify them correctly)."""
+    return ArrayDataset(torch.full((n, 3, 8, 8), 128, dtype=torch.uint8), torch.zeros(n, dtype=torch.int64), ("0", "1"))
+
+
+def _pixels(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The first k pixels of channel 0's first row, as offsets from BASE in units of eps: (N, k)."""
+    return (x[:, 0, 0, :k] - BASE) / EPS
+
+
+def _two_class(margin: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (0, margin): class 1 (wrong) wins when margin > 0. With `guide`, the forward value is
+    `margin` but gradients follow `guide` (a model whose gradients mislead the attack)."""
+    if guide is not None:
+        margin = guide + (margin - guide).detach()
+    return torch.stack([torch.zeros_like(margin), margin], 1)
+
+
+class Chain(nn.Module):
+    """Gradients move pixel a first, then b once a is at the ball's edge, then c once b is: an L-inf PGD
+    with step eps/10 from x has (a, b, c) = (1, 1, 0) after 20 steps and (1, 1, 1) after 30 or more.
+
+    "drift": fooled at (1, 1, 0) but correct again at (1, 1, 1), the attack ascending all the while:
+        the last iterate of PGD-100 is less adversarial than PGD-20's.
+    "slow": fooled only once c > 0.5: PGD-20 has not converged, PGD-100 has.
+    """
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        a, b, c = _pixels(x, 3).unbind(1)
+        guide = a + torch.relu(a - 0.99) * b + torch.relu(b - 0.99) * c
+        margin = 10 * (a - 0.95) - 20 * c if self.kind == "drift" else 10 * (c - 0.5)
+        return _two_class(margin, guide)
+
+
+class Gamble(nn.Module):
+    """The loss grows away from 0 in both directions of one pixel, but only the + side fools the model:
+    a random start decides, so one run fools about half the examples and five restarts nearly all."""
+
+    def forward(self, x):
+        u = _pixels(x, 1)[:, 0]
+        return _two_class(-1 + 2 * torch.relu(u) + 0.5 * torch.relu(-u))
+
+
+class Trap(nn.Module):
+    """Gradient masking in one pixel: the loss has a local maximum at 0.3 eps that traps small steps,
+    while the one large FGSM step lands past 0.95 eps, where the model is fooled."""
+
+    def forward(self, x):
+        u = _pixels(x, 1)[:, 0]
+        return _two_class(-2 + u - 2 * torch.relu(u - 0.3) + 100 * torch.relu(u - 0.95))
+
+
+class Band(nn.Module):
+    """Gradients push one pixel down; the model is fooled in a thin band around -eps and below -3.5 eps.
+    PGD at eps ends in the band; at 2 and 3 eps its larger steps often jump over it; at 4 eps it ends
+    below -3.5 eps. Accuracy rises with eps although it is 0 % at 4 eps."""
+
+    def forward(self, x):
+        u = _pixels(x, 1)[:, 0]
+        margin = torch.maximum(10 * (0.075 - (u + 0.975).abs()), 10 * (-3.5 - u))
+        return _two_class(margin, -u)
+
+
+def test_S03_warns_when_more_steps_undo_the_attack():
+    """The "not higher" clause: scored on the best iterate PGD-100 could never be above PGD-20."""
+    report = _sanity(Chain("drift"), _grey(8), costly=True)
+    check = report.get("S03-convergence")
+    assert (check.values["pgd20"], check.values["pgd100"]) == (0.0, 100.0)
+    assert check.status == WARN and "higher" in check.detail
+
+
+def test_S03_warns_when_pgd20_has_not_converged():
+    report = _sanity(Chain("slow"), _grey(8), costly=True)
+    check = report.get("S03-convergence")
+    assert (check.values["pgd20"], check.values["pgd100"]) == (100.0, 0.0)
+    assert check.status == WARN and "not converged" in check.detail
+
+
+def test_S04_warns_when_restarts_change_the_result():
+    report = _sanity(Gamble(), _grey(16), costly=True)
+    check = report.get("S04-restarts")
+    assert check.status == WARN
+    assert check.values["restarts_1"] - check.values["restarts_5"] > 25  # about 50 % against about 3 %
+
+
+def test_S05_warns_when_fgsm_beats_pgd():
+    report = _sanity(Trap(), _grey(16))
+    check = report.get("S05-fgsm-vs-pgd")
+    assert check.status == WARN
+    assert check.values["fgsm"] == 0.0 and check.values["pgd"] > 50
+
+
+def test_S01_warns_when_accuracy_rises_with_eps():
+    report = _sanity(Band(), _grey(16), costly=True)
+    check = report.get("S01-eps-sweep")
+    accuracy = dict(report.sweep)
+    assert accuracy[EPS] == 0.0 and accuracy[2 * EPS] > 20 and accuracy[4 * EPS] <= 10  # only the rise is wrong
+    assert check.status == WARN and "rises" in check.detail

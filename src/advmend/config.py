@@ -8,6 +8,7 @@ default. Float fields also accept a fraction written as a string, e.g. ``eps: 8/
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -165,6 +166,40 @@ class RunConfig:
 
 
 _FRACTION = re.compile(r"^\s*([0-9.eE+-]+)\s*/\s*([0-9.eE+-]+)\s*$")
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+
+
+def _to_float(value: Any) -> float | None:
+    """A float from a number, a numeric string ("1e-3") or a fraction ("8/255"); None otherwise."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float range: rejected as non-finite below
+            return math.inf
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+        if m := _FRACTION.match(value):
+            try:
+                return float(m.group(1)) / float(m.group(2))
+            except (ValueError, ZeroDivisionError, OverflowError):
+                pass
+    return None
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """repr(value) cut to `limit` characters, so a pasted blob or a 400-digit number keeps the error on one
+    readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def coerce_value(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp` by the rules of every config value (ints in int64, finite
+    floats or fractions, strict bools, lists to tuples); a ConfigError naming `path` otherwise."""
+    return _coerce(value, tp, path)
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
@@ -182,48 +217,50 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return _coerce(value, arg, path)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: invalid value {value!r}")
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: invalid value {_show(value)}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"{path}: expected a mapping of {tp.__name__} fields, got {_show(value)}")
         return from_dict(tp, value, path)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
+            raise ConfigError(f"{path}: expected a list, got {_show(value)}")
         (item_tp, _ellipsis) = typing.get_args(tp)
         return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{path}: expected a mapping, got {_show(value)}")
+        for key in value:  # options become keyword arguments: their names must be strings
+            if not isinstance(key, str):
+                raise ConfigError(f"{path}: option names must be strings, got {_show(key)}")
         return dict(value)
     if tp is Any:
         return value
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        raise ConfigError(f"{path}: expected true or false, got {_show(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            # Every integer setting ends up in a C int64 (seeds, sizes, counts): a larger one is
+            # a typo, and torch would fail on it deep inside a run ("Overflow when unpacking long").
+            if not _INT_MIN <= value <= _INT_MAX:
+                raise ConfigError(f"{path}: integer {_show(value)} is out of range (|value| < 2**63)")
             return value
-        raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        raise ConfigError(f"{path}: expected an integer, got {_show(value)}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:  # YAML 1.1 reads 1e-3 (no dot) as a string
-                return float(value)
-            except ValueError:
-                pass
-            if m := _FRACTION.match(value):
-                try:
-                    return float(m.group(1)) / float(m.group(2))
-                except (ValueError, ZeroDivisionError):
-                    pass
-        raise ConfigError(f"{path}: expected a number (or a fraction like 8/255), got {value!r}")
+        number = _to_float(value)
+        if number is None:
+            raise ConfigError(f"{path}: expected a number (or a fraction like 8/255), got {_show(value)}")
+        # No setting means anything at inf or nan (an inf lr or eps trains or attacks garbage
+        # without an error), and "1e400" or "1e308/1e-308" overflow to inf silently.
+        if not math.isfinite(number):
+            raise ConfigError(f"{path}: expected a finite number, got {_show(value)}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{path}: expected a string, got {value!r}")
+        raise ConfigError(f"{path}: expected a string, got {_show(value)}")
     raise ConfigError(f"{path}: unsupported type {tp}")  # pragma: no cover - a bug in this module
 
 
@@ -243,7 +280,21 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
         if key not in names:
             raise ConfigError(f"unknown config key {dotted!r}; valid keys here: {', '.join(sorted(names))}")
         kwargs[key] = _coerce(value, hints[key], dotted)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    if cls is ModelConfig and obj.options:
+        # model.options are the model factory's keyword arguments: check their names and types now,
+        # so `--set model.options.nope=1` fails before data is loaded, not as a TypeError in the factory.
+        from advmend.models.registry import check_model_options  # lazy: imports torch
+
+        options = check_model_options(obj.name, obj.options, f"{path or 'model'}.options")
+        obj = dataclasses.replace(obj, options=options)
+    return obj
+
+
+def check_config(cfg: Any) -> None:
+    """Re-check a config dataclass built in Python (which skips from_dict) by the same rules: types,
+    finite numbers, int64 ranges, model options; a ConfigError naming the dotted key otherwise."""
+    from_dict(type(cfg), to_dict(cfg))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -298,9 +349,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} not found (see `advmend list` for bundled configs)")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError as e:  # a binary file given as the config
+        byte = f"byte {e.object[e.start]:#04x} at offset {e.start}"
+        raise ConfigError(f"{p}: not a YAML text file (not UTF-8: {byte})") from None
+    except OSError as e:  # a folder, no permission
+        raise ConfigError(f"cannot read config file {str(p)!r}: {e.strerror or e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping, got {type(data).__name__}")
     return data
@@ -309,9 +365,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
+# Bundled folders of specs for other commands (`advmend study`), not run configs.
+_NOT_RUN_CONFIGS = ("study",)
+
+
 def bundled_configs() -> list[str]:
-    """Names of the configs shipped with advmend (usable as `advmend train NAME`)."""
-    return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
+    """Names of the run configs shipped with advmend (usable as `advmend train NAME`)."""
+    names = (p.relative_to(CONFIG_DIR) for p in CONFIG_DIR.rglob("*.yaml"))
+    return sorted(str(n.with_suffix("")) for n in names if n.parts[0] not in _NOT_RUN_CONFIGS)
 
 
 def resolve_config_path(name_or_path: str) -> Path:

@@ -5,6 +5,8 @@ expected, so a user sees one line that says how to fix the call."""
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from advmend.errors import InputError, ModelContractError
@@ -64,3 +66,55 @@ def check_logits(out: object, n: int) -> torch.Tensor:
     if not out.is_floating_point():
         raise ModelContractError(f"the model must return floating-point logits, got {out.dtype}")
     return out
+
+
+def check_data_fits_model(
+    ds: object,
+    *,
+    image_shape: Sequence[int] | None = None,
+    num_classes: int | None = None,
+    model: torch.nn.Module | None = None,
+    device: torch.device | str | None = None,
+    source: object = "the model",
+    hint: str = "evaluate on the data set the model was trained on (data.name, data.options)",
+) -> None:
+    """Require a data set (an ArrayDataset) whose images and labels a model can take, before any work.
+
+    With the model's recorded ``image_shape`` (C, H, W) and ``num_classes`` (a checkpoint's record) the
+    data must have that image shape and no class the model cannot predict. Without a recorded shape,
+    ``model`` is run once on two of the images, and its logit count bounds the labels: a user's model
+    whose shape is unknown fails here with one line, not in the middle of an attack.
+
+    Raises:
+        DataError: Images of another shape, or labels >= the model's number of classes; the message
+            names both sides and ``source`` (the checkpoint or the model).
+    """
+    from advmend.errors import AdvmendError, DataError
+
+    c, h, w = ds.image_shape
+    lo, hi = (int(ds.labels.min()), int(ds.labels.max())) if len(ds) else (0, -1)
+    if image_shape is not None:
+        want = tuple(int(v) for v in image_shape)
+        if want != (c, h, w):
+            raise DataError(
+                f"the data has {c}x{h}x{w} images (CxHxW) but {source} takes {'x'.join(map(str, want))}: {hint}"
+            )
+    elif model is not None and len(ds):
+        x = ds.images[:2].to(device or "cpu").float().div_(255.0)
+        try:
+            with torch.no_grad():
+                out = model(x)
+        except AdvmendError:
+            raise
+        except Exception as e:  # a user's model tells a wrong input shape in its own words
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise DataError(
+                f"{source} cannot take the data's {c}x{h}x{w} images (CxHxW): {type(e).__name__}: {first}"
+            ) from None
+        if isinstance(out, torch.Tensor) and out.dim() == 2:
+            num_classes = int(out.shape[1]) if num_classes is None else num_classes
+    if num_classes is not None and (ds.num_classes > num_classes or hi >= num_classes):
+        raise DataError(
+            f"the data has {ds.num_classes} classes (labels in [{lo}, {hi}]) but {source} predicts "
+            f"{num_classes}: {hint}"
+        )

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from advmend.attacks.modes import attack_mode
+from advmend.attacks.pgd import grad_ready
 from advmend.errors import ConfigError, InputError
 
 VERSIONS = ("standard", "rand")
@@ -153,14 +154,22 @@ class AutoAttackSpec:
         flags = _Flags()
         logger = logging.getLogger("auto-attack")
         logger.addHandler(flags)
+        # Gradients are needed whatever the caller's context (see `pgd_tracked`).
         try:
-            with attack_mode(model):
+            with torch.inference_mode(False), torch.enable_grad(), attack_mode(model):
+                # The package `.view`s its inputs and the gradient buffers it allocates like them
+                # (`zeros_like(x)`), which fails for channels_last or permuted inputs: it gets a
+                # standard-layout copy. Its gradients then stay standard-layout whatever the model's
+                # layout (APGD adds them into that buffer, FAB reads a leaf's `.grad`), and the examples
+                # go back in the caller's layout.
+                x_in = grad_ready(x).contiguous()
+                y = grad_ready(y)
                 with torch.no_grad():
-                    num_classes = model(x[:1]).shape[1]
+                    num_classes = model(x_in[:1]).shape[1]
                 if num_classes < 3:
                     raise InputError(f"AutoAttack's DLR and targeted attacks need >= 3 classes, got {num_classes}")
                 adversary = self.build(model, device, num_classes)
-                x_adv = x.clone()
+                x_adv = x.detach().clone()  # made outside inference mode: an ordinary tensor
                 fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
                 stages = []
                 for sub in list(adversary.attacks_to_run):
@@ -168,7 +177,7 @@ class AutoAttackSpec:
                     todo = (~fooled).nonzero().squeeze(1)
                     if todo.numel():
                         adversary.attacks_to_run = [sub]
-                        cand, _ = adversary.run_standard_evaluation(x[todo], y[todo], batch_size=batch_size)
+                        cand, _ = adversary.run_standard_evaluation(x_in[todo], y[todo], batch_size=batch_size)
                         cand = cand.to(x.device)
                         with torch.no_grad():
                             hit = model(cand).argmax(1) != y[todo]

@@ -50,7 +50,8 @@ class PGD:
         eot: gradient samples averaged per step (Expectation over Transformation, Athalye et al.
             2018) for models with random parts; 1 for deterministic models.
         keep_best: return, per example, the first iterate that fools the model (evaluation)
-            rather than the last iterate (training, Madry's PGD-AT).
+            rather than the last iterate (training, Madry's PGD-AT). An evaluation option only: the
+            training objectives and transfer attacks always use the last iterate, whatever it says.
         targeted: the labels passed to the attack are target classes: the loss becomes its
             targeted form ("ce" descends CE towards the target, "margin" the targeted CW margin) and
             an example counts as fooled when it is classified as its target.
@@ -95,6 +96,13 @@ class PGD:
             raise ConfigError(f"a targeted attack needs loss 'ce' or 'margin', got {self.loss!r}")
         if self.step_size is not None and not self.step_size > 0:
             raise ConfigError(f"attack step_size must be > 0, got {self.step_size}")
+
+    def for_training(self) -> PGD:
+        """This attack as every training objective runs it: on its LAST iterate (Madry et al.'s PGD-AT,
+        TRADES, MART, fast AT, PSSR's regenerator), whatever `keep_best` says. `keep_best` (the first
+        iterate that fools the model) is an evaluation option; training on it would stop each example's
+        inner maximisation at the model's decision boundary, a weaker and differently distributed batch."""
+        return self if not self.keep_best else replace(self, keep_best=False)
 
     @property
     def alpha(self) -> float:
@@ -241,7 +249,9 @@ def pgd(
     """Run the attack `cfg` on `model` and return adversarial examples (a new tensor).
 
     The model runs in eval mode with frozen parameters (see `attack_mode`); its modes, its
-    parameters' `.grad` and `x`, `y` are left as they were.
+    parameters' `.grad` and `x`, `y` are left as they were. Works inside `torch.no_grad()` and
+    `torch.inference_mode()` (gradients are turned on inside; inference tensors are copied), and on
+    any memory layout of `x`.
 
     Args:
         model: maps (N, C, H, W) images in [0, 1] to (N, K) logits.
@@ -276,7 +286,23 @@ def pgd_tracked(
     if validate:
         check_images(x)
         check_labels(y, x.shape[0])
-    x = x.detach()
+    # An attack needs autograd whatever the caller's context: a user evaluating under `torch.no_grad()`
+    # or `torch.inference_mode()` still gets the attack, not a "does not require grad" error.
+    with torch.inference_mode(False), torch.enable_grad():
+        x, y = grad_ready(x), grad_ready(y)
+        return _pgd_tracked(model, x, y, cfg, generator, score)
+
+
+def grad_ready(t: torch.Tensor) -> torch.Tensor:
+    """`t` detached, as a tensor autograd may use; call it outside inference mode.
+
+    A tensor created under `torch.inference_mode()` can never be saved for backward; a copy made
+    outside inference mode is an ordinary tensor (the caller's tensor is left untouched).
+    """
+    return t.detach().clone() if t.is_inference() else t.detach()
+
+
+def _pgd_tracked(model, x, y, cfg: PGD, generator, score: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     if cfg.steps == 0 or cfg.eps == 0:
         if not score:
             return x.clone(), None

@@ -5,11 +5,22 @@ Papernot, McDaniel, Goodfellow, "Transferability in Machine Learning", 2016; lis
 come from a broken gradient: a transfer attack ignores the target's gradients entirely, so robust
 accuracy under transfer far *below* white-box robust accuracy means the white-box attacks were masked.
 The examples come from the one PGD core run on the surrogate (in the surrogate's eval mode).
+
+The rule (one for every transfer path in advmend: `advmend eval --transfer-from` and PSSR's
+"transfer" and "graybox" threat models): the transferred example is the attack's LAST iterate on the
+surrogate, whatever `PGD.keep_best` says. Fooling the surrogate is not the goal, fooling the target
+is: the first iterate that fools the surrogate (`keep_best`, right for white-box scoring) sits just
+across the surrogate's own decision boundary, while the last iterate has climbed the surrogate's loss
+for the whole budget, and high-loss, high-confidence examples are the ones that transfer (Carlini &
+Wagner, "Towards Evaluating the Robustness of Neural Networks", S&P 2017). It is also what transfer
+evaluations usually do: run the full attack on the surrogate and hand over its output.
+With restarts, an example keeps the first run whose last iterate fools the surrogate, else its
+highest-loss run.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -32,6 +43,10 @@ class Transfer:
     attack: PGD
     source: str = ""
 
+    def __post_init__(self) -> None:
+        # The module's rule: craft with the last iterate (see the module docstring).
+        object.__setattr__(self, "attack", replace(self.attack, keep_best=False))
+
     @property
     def eps(self) -> float:
         return self.attack.eps
@@ -42,7 +57,7 @@ class Transfer:
 
     def describe(self) -> dict:
         inner = self.attack.describe()
-        return dict(inner, name=f"transfer {inner['name']}", surrogate=self.source)
+        return dict(inner, name=f"transfer {inner['name']}", surrogate=self.source, final_iterate=True)
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device,
             batch_size: int = 256, generator: torch.Generator | None = None):  # fmt: skip

@@ -7,15 +7,25 @@ and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 from advmend.errors import AdvmendError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line ends like every other bad input: one `advmend: error:` line and
+    exit code 2 (argparse's default prints the whole usage block first). Subcommand parsers inherit it."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"advmend: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from advmend.cli import bench, evaluate, listing, plot, pssr, study, train
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="advmend", description="Adversarial robustness by repair: train, evaluate and benchmark defended classifiers."
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -24,17 +34,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line (a message quoting another library's error may span several)."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handler below, not at exit
+        return code
     except AdvmendError as e:
-        print(f"advmend: error: {e}", file=sys.stderr)
+        print(f"advmend: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except FloatingPointError as e:
-        print(f"advmend: error: {e}", file=sys.stderr)
+        print(f"advmend: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`advmend list | head`): not an error of ours. Point stdout at devnull so
+        # the interpreter's final flush does not raise again, and exit as a process killed by SIGPIPE.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # a stdout without a file descriptor (io.UnsupportedOperation)
+            pass
+        return 128 + getattr(signal, "SIGPIPE", 13)
     except KeyboardInterrupt:
         print("advmend: interrupted; the last complete checkpoint is intact (use --resume)", file=sys.stderr)
         return 130

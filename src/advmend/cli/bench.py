@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from advmend.models import MODELS
     from advmend.training.build import resolve_device
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     for n in names:
         MODELS.get(n)

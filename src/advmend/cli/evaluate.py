@@ -9,6 +9,9 @@ Writes report.json, report.md and accuracy_vs_eps.png; the sanity suite runs wit
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,6 +57,72 @@ def _eps(text: str) -> float:
     return value
 
 
+def _first_missing(path: Path) -> Path | None:
+    """The topmost folder of `path` that does not exist yet (what writing there creates), or None."""
+    path = path.absolute()
+    if path.exists():
+        return None
+    while not path.parent.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def check_output(out_dir: Path, save_adv: str | None = None) -> None:
+    """ConfigError, before any work, when the report folder (or --save-adv file) cannot be written."""
+    from advmend.errors import ConfigError
+
+    targets = [("--out", Path(out_dir), True)] + ([("--save-adv", Path(save_adv), False)] if save_adv else [])
+    for flag, path, is_folder in targets:
+        if is_folder and path.exists() and not path.is_dir():
+            raise ConfigError(f"{flag} {path}: exists and is not a folder; give a folder for the report files "
+                              "(report.json, report.md, accuracy_vs_eps.png)")  # fmt: skip
+        if not is_folder and path.is_dir():
+            raise ConfigError(f"{flag} {path}: is a folder; give a file name (e.g. adv.pt)")
+        top = _first_missing(path if is_folder else path.parent)
+        anc = path if is_folder and top is None else (top.parent if top is not None else path.parent)
+        if not anc.is_dir():
+            raise ConfigError(f"{flag} {path}: {anc} is a file, not a folder; choose another {flag}")
+        if not os.access(anc, os.W_OK | os.X_OK):
+            raise ConfigError(f"{flag} {path}: folder {anc} is not writable; choose another {flag}")
+
+
+@contextlib.contextmanager
+def undo_on_failure(out_dir: Path, save_adv: str | None = None):
+    """Remove what the evaluation wrote if it fails (nothing half-done stays), and turn a write failure
+    (full disk, permissions) into one line: the folder it created, else the files it added to an
+    existing folder, and a --save-adv file that did not exist before."""
+    from safetensors import SafetensorError
+
+    from advmend.errors import ConfigError
+
+    out_dir = Path(out_dir)
+    top = _first_missing(out_dir)
+    before = set(out_dir.iterdir()) if top is None else set()
+    adv = Path(save_adv) if save_adv else None
+    adv_new, adv_top = (adv is not None and not adv.exists()), (_first_missing(adv.parent) if adv else None)
+    try:
+        yield
+    except BaseException as e:
+        if top is not None:
+            shutil.rmtree(top, ignore_errors=True)
+        else:
+            for p in set(out_dir.iterdir()) - before:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+        if adv_new:
+            adv.unlink(missing_ok=True)
+        if adv_top is not None:
+            shutil.rmtree(adv_top, ignore_errors=True)
+        if isinstance(e, (OSError, SafetensorError)):
+            text = (e.strerror if isinstance(e, OSError) else None) or str(e).strip() or type(e).__name__
+            why = text.splitlines()[0][:200]
+            raise ConfigError(f"could not write the evaluation output ({why}); nothing of it was kept: "
+                              "free disk space or choose another --out, then rerun") from None  # fmt: skip
+        raise
+
+
 def run(args: argparse.Namespace) -> int:
     from advmend.attacks.pgd import PGD
     from advmend.attacks.presets import PROTOCOLS
@@ -65,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     from advmend.evaluation.run import load_trained_model, run_protocol
     from advmend.evaluation.user_model import load_user_model
     from advmend.training.build import build_data, resolve_device
+    from advmend.validate import check_data_fits_model
 
     for item in args.overrides:
         if not item.split("=", 1)[0].strip().startswith(("data.", "eval.")):
@@ -75,8 +145,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--weights and --dataset go with --model; a checkpoint records its own")
     if args.protocol:
         PROTOCOLS.get(args.protocol)
+    for flag, value in (("--n-examples", args.n_examples), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    if args.out:  # before any work: an unusable --out used to fail only when the report was written
+        check_output(Path(args.out), args.save_adv)
     eps = _eps(args.eps) if args.eps is not None else None
-    device = resolve_device(args.device or "auto")
+    device = resolve_device(args.device or "auto", "--device")
     if args.model is not None:
         model, meta = load_user_model(args.model, args.weights, device)
         cfg = RunConfig(name=args.model.partition(":")[2], data=DataConfig(name=args.dataset or "cifar10"))
@@ -102,35 +177,45 @@ def run(args: argparse.Namespace) -> int:
     if eps is None:  # the threat model's eps: the checkpoint's training eps for L-inf, 0.5 for L2 (spec)
         eps = float(record["eps"]) if ev.norm == "linf" else 0.5
     if cfg.pssr.enabled:  # a PSSR checkpoint: its three labelled threat models, the worst is the headline
-        return _run_pssr(args, cfg, model, eps, device, meta)
+        return _run_pssr(args, cfg, model, eps, device, meta, record)
+    if default_out is None:
+        default_out = Path(args.checkpoint).parent / f"eval-{ev.protocol}"
+    out_dir = Path(args.out) if args.out else default_out
+    check_output(out_dir, args.save_adv)
     extra = []
     if args.transfer_from:
         surrogate, _, _ = load_trained_model(args.transfer_from, device)
         extra.append(Transfer(surrogate, PGD(eps=eps, steps=20, norm=ev.norm, name="PGD-20"), str(args.transfer_from)))
     test = build_data(cfg.data, need_train=False).test
-    if default_out is None:
-        default_out = Path(args.checkpoint).parent / f"eval-{ev.protocol}"
-    out_dir = Path(args.out) if args.out else default_out
+    check_data_fits_model(test, image_shape=record.get("image_shape"), num_classes=record.get("num_classes"),
+                          model=model, device=device, source=args.checkpoint or args.model)  # fmt: skip
     meta = dict(meta, title=cfg.name)
-    result = run_protocol(model, test, cfg, eps, device, out_dir, meta, progress=not args.quiet,
-                          extra_attacks=extra, save_adv=args.save_adv)  # fmt: skip
+    with undo_on_failure(out_dir, args.save_adv):
+        result = run_protocol(model, test, cfg, eps, device, out_dir, meta, progress=not args.quiet,
+                              extra_attacks=extra, save_adv=args.save_adv)  # fmt: skip
     source = args.checkpoint or args.model
     print(format_table(result, f"{cfg.name}: {source}, {ev.protocol} protocol", result.sanity))
     print(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}")
     return 0
 
 
-def _run_pssr(args, cfg, model, eps: float, device, meta: dict) -> int:
+def _run_pssr(args, cfg, model, eps: float, device, meta: dict, record: dict) -> int:
     """Gray-box, white-box BPDA (mask constant; identity) and, with --transfer-from, transfer."""
     from advmend.defenses.pssr.evaluate import run_pssr_protocol
     from advmend.evaluation.report import format_table
     from advmend.training.build import build_data
+    from advmend.validate import check_data_fits_model
 
     if args.transfer_from:
         cfg = replace(cfg, pssr=replace(cfg.pssr, surrogate=str(args.transfer_from)))
-    test = build_data(cfg.data, need_train=False).test
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-pssr-{cfg.eval.protocol}"
-    ev = run_pssr_protocol(model, test, cfg, eps, device, out_dir, dict(meta, title=cfg.name), progress=not args.quiet)
+    check_output(out_dir)
+    test = build_data(cfg.data, need_train=False).test
+    check_data_fits_model(test, image_shape=record.get("image_shape"), num_classes=record.get("num_classes"), model=model,
+                          device=device, source=args.checkpoint)  # fmt: skip
+    with undo_on_failure(out_dir):
+        ev = run_pssr_protocol(model, test, cfg, eps, device, out_dir, dict(meta, title=cfg.name),
+                               progress=not args.quiet)  # fmt: skip
     print(format_table(ev.result, f"{cfg.name}: PSSR {args.checkpoint}, {cfg.eval.protocol} protocol, "
                                   "rows labelled <threat model>/<attack>"))  # fmt: skip
     print(f"headline (worst over all threat models): {100 * ev.result.worst_accuracy:.2f}% (weakest: {ev.headline_threat})")

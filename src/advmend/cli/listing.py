@@ -15,16 +15,19 @@ def run(args: argparse.Namespace) -> int:
     from advmend.config import bundled_configs
     from advmend.data import DATASETS
     from advmend.models import FSR_PRESETS, MODELS
+    from advmend.models.registry import model_options
     from advmend.training.build import OBJECTIVES
 
     sections = {
-        "models (model.name)": [f"{m}  (FSR at {', '.join(FSR_PRESETS.get(m, ['-']))})" for m in MODELS.names()],
+        "models (model.name)": [f"{m}  (FSR at {', '.join(FSR_PRESETS.get(m, ['-']))}; "
+                                f"model.options: {', '.join(model_options(m)) or 'none'})" for m in MODELS.names()],
         "defenses": ["fsr  (fsr.enabled: true; fsr.layers: [...] for other placements)",
                      "pssr  (pssr.enabled: true; configs pssr/*; advmend pssr-analysis)"],
         "training methods (train.method)": OBJECTIVES.names(),
         "attacks": ["fgsm", "pgd (linf, l2; uniform or normal random start; restarts; targeted; eot)",
                     "autoattack (standard, rand; pyautoattack)", "transfer (advmend eval --transfer-from)",
-                    "bpda (advmend.attacks.BPDA)", f"losses (attack.loss): {', '.join(LOSSES.names())}"],
+                    "bpda (advmend.attacks.BPDA)",
+                    f"losses (train.attack.loss, train.val_attack.loss, pssr.attack.loss): {', '.join(LOSSES.names())}"],
         "protocols (eval.protocol, --protocol)": PROTOCOLS.names(),
         "datasets (data.name)": DATASETS.names(),
         "configs (advmend train NAME)": bundled_configs(),

@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         if not ok:
             raise ConfigError(f"{key}: invalid value {value!r}")
     plt = pyplot("pssr-analysis")  # before any work: a missing matplotlib is an error up front
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     model, cfg, record = load_trained_model(args.checkpoint, device)
     cfg = from_dict(RunConfig, apply_overrides(to_dict(cfg), args.overrides))
     pipeline = model if isinstance(model, PSSRModel) else None

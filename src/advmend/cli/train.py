@@ -22,6 +22,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from advmend.cli.evaluate import undo_on_failure
     from advmend.config import load_run_config
     from advmend.evaluation.report import format_table
     from advmend.evaluation.run import load_trained_model, run_protocol
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         from advmend.attacks.presets import PROTOCOLS
 
         PROTOCOLS.get(cfg.eval.protocol)
-        build_data(cfg.data, need_train=False)
+        build_data(cfg.data)  # the test split exists and matches the training split
     main_rank = os.environ.get("RANK", "0") == "0"
     if main_rank:
         print(f"advmend train: {cfg.name} -> {out_dir}")
@@ -52,9 +53,10 @@ def run(args: argparse.Namespace) -> int:
         model, _, record = load_trained_model(result.best, device)
         test = build_data(cfg.data, need_train=False).test
         eval_dir = out_dir / f"eval-{cfg.eval.protocol}"
-        res = run_protocol(model, test, cfg, record["eps"], device, eval_dir,
-                           {"title": cfg.name, "checkpoint": str(result.best), "best_epoch": record["best"]["epoch"]},
-                           progress=cfg.train.progress)  # fmt: skip
+        with undo_on_failure(eval_dir):  # a failed evaluation leaves no half-written report
+            res = run_protocol(model, test, cfg, record["eps"], device, eval_dir,
+                               {"title": cfg.name, "checkpoint": str(result.best), "best_epoch": record["best"]["epoch"]},
+                               progress=cfg.train.progress)  # fmt: skip
         print(format_table(res, f"\n{cfg.name}: best checkpoint (epoch {record['best']['epoch']}), "
                                 f"{cfg.eval.protocol} protocol, test set"))  # fmt: skip
         print(f"report: {eval_dir / 'report.md'}, {eval_dir / 'report.json'}")

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import inspect
 import os
+import pickle
+import shutil
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 from urllib.error import URLError
@@ -18,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from advmend.config import parse_number
 from advmend.data.arrays import ArrayDataset, derive_seed, from_numpy
 from advmend.errors import ConfigError, DataError
 from advmend.registry import Registry
@@ -116,18 +121,32 @@ def load_dataset(
     for key in opts:
         if key not in allowed:
             raise ConfigError(
-                f"dataset {name!r} has no option {key!r}; its options: {', '.join(allowed) or 'none'}"
+                f"data.options.{key}: dataset {name!r} has no option {key!r}; "
+                f"its options: {', '.join(allowed) or 'none'}"
             )
-    return loader(resolve_root(root), split, bool(download), **opts)
+    ds = loader(resolve_root(root), split, bool(download), **opts)
+    if len(ds) == 0:  # nothing downstream can train on or evaluate zero examples (torch.cat fails)
+        where = f" ({opts['path']})" if opts.get("path") else ""
+        raise DataError(f"dataset {name!r}{where}: the {split} split is empty (0 examples); give data with a "
+                        f"non-empty {split} split")  # fmt: skip
+    return ds
 
 
 # --------------------------------------------------------------------------- npz files
 
 
+_MAX_INFERRED_CLASSES = 100_000
+
+
 def _read_npz(path: Path, split: str, default_classes: tuple[str, ...] | None) -> ArrayDataset:
     """Reads ``x_<split>``/``y_<split>`` (+ optional ``classes``) from a cifar10.npz-style file."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        # Our own file handle: np.load leaves its own open when the archive turns out to be corrupt.
+        with open(path, "rb") as fh:
+            data = np.load(fh, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise DataError(f"{path} holds a single array, not an .npz archive of x_train, y_train, x_test, "
+                                "y_test (save it with numpy.savez)")  # fmt: skip
             keys = set(data.files)
             need = {f"x_{split}", f"y_{split}"}
             if not need <= keys:
@@ -141,10 +160,18 @@ def _read_npz(path: Path, split: str, default_classes: tuple[str, ...] | None) -
             elif default_classes is not None:
                 classes = default_classes
             else:
-                # Infer from all labels present so train and test agree on the class count.
-                top = max(int(data[k].max()) for k in ("y_train", "y_test") if k in keys and data[k].size)
-                classes = tuple(str(i) for i in range(top + 1))
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
+                # Infer from all labels present so train and test agree on the class count. Only integer
+                # labels count (from_numpy rejects the others with its own message).
+                tops = [int(a.max()) for a in (data[k] for k in ("y_train", "y_test") if k in keys)
+                        if a.size and np.issubdtype(a.dtype, np.integer)]  # fmt: skip
+                top = max(tops, default=0)
+                if top >= _MAX_INFERRED_CLASSES:  # one name per class: 2**40 names would exhaust memory
+                    raise DataError(
+                        f"{path}: labels go up to {top}; with more than {_MAX_INFERRED_CLASSES:,} classes "
+                        "give their names in a `classes` array (or check the labels)"
+                    )
+                classes = tuple(str(i) for i in range(max(top, 0) + 1))
+    except (OSError, ValueError, TypeError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         if isinstance(err, DataError):
             raise
         raise DataError(f"cannot read {path}: {err}") from err
@@ -162,7 +189,7 @@ def load_npz(root: Path, split: str, download: bool, *, path: str | None = None)
     """
     file = _find_path("npz", path, root)
     if not file.is_file():
-        raise DataError(f"npz file {file} not found (or not a file); set --set data.path=FILE.npz")
+        raise DataError(f"npz file {file} not found (or not a file); set --set data.options.path=FILE.npz")
     return _read_npz(file, split, None)
 
 
@@ -171,7 +198,8 @@ def load_npz(root: Path, split: str, download: bool, *, path: str | None = None)
 
 def _missing(name: str, root: Path, download: bool, err: BaseException) -> DataError:
     if download:
-        head = f"{name} not found in {root} and downloading it failed ({type(err).__name__}: {err})"
+        why = " ".join(str(err).split())[:300]  # torchvision's download errors span several lines
+        head = f"{name} not found in {root} and downloading it failed ({type(err).__name__}: {why})"
         tail = ", or retry the download where the internet can be reached"
     else:
         head = f"{name} not found in {root}"
@@ -182,30 +210,114 @@ def _missing(name: str, root: Path, download: bool, err: BaseException) -> DataE
     )
 
 
+# Folders torchvision keeps its copy of each data set in, inside the data root.
+_TV_DIRS: dict[str, tuple[str, ...]] = {
+    "cifar10": ("cifar-10-batches-py",), "cifar100": ("cifar-100-python",), "mnist": ("MNIST",), "svhn": (),
+}  # fmt: skip
+
+
+def _cache_file(name: str, root: Path, split: str) -> Path:
+    """The file (or folder) of torchvision's cached copy that `split` of `name` is read from."""
+    if name == "mnist":
+        legacy = root / "MNIST" / "processed" / ("training.pt" if split == "train" else "test.pt")
+        return legacy if legacy.exists() else root / "MNIST" / "raw"
+    if name == "svhn":
+        return root / f"{split}_32x32.mat"
+    return root / _TV_DIRS[name][0]
+
+
+def _walk(folder: Path) -> set[Path]:
+    return {Path(d) / f for d, dirs, files in os.walk(folder) for f in [*dirs, *files]}
+
+
+class _UndoNewPaths:
+    """Remembers what a download may touch (the missing ancestors of the data root, the root's entries,
+    and the files in torchvision's folders for this data set) so that a failed attempt can remove what it
+    created, and only that: an empty folder or a partial archive left behind looks like data later."""
+
+    def __init__(self, name: str, root: Path) -> None:
+        self.root = root
+        self.missing = [p for p in [root, *root.parents] if not p.exists()]  # deepest first
+        self.top = set(root.iterdir()) if root.is_dir() else set()
+        self.deep = {root / d: _walk(root / d) for d in _TV_DIRS[name] if (root / d).is_dir()}
+
+    @staticmethod
+    def _remove(path: Path) -> None:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+    def undo(self) -> None:
+        try:
+            if self.root.is_dir() and not self.missing:
+                for entry in set(self.root.iterdir()) - self.top:
+                    self._remove(entry)
+                for folder, known in self.deep.items():
+                    # Deepest first, so a new folder is removed whole before its parent is looked at.
+                    for path in sorted(_walk(folder) - known, key=lambda p: len(p.parts), reverse=True):
+                        if path.exists() or path.is_symlink():
+                            self._remove(path)
+            elif self.missing:
+                shutil.rmtree(self.missing[-1], ignore_errors=True)  # the top folder the attempt created
+        except OSError:  # best effort: never hide the download's own error behind a cleanup error
+            pass
+
+
 def _torchvision(name: str, root: Path, split: str, download: bool) -> ArrayDataset:
     import torchvision.datasets as tvd  # imported lazily: slow, and only needed without an npz
 
     train = split == "train"
+    undo = _UndoNewPaths(name, root)
     try:
-        if name == "cifar10":
-            tv = tvd.CIFAR10(str(root), train=train, download=download)
-            return from_numpy(tv.data, np.asarray(tv.targets), CIFAR10_CLASSES)
-        if name == "cifar100":
-            tv = tvd.CIFAR100(str(root), train=train, download=download)
-            return from_numpy(tv.data, np.asarray(tv.targets), tuple(tv.classes))
-        if name == "svhn":
-            tv = tvd.SVHN(str(root), split=split, download=download)
-            # SVHN .data is NCHW; the transpose view turns it back into NHWC without a copy.
-            return from_numpy(tv.data.transpose(0, 2, 3, 1), tv.labels, _DIGITS)
-        tv = tvd.MNIST(str(root), train=train, download=download)
-        return from_numpy(tv.data.numpy(), tv.targets.numpy(), _DIGITS)
+        with warnings.catch_warnings():  # torch.load's notes on a cached file are not the user's concern
+            warnings.simplefilter("ignore")
+            return _torchvision_read(tvd, name, root, split, train, download)
+    except DataError as err:  # from_numpy: the cached arrays are not images and labels
+        file = _cache_file(name, root, split)
+        raise DataError(f"{name}: torchvision's cached copy {file} is malformed: {err}") from None
     except ImportError as err:  # torchvision's SVHN reader needs scipy
         raise DataError(
             f"{name} from torchvision needs {err.name or 'a missing package'} ({err}); install it "
             f"or put {name}.npz into {root}"
         ) from err
     except (RuntimeError, URLError, OSError) as err:
-        raise _missing(name, root, download, err) from err
+        undo.undo()
+        if download or "not found" in str(err).lower() or isinstance(err, FileNotFoundError):
+            raise _missing(name, root, download, err) from err
+        raise _bad_cache(name, root, split, err) from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        # A cached file that is not what torchvision wrote (a pickle with code is refused by
+        # torch.load(weights_only=True), a truncated file, another object): name it, do not crash.
+        raise _bad_cache(name, root, split, err) from None
+
+
+def _torchvision_read(tvd: Any, name: str, root: Path, split: str, train: bool, download: bool) -> ArrayDataset:
+    """torchvision's copy of `name` as an ArrayDataset (downloaded first when `download`)."""
+    if name == "cifar10":
+        tv = tvd.CIFAR10(str(root), train=train, download=download)
+        return from_numpy(tv.data, np.asarray(tv.targets), CIFAR10_CLASSES)
+    if name == "cifar100":
+        tv = tvd.CIFAR100(str(root), train=train, download=download)
+        return from_numpy(tv.data, np.asarray(tv.targets), tuple(tv.classes))
+    if name == "svhn":
+        tv = tvd.SVHN(str(root), split=split, download=download)
+        # SVHN .data is NCHW; the transpose view turns it back into NHWC without a copy.
+        return from_numpy(tv.data.transpose(0, 2, 3, 1), tv.labels, _DIGITS)
+    tv = tvd.MNIST(str(root), train=train, download=download)
+    return from_numpy(np.asarray(tv.data), np.asarray(tv.targets), _DIGITS)
+
+
+def _bad_cache(name: str, root: Path, split: str, err: BaseException) -> DataError:
+    if isinstance(err, pickle.UnpicklingError):  # torch.load(weights_only=True) refused it: nothing ran
+        why = "not a plain tensor file: refused unread, nothing in it was run"
+    else:
+        first = str(err).splitlines()[0] if str(err) else ""
+        why = f"{type(err).__name__}: {first[:200]}"
+    return DataError(
+        f"{name}: cannot read torchvision's cached copy {_cache_file(name, root, split)} ({why}); "
+        f"delete it and download again, or put {name}.npz into {root}"
+    )
 
 
 _BUILTIN_CLASSES: dict[str, tuple[str, ...]] = {
@@ -239,7 +351,7 @@ _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 
 def _find_path(dataset: str, path: str | os.PathLike[str] | None, root: Path) -> Path:
     if path is None or str(path) == "":
-        raise ConfigError(f"dataset {dataset!r} needs the option path (e.g. --set data.path=...)")
+        raise ConfigError(f"dataset {dataset!r} needs the option path (e.g. --set data.options.path=...)")
     p = Path(path).expanduser()
     if not p.is_absolute() and not p.exists() and (root / p).exists():
         p = root / p
@@ -268,7 +380,7 @@ def load_folder(
     base = _find_path("folder", path, root)
     bad_size = isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
     if image_size is not None and bad_size:
-        raise ConfigError(f"folder option image_size must be a positive integer, got {image_size!r}")
+        raise ConfigError(f"data.options.image_size must be a positive integer, got {image_size!r}")
     split_dir = base / split
     if not split_dir.is_dir():
         raise DataError(f"image folder {split_dir} not found; expected {base}/{{train,test}}/<class>/*.png")
@@ -290,8 +402,12 @@ def load_folder(
                     if image_size is not None:
                         img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
                     arr = np.asarray(img, dtype=np.uint8)
-            except OSError as err:
-                raise DataError(f"cannot read image {file}: {err}") from err
+            except Image.DecompressionBombError as err:
+                # PIL refuses images above Image.MAX_IMAGE_PIXELS (a decompression bomb, or a huge scan):
+                # decoding it could exhaust memory, so it is a data error naming the file, not a crash.
+                raise DataError(f"image {file} is too large to decode safely ({err})") from None
+            except (OSError, SyntaxError, ValueError, EOFError) as err:  # PIL's ways to say "corrupt"
+                raise DataError(f"cannot read image {file}: {type(err).__name__}: {err}") from None
             if first is None:
                 first = (file, arr.shape[:2])
             elif arr.shape[:2] != first[1]:
@@ -307,6 +423,9 @@ def load_folder(
 
 
 # --------------------------------------------------------------------------- synthetic
+
+
+_SYNTHETIC_MAX = 2**28  # values per split: 256 MiB of uint8 (CIFAR-10's train split is 150 M)
 
 
 @DATASETS.register("synthetic")
@@ -332,9 +451,21 @@ def load_synthetic(
     for key, val, lo in (("num_classes", num_classes, 2), ("image_size", image_size, 1),
                          ("channels", channels, 1), ("n_train", n_train, 1), ("n_test", n_test, 1)):  # fmt: skip
         if isinstance(val, bool) or not isinstance(val, int) or val < lo:
-            raise ConfigError(f"synthetic option {key} must be an integer >= {lo}, got {val!r}")
-    if float(noise) < 0:
-        raise ConfigError(f"synthetic option noise must be >= 0, got {noise!r}")
+            raise ConfigError(f"data.options.{key} must be an integer >= {lo}, got {val!r}")
+    noise = parse_number(noise, "data.options.noise")  # the config rule: finite, "1e-3" and "1/10" too
+    if noise < 0:
+        raise ConfigError(f"data.options.noise must be >= 0, got {noise!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"data.options.seed must be an integer, got {seed!r}")
+    # A toy set for tests: bound its size (the float intermediates are 4x the uint8 images), so a typo
+    # such as n_train=10**9 is an error and not an out-of-memory crash.
+    for key, rows in (("n_train" if split == "train" else "n_test", n_train if split == "train" else n_test),
+                      ("num_classes", num_classes)):  # fmt: skip
+        if rows * channels * image_size * image_size > _SYNTHETIC_MAX:
+            raise ConfigError(
+                f"synthetic data of {rows} x {channels}x{image_size}x{image_size} values is too large "
+                f"(at most {_SYNTHETIC_MAX:,} values); lower data.options.{key}, image_size or channels"
+            )
     proto_gen = torch.Generator().manual_seed(derive_seed(seed, 0))
     grid = max(2, image_size // 4)  # coarse grid => smooth, spatially structured prototypes
     coarse = torch.rand(num_classes, channels, grid, grid, generator=proto_gen)

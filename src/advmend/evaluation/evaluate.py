@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from advmend.attacks.modes import attack_mode
 from advmend.attacks.pgd import PGD, pgd_tracked
-from advmend.data import ArrayDataset, BatchLoader
+from advmend.data import ArrayDataset, BatchLoader, subset
+from advmend.errors import ModelContractError
 from advmend.validate import check_logits
 
 _TOL = 1e-5  # float32 slack on the ball constraint
@@ -140,6 +141,30 @@ def check_bound(x_adv: torch.Tensor, x: torch.Tensor, attack: Any) -> float:
     return worst
 
 
+PROBABILITY_TOL = 1e-4  # |row sum - 1| below which a non-negative row reads as a probability vector
+
+
+def check_not_probabilities(logits: torch.Tensor) -> None:
+    """ModelContractError when `logits` (a probe batch of the model's outputs on real inputs) are
+    probabilities: EVERY row non-negative and summing to 1 within 1e-4.
+
+    Attacks need logits: cross-entropy on probabilities double-applies the softmax and its gradients
+    all but vanish, so robust accuracy would be grossly overstated. Real logits essentially never pass
+    this test on a whole batch (they would need every score >= 0 and every row to sum to 1); a model
+    that does only partly (some rows, or sigmoid-like outputs in [0, 1]) is left to the S11 sanity flag.
+    """
+    out = logits.detach().float()
+    if out.shape[1] < 2:  # one score per row says nothing about a distribution over classes
+        return
+    sums = out.sum(1)
+    if bool((out >= 0).all()) and bool(((sums - 1).abs() <= PROBABILITY_TOL).all()):
+        raise ModelContractError(
+            f"the model returns probabilities, not logits: on the first {out.shape[0]} evaluated examples "
+            f"every output row is >= 0 and sums to 1 (within {PROBABILITY_TOL:g}); attacks need the "
+            "pre-softmax scores, so remove the final softmax (or return log-probabilities)"
+        )
+
+
 def random_targets(y: torch.Tensor, num_classes: int, generator: torch.Generator | None) -> torch.Tensor:
     """A uniformly random class other than the true one, per example (targeted attacks)."""
     offset = torch.randint(1, num_classes, y.shape, device=y.device, generator=generator)
@@ -194,6 +219,8 @@ def evaluate(
     with attack_mode(model), torch.no_grad():
         for x, y in loader:
             logits = check_logits(model(x), x.shape[0])
+            if not clean:  # the first batch is the probe: rejected before any attack runs
+                check_not_probabilities(logits)
             num_classes = logits.shape[1]
             clean.append((logits.argmax(1) == y).cpu())
     result = EvalResult(torch.cat(clean), cascade=cascade)
@@ -249,3 +276,57 @@ def evaluate(
         result.adv, result.labels = adv, ds.labels.clone()
     result.seconds = time.perf_counter() - start
     return result
+
+
+CURVE_FACTORS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0)  # multiples of the threat eps; 1.0 is the threat eps itself
+CURVE_STEPS = 10
+CURVE_EXAMPLES = 200
+
+
+def accuracy_curve(
+    model: nn.Module,
+    ds: ArrayDataset,
+    eps: float,
+    norm: str = "linf",
+    *,
+    n_examples: int = CURVE_EXAMPLES,
+    factors: Sequence[float] = CURVE_FACTORS,
+    steps: int = CURVE_STEPS,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> dict:
+    """Accuracy against eps for the report's picture: a cheap PGD sweep on a seeded subset.
+
+    PGD-`steps` (step 2.5 * e / steps, uniform random start, Madry et al.) at each e = f * eps for f in
+    `factors` (0 to 2 eps by default), on the seeded subset of min(n_examples, len(ds)) examples. Each
+    point is an independent `evaluate` with the same `seed`, so the point at the threat eps is exactly
+    what that attack alone gives on the subset. It is a picture of how accuracy falls with eps, not a
+    robustness claim: the protocol's attacks (stronger, on every example) give the headline numbers.
+
+    Returns:
+        {"attack", "norm", "steps", "step_size": "2.5 * eps / steps", "random_start", "n_examples",
+        "seed", "eps": [...], "accuracy": [...] (percent), "seconds"}.
+    """
+    t0 = time.perf_counter()
+    sub = subset(ds, n_examples, seed) if n_examples < len(ds) else ds
+    eps_list, accuracy = [], []
+    for f in factors:
+        e = float(f * eps)
+        attacks = [] if e == 0 else [PGD(eps=e, steps=steps, step_size=2.5 * e / steps, norm=norm,
+                                         random_start=True, name=f"PGD-{steps}@{f:g}eps")]  # fmt: skip
+        res = evaluate(model, sub, attacks, batch_size=batch_size, device=device, seed=seed)
+        eps_list.append(e)
+        accuracy.append(100 * (res.worst_accuracy if attacks else res.clean_accuracy))
+    return {
+        "attack": f"PGD-{steps}",
+        "norm": norm,
+        "steps": steps,
+        "step_size": f"2.5 * eps / {steps}",
+        "random_start": True,
+        "n_examples": len(sub),
+        "seed": seed,
+        "eps": eps_list,
+        "accuracy": accuracy,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }

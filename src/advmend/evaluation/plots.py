@@ -9,12 +9,15 @@ from advmend.plotting import pyplot, save_png
 
 
 def accuracy_vs_eps_png(path: str | Path, points: list[tuple[float, float]], *, title: str = "",
-                        marks: list[tuple[str, float, float]] = ()) -> str | None:  # fmt: skip
+                        marks: list[tuple[str, float, float]] = (), label: str = "accuracy",
+                        extra: list[tuple[str, list[tuple[float, float]]]] = ()) -> str | None:  # fmt: skip
     """Plot accuracy (%) against eps and write it atomically to `path`.
 
     Args:
-        points: (eps, accuracy %) of the eps sweep (or just clean and the worst case).
+        points: (eps, accuracy %) of the eps sweep (`evaluate.accuracy_curve`).
         marks: (label, eps, accuracy %) single points, e.g. each attack of the protocol.
+        label: the legend entry of `points`, e.g. "PGD-10 sweep, 200 examples".
+        extra: (label, points) further curves drawn dashed, e.g. the S01 sanity sweep.
 
     Returns:
         None when written, else why not (matplotlib missing), for the report.
@@ -26,7 +29,11 @@ def accuracy_vs_eps_png(path: str | Path, points: list[tuple[float, float]], *, 
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
     if points:
         xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker="o", label="PGD-20 (eps sweep)" if len(points) > 2 else "accuracy")
+        ax.plot(xs, ys, marker="o", label=label)
+    for extra_label, extra_points in extra:
+        if extra_points:
+            xs, ys = zip(*sorted(extra_points))
+            ax.plot(xs, ys, marker=".", linestyle="--", alpha=0.7, label=extra_label)
     for label, eps, acc in marks:  # at the same eps the labels would overlap: they go in the legend
         ax.scatter([eps], [acc], marker="x", zorder=3, label=f"{label}: {acc:.1f} %")
     ax.set_xlabel("eps")
@@ -34,7 +41,7 @@ def accuracy_vs_eps_png(path: str | Path, points: list[tuple[float, float]], *, 
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
     ax.set_title(title or "accuracy against eps", fontsize=9)
-    if points or marks:
+    if points or marks or any(p for _, p in extra):
         ax.legend(fontsize=6, loc="upper right")
     fig.tight_layout()
     save_png(fig, path)

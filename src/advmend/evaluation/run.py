@@ -14,7 +14,7 @@ from advmend.attacks.presets import PROTOCOL_OPTIONS, protocol_attacks
 from advmend.config import RunConfig, from_dict
 from advmend.data import ArrayDataset, subset
 from advmend.errors import CheckpointError, ConfigError
-from advmend.evaluation.evaluate import EvalResult, evaluate
+from advmend.evaluation.evaluate import EvalResult, accuracy_curve, evaluate
 from advmend.evaluation.plots import accuracy_vs_eps_png
 from advmend.evaluation.report import write_report
 from advmend.evaluation.sanity import run_sanity
@@ -100,6 +100,13 @@ def run_protocol(
     sanity = run_sanity(model, ds, result, eps, ev.norm, costly=costly, batch_size=ev.batch_size,
                         device=device, seed=ev.seed)  # fmt: skip
     sanity_seconds = time.perf_counter() - t0
+    # The picture's curve is its own cheap PGD sweep (a few eps on a seeded subset), recorded in
+    # report.json. With eval.plot false (--no-plot) neither the sweep nor the PNG is made: the sweep
+    # exists for the picture, and the sanity suite's S01 sweep is the check. Computed before anything
+    # is written, so a failure leaves nothing half-written.
+    curve = None
+    if ev.plot:
+        curve = accuracy_curve(model, ds, eps, ev.norm, batch_size=ev.batch_size, device=device, seed=ev.seed)
     meta = dict(meta, protocol=ev.protocol, eps=eps, norm=ev.norm, device=str(device), split="test",
                 subset_seed=ev.seed if ds is not test else None, cascade=cascade, sanity_full=costly,
                 timings={"evaluation_s": round(result.seconds, 3), "sanity_s": round(sanity_seconds, 3)},
@@ -109,11 +116,13 @@ def run_protocol(
         meta["checkpoint_sha256"] = file_sha256(meta["checkpoint"])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if ev.plot:
-        points = sanity.sweep or [(0.0, 100 * result.clean_accuracy)] + (
-            [(eps, 100 * result.worst_accuracy)] if result.attacks else [])
+    if curve is not None:
+        meta["accuracy_vs_eps"] = curve
+        points = list(zip(curve["eps"], curve["accuracy"]))
+        label = f"{curve['attack']} sweep ({curve['n_examples']} examples)"
+        extra = [("S01 sanity sweep, PGD-20", sanity.sweep)] if sanity.sweep else []
         marks = [(a.name, a.settings["eps"], 100 * a.accuracy) for a in result.attacks]
-        note = accuracy_vs_eps_png(out_dir / "accuracy_vs_eps.png", points, marks=marks,
+        note = accuracy_vs_eps_png(out_dir / "accuracy_vs_eps.png", points, marks=marks, label=label, extra=extra,
                                    title=f"{meta.get('title', '')} {ev.norm}".strip())  # fmt: skip
         meta["plot" if note is None else "plot_note"] = "accuracy_vs_eps.png" if note is None else note
     if save_adv is not None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import inspect
+import types
+import typing
+from typing import Any, Callable, Sequence, Union
 
 from torch import nn
 
@@ -38,6 +41,63 @@ def fsr_preset(name: str) -> list[str]:
         ) from None
 
 
+# Arguments create_model fills itself (from the data and model.normalize): never model options.
+_BUILT_IN_ARGS = ("num_classes", "in_channels", "normalize")
+_CHECKABLE = (bool, int, float, str)
+
+
+def _checkable(tp: Any) -> bool:
+    """Whether the config value rules (advmend.config.coerce_value) can check annotation `tp`."""
+    if tp in _CHECKABLE:
+        return True
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return all(a is type(None) or _checkable(a) for a in args)
+    if typing.get_origin(tp) is tuple:
+        return len(args) == 2 and args[1] is Ellipsis and _checkable(args[0])
+    return False
+
+
+def model_options(name: str) -> dict[str, inspect.Parameter]:
+    """The options (keyword arguments beyond num_classes/in_channels/normalize) of registered model `name`."""
+    params = inspect.signature(MODELS.get(name)).parameters
+    return {k: p for k, p in params.items() if k not in _BUILT_IN_ARGS and p.kind is not p.VAR_KEYWORD}
+
+
+def check_model_options(name: str, options: dict[str, Any], key: str = "model.options") -> dict[str, Any]:
+    """Checks model options against the factory's signature: known names, and values of the annotated type.
+
+    Returns the options with values converted as config values are (an int for a float option becomes a
+    float, "8/255" a number). ``None`` values pass (create_model drops them: the factory's default).
+
+    Raises:
+        ConfigError: Unknown model, an option the factory does not take, or a value of the wrong type;
+            the message names ``<key>.<option>`` and lists the valid options.
+    """
+    from advmend.config import coerce_value  # lazy: keeps this module importable from advmend.config
+
+    factory = MODELS.get(name)
+    valid = model_options(name)
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values())
+    listing = ", ".join(sorted(valid)) or "none"
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:  # unresolvable annotations (a user's model): check the names only
+        hints = {}
+    out = {}
+    for opt, value in options.items():
+        if opt in _BUILT_IN_ARGS:
+            source = "model.normalize" if opt == "normalize" else "the data"
+            raise ConfigError(f"{key}.{opt}: model {name!r} takes {opt} from {source}; remove {key}.{opt}")
+        if opt not in valid and not takes_any:
+            raise ConfigError(f"{key}.{opt}: model {name!r} has no option {opt!r}; its options: {listing}")
+        tp = hints.get(opt)
+        if value is not None and tp is not None and _checkable(tp):
+            value = coerce_value(value, tp, f"{key}.{opt}")
+        out[opt] = value
+    return out
+
+
 def create_model(
     name: str,
     *,
@@ -61,21 +121,29 @@ def create_model(
         ConfigError: Unknown name, bad sizes, or mismatched normalisation statistics.
     """
     factory = MODELS.get(name)
+    # num_classes, in_channels, mean and std come from the data set, not from config keys: the messages
+    # name the create_model arguments.
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ConfigError(f"model.num_classes must be an int >= 2, got {num_classes!r}")
+        raise ConfigError(f"create_model: num_classes (from the data) must be an int >= 2, got {num_classes!r}")
     if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-        raise ConfigError(f"model.in_channels must be an int >= 1, got {in_channels!r}")
+        raise ConfigError(f"create_model: in_channels (from the data) must be an int >= 1, got {in_channels!r}")
     if (mean is None) != (std is None):
-        raise ConfigError("model.mean and model.std must be given together")
+        raise ConfigError("create_model: mean and std must be given together")
     normalize = None
     if mean is not None and std is not None:
         normalize = Normalize(mean, std)
         if normalize.mean.numel() != in_channels:
             raise ConfigError(
-                f"model.mean/std have {normalize.mean.numel()} values but in_channels={in_channels}"
+                f"create_model: mean/std have {normalize.mean.numel()} values but in_channels={in_channels}"
             )
+    kwargs = check_model_options(name, kwargs)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return factory(num_classes=num_classes, in_channels=in_channels, normalize=normalize, **kwargs)
+    try:
+        return factory(num_classes=num_classes, in_channels=in_channels, normalize=normalize, **kwargs)
+    except (RuntimeError, MemoryError) as e:  # e.g. width=10**6: weights beyond memory (or int64 sizes)
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        shown = ", ".join(f"model.options.{k}={v!r}" for k, v in kwargs.items()) or "no model.options"
+        raise ConfigError(f"model {name!r} cannot be built with {shown} ({first})") from None
 
 
 def init_weights(model: nn.Module) -> None:

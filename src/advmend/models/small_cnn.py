@@ -60,5 +60,5 @@ def small_cnn(
 ) -> SmallCNN:
     """Small CNN for quick CPU experiments."""
     if width < 1:
-        raise ConfigError(f"model.width must be >= 1, got {width!r}")
+        raise ConfigError(f"model.options.width must be >= 1, got {width!r}")
     return SmallCNN(num_classes=num_classes, in_channels=in_channels, normalize=normalize, width=width)

@@ -80,11 +80,11 @@ class WideResNet(nn.Module):
     ) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6 != 0:
-            raise ConfigError(f"model.depth must be 6n+4 with n >= 1 (e.g. 28, 34), got {depth!r}")
+            raise ConfigError(f"WideResNet depth must be 6n+4 with n >= 1 (e.g. 28, 34), got {depth!r}")
         if widen_factor < 1:
-            raise ConfigError(f"model.widen_factor must be >= 1, got {widen_factor!r}")
+            raise ConfigError(f"WideResNet widen_factor must be >= 1, got {widen_factor!r}")
         if not 0.0 <= dropout < 1.0:
-            raise ConfigError(f"model.dropout must be in [0, 1), got {dropout!r}")
+            raise ConfigError(f"model.options.dropout must be in [0, 1), got {dropout!r}")
         n = (depth - 4) // 6
         widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.normalize = normalize if normalize is not None else nn.Identity()

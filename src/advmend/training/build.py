@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from advmend.attacks.pgd import PGD
-from advmend.config import AttackConfig, DataConfig, RunConfig
+from advmend.config import AttackConfig, DataConfig, RunConfig, check_config
 from advmend.data import ArrayDataset, dataset_info, load_dataset, split_train_val, subset
 from advmend.defenses.insert import FSRModel
 from advmend.errors import ConfigError
@@ -21,20 +21,22 @@ from advmend.registry import Registry
 from advmend.training.mart import MART, MART_BETA
 from advmend.training.objectives import AdversarialCE, fast_at_attack
 from advmend.training.trades import TRADES, TRADES_BETA, trades_attack
+from advmend.validate import check_data_fits_model
 
 OBJECTIVES: Registry = Registry("training method")
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when available, else CPU; anything else must be a valid torch device."""
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """'auto' picks CUDA when available, else CPU; anything else must be a valid torch device. `key`
+    names the setting in messages (a command's --device flag, or the config key)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device: invalid device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{key}: invalid device {name!r} (use auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device is {name!r} but CUDA is not available; use auto or cpu")
+        raise ConfigError(f"{key} is {name!r} but CUDA is not available; use auto or cpu")
     return device
 
 
@@ -66,6 +68,10 @@ def build_data(cfg: DataConfig, *, need_train: bool = True, need_test: bool = Tr
             train = subset(train, cfg.train_subset, cfg.seed)
     if need_test:
         test = load_dataset(cfg.name, "test", root=cfg.root, download=cfg.download, **opts)
+        if train is not None:  # a model trained on the train split must take the test split
+            check_data_fits_model(test, image_shape=train.image_shape, num_classes=train.num_classes,
+                                  source=f"a model trained on the training split of {cfg.name!r}",
+                                  hint="the train and test splits need the same image shape and classes")  # fmt: skip
     ref = train if train is not None else test
     info["num_classes"] = ref.num_classes
     info["image_shape"] = ref.image_shape
@@ -82,17 +88,38 @@ def build_model(cfg: RunConfig, num_classes: int, image_shape: tuple[int, int, i
         from advmend.defenses.pssr.pipeline import build_pssr_model
 
         return build_pssr_model(cfg, num_classes, image_shape)
+    check_config(cfg)  # a RunConfig built in Python skips from_dict's checks (finite numbers, options)
     info = dataset_info(cfg.data.name, channels=image_shape[0])
     norm = {"mean": info["mean"], "std": info["std"]} if cfg.model.normalize else {}
     model = create_model(
         cfg.model.name, num_classes=num_classes, in_channels=image_shape[0], **norm, **cfg.model.options
     )
+    _probe_input(model, cfg.model.name, image_shape)
     if not cfg.fsr.enabled:
         return model
     layers = list(cfg.fsr.layers) if cfg.fsr.layers else fsr_preset(cfg.model.name)
     return FSRModel(
         model, at=layers, num_classes=num_classes, input_shape=image_shape, tau=cfg.fsr.tau, hidden=cfg.fsr.hidden
     )
+
+
+def _probe_input(model: nn.Module, name: str, image_shape: tuple[int, int, int]) -> None:
+    """One eval-mode forward pass on zeros, so images the architecture cannot take (too small for its
+    pooling, say) are a ConfigError now rather than a RuntimeError in the first training step."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()  # BatchNorm running statistics stay untouched; no random layer draws
+        with torch.no_grad():
+            model(torch.zeros(1, *image_shape))
+    except RuntimeError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(
+            f"model {name!r} cannot take {image_shape[0]}x{image_shape[1]}x{image_shape[2]} images ({first}); "
+            "use larger images (e.g. data.options.image_size) or another model.name"
+        ) from None
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def build_attack(cfg: AttackConfig, default_eps: float, *, keep_best: bool, name: str = "") -> PGD:

@@ -27,10 +27,11 @@ from typing import Callable
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 
-from advmend.config import RunConfig, to_dict
+from advmend.config import RunConfig, from_dict, to_dict
 from advmend.data import BatchLoader
 from advmend.errors import CheckpointError, ConfigError
 from advmend.evaluation.evaluate import evaluate
@@ -50,6 +51,12 @@ LAST, BEST = "last.safetensors", "best.safetensors"
 SELECT = {"robust": "val_robust_acc", "clean": "val_clean_acc", "last": "epoch"}
 # Free space wanted before training: best + last + the temporary copy during an atomic rewrite.
 DISK_FACTOR = 3
+# Settings that may differ when a run is resumed, because they do not change what it computes: where it
+# is written, where and how visibly it runs, and whether the test-set evaluation follows training.
+# Every other key must equal the run's (its last checkpoint's record), or --resume is an error.
+RESUME_FREE_KEYS = ("out_dir", "train.device", "train.progress", "train.tensorboard", "eval.after_train")
+# What a run folder holds before its first checkpoint: a run killed then may be started over.
+STARTED_RUN_FILES = ("config.yaml", "metrics.jsonl", "tensorboard")
 
 
 @dataclass
@@ -74,6 +81,9 @@ def check_train_config(cfg: RunConfig, device: torch.device | None = None) -> No
         ("train.patience", t.patience, t.patience is None or t.patience >= 1),
         ("train.ema", t.ema, t.ema is None or 0 < t.ema < 1),
         ("eval.batch_size", cfg.eval.batch_size, cfg.eval.batch_size >= 1),
+        # The evaluation's settings too, so that a bad one never costs a training run (eval.after_train).
+        ("eval.n_examples", cfg.eval.n_examples, cfg.eval.n_examples is None or cfg.eval.n_examples >= 1),
+        ("eval.norm", cfg.eval.norm, cfg.eval.norm in ("linf", "l2")),
     ):
         if not ok:
             raise ConfigError(f"{key}: invalid value {value!r}")
@@ -123,13 +133,73 @@ def check_disk_space(out_dir: Path, need: int) -> None:
         )
 
 
-def prepare_out_dir(out_dir: Path, resume: bool, rank: int = 0) -> None:
+def _flat(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict, cfg: RunConfig) -> dict[str, tuple[object, object]]:
+    """{dotted key: (the run's value, `cfg`'s value)} for every key outside RESUME_FREE_KEYS that differs.
+
+    `saved` (a checkpoint record's config, or a config.yaml) is resolved as a RunConfig first, so keys
+    it lacks compare as their defaults.
+    """
+    plain = lambda c: json.loads(json.dumps(to_dict(c), default=str))  # noqa: E731  (tuples vs lists)
+    old, new = _flat(plain(from_dict(RunConfig, saved))), _flat(plain(cfg))
+    missing = "<absent>"
+    return {
+        k: (old.get(k, missing), new.get(k, missing))
+        for k in sorted(old.keys() | new.keys())
+        if k not in RESUME_FREE_KEYS and old.get(k, missing) != new.get(k, missing)
+    }
+
+
+def _describe_changes(changes: dict[str, tuple[object, object]]) -> str:
+    return ", ".join(f"{k} ({a!r} in the run, {b!r} now)" for k, (a, b) in changes.items())
+
+
+def _is_started_run_of(out_dir: Path, entries: list[Path], cfg: RunConfig) -> bool:
+    """Whether `out_dir` holds only what a run of `cfg` writes before its first checkpoint."""
+    if not all(p.name in STARTED_RUN_FILES for p in entries) or not (out_dir / "config.yaml").is_file():
+        return False
+    try:
+        saved = yaml.safe_load((out_dir / "config.yaml").read_text())
+        return isinstance(saved, dict) and not config_changes(saved, cfg)
+    except (OSError, yaml.YAMLError, ValueError, TypeError):
+        return False
+
+
+def prepare_out_dir(out_dir: Path, resume: bool, rank: int = 0, *, cfg: RunConfig | None = None) -> None:
+    """Check the run folder before anything is written, create it, and check it is writable.
+
+    With `cfg` (a new run of that config, `resume` false) the folder must be absent, empty, or hold only
+    what a run of the same config wrote before being killed ahead of its first checkpoint: any other
+    content (e.g. a best.safetensors without last.safetensors) is never overwritten.
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"output path {out_dir} exists and is not a folder")
     if not resume and (out_dir / LAST).exists():
         raise ConfigError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out")
     if resume and not (out_dir / LAST).exists():
-        raise CheckpointError(f"--resume: no {LAST} in {out_dir} to resume from")
+        hint = ""
+        if (out_dir / "config.yaml").is_file() and not (out_dir / BEST).exists():
+            hint = " (the run there wrote no checkpoint yet: run again without --resume to start it over)"
+        raise CheckpointError(f"--resume: no {LAST} in {out_dir} to resume from{hint}")
+    if cfg is not None and not resume and out_dir.is_dir():
+        # Leftovers of this or another rank's atomic writes and write probes are not run content.
+        ignore = set(stale_temp_files(out_dir))
+        entries = [p for p in out_dir.iterdir() if p not in ignore and not p.name.startswith(".advmend-write-test-")]
+        if entries and not _is_started_run_of(out_dir, entries, cfg):
+            names = ", ".join(sorted(p.name for p in entries)[:5]) + (", ..." if len(entries) > 5 else "")
+            raise ConfigError(
+                f"{out_dir} is not empty ({names}) and holds no run to resume (no {LAST}); refusing to "
+                "overwrite it: use --resume only on a run folder, choose another --out, or delete the folder"
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     probe = out_dir / f".advmend-write-test-{rank}-{os.getpid()}"
     try:
@@ -137,6 +207,35 @@ def prepare_out_dir(out_dir: Path, resume: bool, rank: int = 0) -> None:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"output folder {out_dir} is not writable ({e.strerror}); choose another --out") from None
+
+
+def check_resume_config(out_dir: Path, record: dict, cfg: RunConfig) -> dict | None:
+    """ConfigError naming every dotted key where `cfg` differs from the run being resumed.
+
+    `train.epochs` may change to continue a run further (or end it sooner), as long as epochs remain to
+    be trained: otherwise nothing would be trained and the changed value would describe no checkpoint.
+    Returns the run's config (as recorded) with the new train.epochs when it changed, else None.
+    """
+    try:
+        changes = config_changes(record["config"], cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"--resume: {out_dir / LAST} records a config this advmend cannot read ({e})") from None
+    epochs = changes.pop("train.epochs", None)
+    if changes:
+        raise ConfigError(
+            f"--resume: the config differs from the run in {out_dir} at {_describe_changes(changes)}; resume "
+            "with the run's settings (its config.yaml), or start a new run with another --out"
+        )
+    if epochs is None:
+        return None
+    done, stopped = record["epoch"], (record.get("early_stopping") or {}).get("stopped")
+    if stopped or cfg.train.epochs <= done:
+        why = f"stopped early after epoch {stopped['epoch']}" if stopped else f"has already trained {done} epochs"
+        raise ConfigError(
+            f"--resume: train.epochs={cfg.train.epochs} ({epochs[0]} in the run), but the run in {out_dir} {why}: "
+            "nothing would be trained; keep train.epochs as it was, or start a new run with another --out"
+        )
+    return dict(record["config"], train=dict(record["config"]["train"], epochs=cfg.train.epochs))
 
 
 @contextlib.contextmanager
@@ -214,7 +313,7 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, log, ctx: DistContext, d
     ema = ModelEMA(model, t.ema) if t.ema is not None else None
     view = training_view(model, ctx, device, compile=t.compile)
     check_disk_space(out_dir, checkpoint_bytes(model, optimizer, ema is not None))
-    prepare_out_dir(out_dir, resume, ctx.rank)
+    prepare_out_dir(out_dir, resume, ctx.rank, cfg=cfg)
     if ctx.is_main:
         remove_stale_temp_files(out_dir, log)
     ctx.barrier()
@@ -222,10 +321,18 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, log, ctx: DistContext, d
     start_epoch, best_value, history, since_best, stopped = 0, None, [], 0, None
     # Without a validation split there is nothing to select on: best is the latest epoch.
     select_key = SELECT[t.select] if data.val is not None else "epoch"
+    # config.yaml describes the run's checkpoints: written when a run starts, and on resume only when
+    # missing or when train.epochs was changed to continue the run (the new checkpoints record it too).
+    run_config = to_dict(cfg)
     if resume:
         state, record = load_checkpoint(out_dir / LAST)
-        if record["config"]["model"] != to_dict(cfg)["model"] or record["config"]["fsr"] != to_dict(cfg)["fsr"]:
-            raise ConfigError(f"--resume: the model or fsr section differs from the run in {out_dir}")
+        extended = check_resume_config(out_dir, record, cfg)
+        if extended is not None:
+            run_config = extended
+        elif (out_dir / "config.yaml").is_file():
+            run_config = None  # never rewritten: it already describes the checkpoints
+        else:
+            run_config = record["config"]
         model.load_state_dict(state)
         optimizer.load_state_dict(record["optimizer_state"])
         extra = record.get("extra_tensors", {})
@@ -247,7 +354,8 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, log, ctx: DistContext, d
         history = read_history(out_dir / "metrics.jsonl", start_epoch)
         log(f"resuming {out_dir} after epoch {start_epoch}")
     if ctx.is_main:
-        atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if run_config is not None:
+            atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(run_config, sort_keys=False))
         atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     writer = None
     if t.tensorboard and ctx.is_main:
@@ -330,11 +438,17 @@ def select_best(history: list[dict], select_key: str, best_value: float | None) 
 
 
 def save_or_explain(path: Path, model: nn.Module, record: dict, optimizer=None, extra=None) -> None:
+    """save_checkpoint, with a full disk or a permission problem turned into one CheckpointError line.
+
+    safetensors reports its own write failures (a full disk among them) as SafetensorError, not OSError.
+    Either way nothing was renamed: the previous checkpoint and its sidecar are intact, temp files gone.
+    """
     try:
         save_checkpoint(path, model, record, optimizer, extra_tensors=extra)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
+        why = (e.strerror if isinstance(e, OSError) else None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(
-            f"could not write {path} ({e.strerror or e}); the previous checkpoint is intact: "
+            f"could not write {path} ({why[:200]}); the previous checkpoint is intact: "
             "free disk space or fix permissions, then rerun with --resume"
         ) from None
 

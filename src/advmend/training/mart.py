@@ -27,7 +27,12 @@ from torch import nn
 from advmend.attacks.losses import kl_loss
 from advmend.attacks.pgd import PGD, pgd
 from advmend.errors import ConfigError
-from advmend.training.objectives import LossOutput, adversarial_forward, check_fsr_weights, check_weight
+from advmend.training.objectives import (
+    LossOutput,
+    adversarial_forward,
+    check_fsr_weights,
+    check_weight,
+)
 
 MART_BETA = 6.0  # Wang et al. 2020, the reference code's default
 # -log(1 - p) is infinite at p = 1 (a confidently wrong x'), and its gradient 1/(1 - p) explodes near it.
@@ -55,7 +60,8 @@ class MART:
     """The MART objective.
 
     Args:
-        attack: the inner maximisation (PGD on a label loss; the last iterate is trained on).
+        attack: the inner maximisation (PGD on a label loss; the last iterate is trained on, whatever
+            its `keep_best`).
         beta: weight of the weighted KL term (>= 0).
         lambda_sep, lambda_rec: weights of the FSR terms for FSR models.
     """
@@ -72,6 +78,7 @@ class MART:
             raise ConfigError(
                 f"mart needs an untargeted attack on the labels (loss ce or margin), got {self.attack.loss!r}"
             )
+        object.__setattr__(self, "attack", self.attack.for_training())  # the last iterate, always
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> LossOutput:
         x_adv = pgd(model, x, y, self.attack, validate=False).detach()

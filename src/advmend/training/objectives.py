@@ -88,7 +88,8 @@ class AdversarialCE:
     """Cross-entropy on examples from `attack` (None: clean examples), plus FSR terms if present.
 
     Args:
-        attack: the inner maximisation; None or 0 steps trains on clean inputs.
+        attack: the inner maximisation; None or 0 steps trains on clean inputs. Its last iterate is
+            trained on, whatever its `keep_best` (see `PGD.for_training`).
         lambda_sep: weight of L_sep for FSR models.
         lambda_rec: weight of L_rec for FSR models.
     """
@@ -99,6 +100,8 @@ class AdversarialCE:
 
     def __post_init__(self) -> None:
         check_fsr_weights(self.lambda_sep, self.lambda_rec)
+        if self.attack is not None:
+            object.__setattr__(self, "attack", self.attack.for_training())
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> LossOutput:
         x_adv = None if self.attack is None else pgd(model, x, y, self.attack, validate=False).detach()

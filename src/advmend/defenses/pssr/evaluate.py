@@ -66,7 +66,7 @@ def transfer_attack(
     crafted example is PGD's last iterate (the highest loss on the source), the usual transfer choice.
     """
     device = torch.device(device)
-    craft = Transfer(source, replace(attack, keep_best=False))  # the last iterate transfers best
+    craft = Transfer(source, attack)  # crafts with the last iterate, advmend's one transfer rule
     loader = BatchLoader(ds, batch_size, shuffle=False, device=device)
     correct, source_correct, offset = [], [], 0
     t0 = time.perf_counter()

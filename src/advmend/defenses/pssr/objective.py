@@ -100,7 +100,7 @@ class PSSRObjective:
         if self.attack is None or self.attack.steps == 0:
             return x
         target = model.classifier if self.threat == "graybox" else model
-        return pgd(target, x, y, self.attack, validate=False)
+        return pgd(target, x, y, self.attack.for_training(), validate=False)
 
     def __call__(self, model: PSSRModel, x: torch.Tensor, y: torch.Tensor) -> LossOutput:
         if not isinstance(model, PSSRModel):

@@ -1,0 +1,553 @@
+#!/usr/bin/env python
+"""Curated mutation check: do the tests catch the bugs they exist to catch?
+
+Each mutant plants one known bug (an exact snippet of a source file replaced by a broken one) in a
+temporary COPY of src/advmend -- the real tree is never touched -- and runs only the tests that must
+catch it, with the copy first on the import path (checked before the tests run). A mutant is
+"killed" when those tests fail and "survived" when they all pass: a surviving mutant is a test gap.
+
+    python tests/mutants.py            # all mutants, a table, exit 0 only when every one is killed
+    python tests/mutants.py -k fsr     # mutants whose name contains "fsr"
+    python tests/mutants.py --list     # the mutants and their tests, without running anything
+
+First the union of all the mutants' tests runs once on an unmutated copy (the baseline): a test
+that fails without any bug would "kill" every mutant and prove nothing, so a failing baseline is an
+error (exit 2), as is a snippet that no longer occurs exactly once in its file (the source moved on:
+update the mutant). docs/testing.md explains how to add a mutant.
+
+Speed: on Linux each mutant's pytest runs in a child forked from this process after torch, pytest and
+the other heavy dependencies are imported (advmend itself is not, so each child imports its mutated
+copy); that saves ~4 s of imports per mutant. `--no-fork` runs a fresh interpreter per mutant instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src" / "advmend"
+TIMEOUT_S = 300  # per mutant; a mutant that hangs the tests counts as killed ("timeout")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One planted bug: in src/advmend/`file`, `original` (exactly once in the file) becomes `replacement`;
+    `tests` (pytest node ids, relative to the repository root) must then fail."""
+
+    name: str
+    file: str
+    original: str
+    replacement: str
+    tests: tuple[str, ...]
+    why: str = ""
+
+
+T_CORE = "tests/test_attack_core_options.py::"
+T_ATT = "tests/test_attacks.py::"
+T_FSR = "tests/test_fsr.py::"
+T_OBJ = "tests/test_objectives.py::"
+T_SAN = "tests/test_sanity.py::"
+T_PREC = "tests/test_precision.py::"
+
+RESTART_TESTS = (T_CORE + "test_each_restart_draws_its_own_random_start", T_CORE + "test_more_restarts_fool_strictly_more_examples")
+
+MUTANTS: list[Mutant] = [
+    # ------------------------------------------------------------------ attack core (attacks/pgd.py, modes.py)
+    Mutant(
+        "pgd-restart-loop-removed", "attacks/pgd.py",
+        "        for _ in range(cfg.restarts - 1):\n",
+        "        for _ in range(0):\n",
+        RESTART_TESTS, "restarts > 1 silently runs one attack",
+    ),
+    Mutant(
+        "pgd-restarts-start-at-x", "attacks/pgd.py",
+        "cand, cand_fooled, cand_loss = _run_once(model, x[todo], y[todo], cfg, generator)",
+        "cand, cand_fooled, cand_loss = _run_once(model, x[todo], y[todo], replace(cfg, random_start=False), generator)",
+        RESTART_TESTS, "every restart repeats the same deterministic run",
+    ),
+    Mutant(
+        "pgd-restarts-reuse-first-start", "attacks/pgd.py",
+        "        x_adv, fooled, loss = _run_once(model, x, y, cfg, generator)\n"
+        "        for _ in range(cfg.restarts - 1):\n"
+        "            todo = (~fooled).nonzero().squeeze(1)\n"
+        "            if todo.numel() == 0:\n"
+        "                break\n",
+        "        state = generator.get_state() if generator is not None else torch.get_rng_state()\n"
+        "        x_adv, fooled, loss = _run_once(model, x, y, cfg, generator)\n"
+        "        for _ in range(cfg.restarts - 1):\n"
+        "            todo = (~fooled).nonzero().squeeze(1)\n"
+        "            if todo.numel() == 0:\n"
+        "                break\n"
+        "            generator.set_state(state) if generator is not None else torch.set_rng_state(state)\n",
+        RESTART_TESTS[:1], "the random generator is rewound: every restart draws the first run's start",
+    ),
+    Mutant(
+        "pgd-projection-off", "attacks/pgd.py",
+        "delta = (delta + cfg.alpha * grad.sign()).clamp(-cfg.eps, cfg.eps)",
+        "delta = delta + cfg.alpha * grad.sign()",
+        (T_ATT + "test_stays_in_ball_and_box",), "L-inf steps leave the eps-ball",
+    ),
+    Mutant(
+        "pgd-box-clamp-removed", "attacks/pgd.py",
+        "    return (x + delta).clamp(0, 1) - x\n\n\ndef _fp16_autocast",
+        "    return delta\n\n\ndef _fp16_autocast",
+        (T_ATT + "test_stays_in_ball_and_box",), "adversarial images leave [0, 1]",
+    ),
+    Mutant(
+        "pgd-step-sign-flipped", "attacks/pgd.py",
+        "delta = (delta + cfg.alpha * grad.sign())",
+        "delta = (delta - cfg.alpha * grad.sign())",
+        (T_CORE + "test_one_step_has_the_step_size_and_ascends", T_ATT + "test_fgsm_on_linear_model_matches_closed_form"),
+        "the attack descends the loss",
+    ),
+    Mutant(
+        "pgd-random-start-not-scaled-by-eps", "attacks/pgd.py",
+        "delta = (2 * u - 1) * cfg.eps",
+        "delta = 2 * u - 1",
+        (T_CORE + "test_uniform_start_fills_the_eps_ball",), "the reference code's defect: a start in [-1, 1]",
+    ),
+    Mutant(
+        "pgd-step-size-ignored", "attacks/pgd.py",
+        "delta = (delta + cfg.alpha * grad.sign())",
+        "delta = (delta + cfg.eps * grad.sign())",
+        (T_CORE + "test_one_step_has_the_step_size_and_ascends",), "every L-inf step has length eps",
+    ),
+    Mutant(
+        "pgd-l2-step-not-normalised", "attacks/pgd.py",
+        "delta = delta + cfg.alpha * grad / g_norm",
+        "delta = delta + cfg.alpha * grad",
+        (T_CORE + "test_one_step_has_the_step_size_and_ascends",), "L2 steps scale with the gradient",
+    ),
+    Mutant(
+        "attack-modes-not-restored", "attacks/modes.py",
+        "        for m, mode in modes:\n            m.training = mode\n",
+        "        for m, mode in modes:\n            pass\n",
+        (T_ATT + "test_leaves_inputs_modes_and_grads_untouched", T_OBJ + "test_objective_leaves_train_mode_and_gives_gradients"),
+        "a training model stays in eval mode after its attack",
+    ),
+    Mutant(
+        "eot-gradients-pooled-across-the-batch", "attacks/pgd.py",
+        "grad = g if grad is None else grad + g\n",
+        "grad = g if grad is None else grad + g.mean(0, keepdim=True)\n",
+        (T_CORE + "test_eot_results_do_not_depend_on_the_batch",), "an example's EOT gradient mixes its batch-mates'",
+    ),
+    # ------------------------------------------------------------------ FSR (defenses/fsr.py)
+    Mutant(
+        "fsr-y-adv-always-top2", "defenses/fsr.py",
+        "        wrong = logits.detach().clone()\n"
+        "        wrong.scatter_(1, y[:, None], float(\"-inf\"))\n"
+        "        y_adv = wrong.argmax(dim=1)\n",
+        "        y_adv = logits.detach().topk(2, dim=1).indices[:, 1]\n",
+        (T_FSR + "test_y_adv_is_top1_when_wrong_and_top2_when_right", T_OBJ + "test_pgd_at_fsr_loss_matches_the_spec"),
+        "y_adv is the top-2 class even when top-1 is already wrong",
+    ),
+    Mutant(
+        "fsr-recalibrated-logits-from-unrecalibrated-features", "defenses/fsr.py",
+        "for t in (robust, nonrobust, recalibrated)",
+        "for t in (robust, nonrobust, nonrobust)",
+        (T_FSR + "test_aux_outputs_follow_the_spec_including_the_recalibrated_branch", T_OBJ + "test_pgd_at_fsr_loss_matches_the_spec"),
+        "A(f~-) is computed on f- (L_rec ignores R)",
+    ),
+    Mutant(
+        "fsr-mask-noise-in-eval-mode", "defenses/fsr.py",
+        "stochastic = self.training if self.stochastic is None else self.stochastic",
+        "stochastic = True if self.stochastic is None else self.stochastic",
+        (T_FSR + "test_eval_mode_is_deterministic_train_mode_is_not", T_FSR + "test_aux_outputs_follow_the_spec_including_the_recalibrated_branch"),
+        "an evaluated FSR model is random: attacks see another function than the one scored",
+    ),
+    Mutant(
+        "fsr-no-mask-noise-in-training", "defenses/fsr.py",
+        "stochastic = self.training if self.stochastic is None else self.stochastic",
+        "stochastic = False if self.stochastic is None else self.stochastic",
+        (T_FSR + "test_train_mode_mask_draws_logistic_noise", T_FSR + "test_eval_mode_is_deterministic_train_mode_is_not"),
+        "training masks are deterministic",
+    ),
+    Mutant(
+        "fsr-tau-ignored", "defenses/fsr.py",
+        "gumbel_sigmoid_mask(self.separation(f), float(self.tau), stochastic=stochastic)",
+        "gumbel_sigmoid_mask(self.separation(f), 0.1, stochastic=stochastic)",
+        (T_FSR + "test_tau_sets_the_mask_sharpness",), "the block uses tau = 0.1 whatever it was built with",
+    ),
+    Mutant(
+        "fsr-sep-nonrobust-term-on-true-label", "defenses/fsr.py",
+        "F.cross_entropy(b.logits_nonrobust, y_adv)",
+        "F.cross_entropy(b.logits_nonrobust, y)",
+        (T_FSR + "test_y_adv_is_top1_when_wrong_and_top2_when_right", T_OBJ + "test_pgd_at_fsr_loss_matches_the_spec"),
+        "L_sep trains A(f-) towards the true class",
+    ),
+    Mutant(
+        "fsr-terms-summed-not-averaged-over-blocks", "defenses/fsr.py",
+        "    return sep / n, rec / n\n",
+        "    return sep, rec\n",
+        (T_OBJ + "test_pgd_at_fsr_loss_matches_the_spec",), "two blocks double the FSR weights",
+    ),
+    Mutant(
+        "fsr-main-path-without-recalibration", "defenses/fsr.py",
+        "        return f + inv * self.recalibration(inv * f)\n",
+        "        return f\n",
+        (T_FSR + "test_block_is_masked_residual_and_aux_matches_forward", T_FSR + "test_tau_sets_the_mask_sharpness"),
+        "the evaluated model is the plain backbone",
+    ),
+    # ------------------------------------------------------------------ objectives (training/)
+    Mutant(
+        "trades-beta-ignored", "training/trades.py",
+        "loss = ce + self.beta * kl",
+        "loss = ce + TRADES_BETA * kl",
+        (T_OBJ + "test_trades_with_fsr_matches_the_spec",), "train.beta has no effect (always 6)",
+    ),
+    Mutant(
+        "mart-kl-weight-dropped", "training/mart.py",
+        "return (kl * (1 - p_clean.gather(1, y[:, None]).squeeze(1))).mean()",
+        "return kl.mean()",
+        (T_OBJ + "test_mart_with_fsr_matches_the_spec",),
+        "MART's misclassification weight (1 - p_y(x)) is gone: TRADES-like KL",
+    ),
+    Mutant(
+        "mart-boosted-ce-sign-flipped", "training/mart.py",
+        "- torch.log(BCE_CLAMP - top_wrong).mean()",
+        "+ torch.log(BCE_CLAMP - top_wrong).mean()",
+        (T_OBJ + "test_mart_with_fsr_matches_the_spec",), "the boosting term rewards a confident wrong class",
+    ),
+    Mutant(
+        "fsr-lambda-sep-ignored", "training/objectives.py",
+        "lambda_sep * sep + lambda_rec * rec",
+        "sep + lambda_rec * rec",
+        (T_OBJ + "test_pgd_at_fsr_loss_matches_the_spec",), "fsr.lambda_sep has no effect",
+    ),
+    Mutant(
+        "pgd-at-trains-on-clean-inputs", "training/objectives.py",
+        "model, x if x_adv is None else x_adv, y, self.lambda_sep, self.lambda_rec",
+        "model, x, y, self.lambda_sep, self.lambda_rec",
+        (T_OBJ + "test_pgd_at_trains_on_the_attack_output",), "PGD-AT silently becomes standard training",
+    ),
+    # ------------------------------------------------------------------ sanity checks (evaluation/sanity.py)
+    Mutant(
+        "S01-rise-ignored", "evaluation/sanity.py",
+        "status = WARN if rises or sweep[-1][1] > 10.0 else PASS",
+        "status = WARN if sweep[-1][1] > 10.0 else PASS",
+        (T_SAN + "test_S01_warns_when_accuracy_rises_with_eps",), "accuracy rising with eps is not flagged",
+    ),
+    Mutant(
+        "S03-always-pass", "evaluation/sanity.py",
+        'return Check("S03-convergence", WARN if problems else PASS, values, "; ".join(problems))',
+        'return Check("S03-convergence", PASS, values, "")',
+        (T_SAN + "test_S03_warns_when_more_steps_undo_the_attack", T_SAN + "test_S03_warns_when_pgd20_has_not_converged"),
+        "S03 can never warn",
+    ),
+    Mutant(
+        "S03-scored-on-best-iterate", "evaluation/sanity.py",
+        "attack = replace(attack, keep_best=False, restarts=1)",
+        "attack = replace(attack, keep_best=True, restarts=1)",
+        (T_SAN + "test_S03_warns_when_more_steps_undo_the_attack",),
+        "the old S03: PGD-100 extends PGD-20's run, so 'PGD-100 higher' cannot fire",
+    ),
+    Mutant(
+        "S04-always-pass", "evaluation/sanity.py",
+        'return Check("S04-restarts", PASS if abs(one - five) <= tol else WARN,',
+        'return Check("S04-restarts", PASS,',
+        (T_SAN + "test_S04_warns_when_restarts_change_the_result",), "S04 can never warn",
+    ),
+    Mutant(
+        "S05-always-pass", "evaluation/sanity.py",
+        "status = PASS if pgd_acc <= fgsm_acc else WARN",
+        "status = PASS",
+        (T_SAN + "test_S05_warns_when_fgsm_beats_pgd",), "S05 can never warn",
+    ),
+    Mutant(
+        "S07-always-pass", "evaluation/sanity.py",
+        'return Check("S07-noise", PASS if gap <= tol else WARN,',
+        'return Check("S07-noise", PASS,',
+        (T_SAN + "test_noise_fragile_model_raises_S07",), "S07 can never warn",
+    ),
+    Mutant(
+        "S08-always-pass", "evaluation/sanity.py",
+        "status = PASS if torch.equal(a, b) else WARN",
+        "status = PASS",
+        (T_SAN + "test_randomised_model_raises_S08",), "S08 can never warn",
+    ),
+    Mutant(
+        "S09-zero-gradients-not-counted", "evaluation/sanity.py",
+        "zero += (g == 0).all(1).sum()",
+        "zero += 0",
+        (T_SAN + "test_quantised_model_raises_S09",), "masked (all-zero) gradients are not flagged",
+    ),
+    Mutant(
+        "S11-sigmoid-outputs-not-flagged", "evaluation/sanity.py",
+        "status = WARN if in_unit or prob_rows >= 0.5 else PASS",
+        "status = WARN if prob_rows >= 0.5 else PASS",
+        (T_SAN + "test_probabilities_model_is_rejected_and_borderline_ones_raise_S11",), "outputs in [0, 1] pass as logits",
+    ),
+    # ------------------------------------------------------------------ mixed precision (training/precision.py)
+    Mutant(
+        "grad-scaler-not-restored-on-resume", "training/precision.py",
+        "            self.scaler.load_state_dict(state)\n",
+        "            pass\n",
+        (T_PREC + "test_fp16_training_uses_and_checkpoints_the_grad_scaler",), "--resume restarts fp16 loss scaling",
+    ),
+]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- applying a mutant
+
+
+class MutantError(Exception):
+    """A mutant that no longer fits the source (its snippet is missing or ambiguous)."""
+
+
+def mutated_text(m: Mutant, src: Path = SRC) -> str:
+    """The mutant's file with the bug planted; MutantError unless the snippet occurs exactly once."""
+    path = src / m.file
+    if not path.is_file():
+        raise MutantError(f"{m.name}: no file src/advmend/{m.file}")
+    text = path.read_text()
+    count = text.count(m.original)
+    if count != 1:
+        where = "does not occur" if count == 0 else f"occurs {count} times"
+        raise MutantError(f"{m.name}: its snippet {where} in src/advmend/{m.file}; update the mutant:\n{m.original}")
+    return text.replace(m.original, m.replacement)
+
+
+def make_copy(dest: Path, m: Mutant | None) -> Path:
+    """`dest`/advmend: a fresh copy of src/advmend (no bytecode caches), with `m` planted; returns `dest`."""
+    shutil.copytree(SRC, dest / "advmend", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    if m is not None:
+        (dest / "advmend" / m.file).write_text(mutated_text(m))
+    return dest
+
+
+# --------------------------------------------------------------------------- running tests on a copy
+
+CHECK_IMPORT = 99  # exit code of a child that found the wrong advmend on its import path
+
+
+def _child_env(copy_root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(copy_root), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # never leave (or reuse) bytecode of a mutated file
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
+    return env
+
+
+def _pytest_args(tests: tuple[str, ...]) -> list[str]:
+    # -x: one failing test is enough to kill a mutant. No cache: the real tree's .pytest_cache stays.
+    return ["-x", "-q", "--no-header", "-rfE", "-p", "no:cacheprovider", "-o", "addopts=", *tests]
+
+
+def _child(copy_root: Path, tests: tuple[str, ...], log: Path) -> None:  # pragma: no cover - runs in a fork
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    code = 1
+    try:
+        os.environ.clear()
+        os.environ.update(_child_env(copy_root))
+        os.chdir(ROOT)
+        sys.path.insert(0, str(copy_root))
+        import advmend
+
+        if not Path(advmend.__file__).resolve().is_relative_to(copy_root.resolve()):
+            print(f"harness error: advmend imported from {advmend.__file__}, not from the copy {copy_root}")
+            code = CHECK_IMPORT
+        else:
+            import pytest
+            import torch
+
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # the parent imported torch before
+            code = int(pytest.main(_pytest_args(tests)))
+    except BaseException as e:  # noqa: BLE001 - report anything, then exit without running parent cleanup
+        print(f"harness error in the child: {e!r}")
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+# The --no-fork runner: the same import check as the forked child, then pytest.
+RUNNER = (
+    "import sys, pathlib, advmend, pytest\n"
+    "if not pathlib.Path(advmend.__file__).resolve().is_relative_to(pathlib.Path(sys.argv[1]).resolve()):\n"
+    f"    print('harness error: advmend imported from', advmend.__file__); sys.exit({CHECK_IMPORT})\n"
+    "sys.exit(int(pytest.main(sys.argv[2:])))\n"
+)
+
+
+class Job:
+    """One pytest run on one copy: a forked child or a fresh interpreter."""
+
+    def __init__(self, label: str, copy_root: Path, tests: tuple[str, ...], log: Path, fork: bool) -> None:
+        self.label, self.log, self.start = label, log, time.monotonic()
+        self.proc = self.pid = None
+        if fork:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover
+                _child(copy_root, tests, log)
+            self.pid = pid
+        else:
+            env = _child_env(copy_root)
+            cmd = [sys.executable, "-c", RUNNER, str(copy_root), *_pytest_args(tests)]
+            with open(log, "wb") as out:
+                self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def poll(self) -> int | None:
+        """The exit code (negative: killed by that signal) or None while running."""
+        if self.proc is not None:
+            return self.proc.poll()
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if pid == 0:
+            return None
+        return os.waitstatus_to_exitcode(status)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+        else:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.start
+
+
+@dataclass
+class Outcome:
+    label: str
+    result: str  # "killed", "survived", "timeout", "error", or for the baseline "pass"/"FAIL"
+    seconds: float
+    log: Path
+    detail: str = ""
+    tests: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _first_failure(log: Path) -> str:
+    """The first FAILED/ERROR line of a pytest log, for the table."""
+    for line in log.read_text(errors="replace").splitlines():
+        if line.startswith(("FAILED", "ERROR")):
+            return line.split(" - ")[0].replace("FAILED ", "").replace("ERROR ", "error ")
+    return ""
+
+
+def run_all(mutants: list[Mutant], jobs: int, fork: bool, workdir: Path, timeout: float = TIMEOUT_S,
+            progress=print) -> tuple[Outcome, list[Outcome]]:  # fmt: skip
+    """The baseline (every test of `mutants` on an unmutated copy) and one outcome per mutant."""
+    for m in mutants:  # fail fast, before any test runs, on a mutant that no longer fits the source
+        mutated_text(m)
+    baseline_tests = tuple(dict.fromkeys(t for m in mutants for t in m.tests))
+    queue: list[tuple[str, Mutant | None, tuple[str, ...]]] = [("baseline", None, baseline_tests)]
+    queue += [(m.name, m, m.tests) for m in mutants]
+    running: dict[str, tuple[Job, tuple[str, ...]]] = {}
+    done: dict[str, Outcome] = {}
+    while queue or running:
+        while queue and len(running) < jobs:
+            label, m, tests = queue.pop(0)
+            root = make_copy(workdir / label, m)
+            running[label] = (Job(label, root, tests, workdir / f"{label}.log", fork), tests)
+        time.sleep(0.05)
+        for label, (job, tests) in list(running.items()):
+            code = job.poll()
+            if code is None and job.seconds < timeout:
+                continue
+            if code is None:
+                job.kill()
+                result, detail = "timeout", f"no result after {timeout:.0f} s"
+            elif code == CHECK_IMPORT:
+                result, detail = "error", "the copy was not what got imported"
+            elif label == "baseline":
+                result, detail = ("pass", "") if code == 0 else ("FAIL", _first_failure(job.log))
+            elif code == 0:
+                result, detail = "survived", "all its tests passed"
+            elif code == 1:
+                result, detail = "killed", _first_failure(job.log)
+            else:  # 2: interrupted/collection error, 4: usage error, 5: no tests collected
+                result, detail = "error", f"pytest exit code {code}: see the log"
+            done[label] = Outcome(label, result, job.seconds, job.log, detail, tests)
+            del running[label]
+            progress(f"  {label}: {result} ({job.seconds:.1f} s)")
+    return done["baseline"], [done[m.name] for m in mutants]
+
+
+def table(baseline: Outcome, outcomes: list[Outcome], mutants: list[Mutant]) -> str:
+    by_name = {m.name: m for m in mutants}
+    width = max(len(o.label) for o in outcomes)
+    lines = [f"{'mutant':<{width}}  {'file':<22}  {'result':<8}  {'s':>5}  caught by", "-" * (width + 60)]
+    for o in outcomes:
+        lines.append(f"{o.label:<{width}}  {by_name[o.label].file:<22}  {o.result:<8}  {o.seconds:5.1f}  {o.detail}")
+    killed = [o for o in outcomes if o.result in ("killed", "timeout")]
+    survived = [o for o in outcomes if o.result == "survived"]
+    errors = [o for o in outcomes if o.result == "error"]
+    lines.append("-" * (width + 60))
+    lines.append(f"baseline ({len(baseline.tests)} tests, unmutated copy): {baseline.result} ({baseline.seconds:.1f} s)"
+                 + (f": {baseline.detail}" if baseline.detail else ""))  # fmt: skip
+    lines.append(f"mutants: {len(outcomes)}, killed {len(killed)}, survived {len(survived)}, errors {len(errors)}")
+    for o in survived:
+        lines.append(f"SURVIVED {o.label}: {by_name[o.label].why}; its tests: {', '.join(o.tests)}")
+    for o in errors:
+        lines.append(f"ERROR {o.label}: {o.detail} ({o.log})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-k", dest="select", default="", help="only mutants whose name contains this")
+    parser.add_argument("-j", "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="mutants run at once")
+    parser.add_argument("--no-fork", action="store_true", help="a fresh interpreter per mutant (slower)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and their tests, run nothing")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (copies and logs)")
+    args = parser.parse_args(argv)
+    mutants = [m for m in MUTANTS if args.select in m.name]
+    if not mutants:
+        print(f"advmend: error: no mutant name contains {args.select!r}", file=sys.stderr)
+        return 2
+    if args.list:
+        for m in mutants:
+            print(f"{m.name}  [src/advmend/{m.file}]  {m.why}\n    " + "\n    ".join(m.tests))
+        return 0
+    fork = hasattr(os, "fork") and not args.no_fork
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models; one thread per mutant run is fastest
+    if fork:  # the heavy imports the children share; NOT advmend (each child imports its own copy)
+        import numpy  # noqa: F401
+        import pytest  # noqa: F401
+        import torch  # noqa: F401
+        import torchvision  # noqa: F401
+        import yaml  # noqa: F401
+    workdir = Path(tempfile.mkdtemp(prefix="advmend-mutants-"))
+    start = time.monotonic()
+    try:
+        print(f"{len(mutants)} mutants, {args.jobs} at a time, copies under {workdir}", flush=True)
+        try:
+            baseline, outcomes = run_all(mutants, max(1, args.jobs), fork, workdir)
+        except MutantError as e:
+            print(f"advmend: error: {e}", file=sys.stderr)
+            return 2
+        print(table(baseline, outcomes, mutants))
+        print(f"total {time.monotonic() - start:.0f} s")
+        if baseline.result != "pass":
+            print(f"the tests fail WITHOUT any mutant, so no kill means anything; log: {baseline.log}")
+            args.keep = True
+            return 2
+        if any(o.result == "error" for o in outcomes):
+            args.keep = True
+            return 2
+        return 1 if any(o.result == "survived" for o in outcomes) else 0
+    finally:
+        if args.keep:
+            print(f"kept {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
