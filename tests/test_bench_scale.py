@@ -25,3 +25,24 @@ def test_switch_rows_are_ratios_to_fp32():
 def test_bad_scale_bench_options(capsys, argv, msg):
     assert main(["bench", "--models", "small_cnn", "--batch-size", "4", "--device", "cpu", *argv]) == 2
     assert msg in capsys.readouterr().err
+
+
+def test_recipe_bench_times_the_configs_own_step(capsys):
+    """`--config`: the objective, attack and FSR blocks come from the run config (here the quickstart's
+    PGD-5 with FSR), so the benchmark measures the step that config trains with."""
+    import torch
+
+    from advmend.bench.recipe import bench_recipe, recipe_step
+    from advmend.config import load_run_config
+    from advmend.defenses.insert import FSRModel
+
+    cfg = load_run_config("quickstart")
+    rows = bench_recipe("quickstart", cfg, ["off", "bf16"], batch_size=4, iters=1, warmup=0, device=torch.device("cpu"))
+    assert [r.switch for r in rows] == ["off", "bf16"] and rows[0].ratio == 1.0 and rows[1].images_per_s > 0
+    step = recipe_step(cfg, "off", 4, torch.device("cpu"))
+    model = next(c.cell_contents for c in step.__closure__ if isinstance(c.cell_contents, FSRModel))
+    before = [p.detach().clone() for p in model.parameters()]
+    step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # a real optimiser step
+    assert main(["bench", "--config", "quickstart", "--switches", "compile", "--device", "cpu"]) == 2
+    assert "unknown" in capsys.readouterr().err

@@ -64,8 +64,12 @@ def test_quickstart_values():
     assert cfg.model.name == "small_cnn"
     assert cfg.fsr.enabled is True
     assert cfg.train.attack.eps == 8 / 255
-    assert cfg.train.attack.step_size == 2 / 255
     assert cfg.eval.after_train is True
+    # The quickstart shows the CPU study's tuned recipe, on fewer images and epochs.
+    study = load_run_config("cifar10/pgdat_small_cnn_cpu")
+    assert cfg.model == study.model
+    for key in ("method", "batch_size", "lr", "schedule", "attack", "val_attack", "amp"):
+        assert getattr(cfg.train, key) == getattr(study.train, key), key
 
 
 def test_bundled_name_with_yaml_suffix_and_path_both_resolve(cfg_file):

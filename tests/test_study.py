@@ -77,7 +77,15 @@ def test_records_are_written_then_skipped(tmp_path):
     worst = [c and all(a["correct"][k] == "1" for a in ev["attacks"].values()) for k, c in enumerate(clean)]
     assert ev["worst_case"]["correct"] == "".join("1" if w else "0" for w in worst)
     assert {"cpu", "cpu_count", "torch_threads"} <= set(rec["hardware"]["at_start"])
-    assert rec["versions"]["torch"] and rec["checkpoint"]["sha256"]
+    assert rec["versions"]["torch"] and rec["checkpoint"]["file"] == "weights/at_fsr-s0.safetensors"
+    # The evaluated weights are committed with the record: they load, and they are the best checkpoint.
+    from advmend.evaluation.run import load_trained_model
+    from advmend.training.checkpoint import file_sha256
+
+    weights = tmp_path / "rec" / "tiny" / rec["checkpoint"]["file"]
+    assert file_sha256(weights) == rec["checkpoint"]["sha256"]
+    model, cfg, _ = load_trained_model(weights, torch.device("cpu"))
+    assert cfg.fsr.enabled
 
 
 def test_subsets_nest_and_do_not_follow_the_class_order():

@@ -11,7 +11,7 @@ from pathlib import Path
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure forward+backward and PGD-10 AT images/s, with and without FSR")
     p.add_argument("--models", default="small_cnn,resnet18", help="comma-separated model names")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, help="batch size (default 64; with --config the config's train.batch_size)")
     p.add_argument("--iters", type=int, default=3, help="timed iterations per measurement")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="auto")
@@ -19,6 +19,8 @@ def add_parser(sub) -> None:
                    "off,channels_last,bf16,fp16,compile (fp16 needs CUDA), with and without FSR")
     p.add_argument("--ddp-procs", type=int, help="instead: PGD-10 AT img/s of 1 vs N gloo DDP processes on CPU "
                    "at the same global batch (first model of --models)")
+    p.add_argument("--config", help="instead: the training step of this run config (its model, FSR, objective and "
+                   "attack) under --switches (default off,channels_last,bf16)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=run)
 
@@ -35,10 +37,13 @@ def run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     for n in names:
         MODELS.get(n)
-    if args.batch_size < 1 or args.iters < 1 or args.warmup < 0:
-        raise ConfigError("--batch-size and --iters must be >= 1, --warmup >= 0")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")  # fmt: skip
+    if args.config:
+        return _run_recipe(args, device, where)
+    args.batch_size = 64 if args.batch_size is None else args.batch_size
+    if args.batch_size < 1 or args.iters < 1 or args.warmup < 0:
+        raise ConfigError("--batch-size and --iters must be >= 1, --warmup >= 0")
     if args.switches or args.ddp_procs:
         return _run_scale(args, names, device, where)
     rows = []
@@ -50,6 +55,32 @@ def run(args: argparse.Namespace) -> int:
         payload = {"device": where, "torch": torch.__version__, "rows": [
             {**r.__dict__, "at_cost": r.at_cost, "fsr_overhead": r.fsr_overhead} for r in rows]}  # fmt: skip
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+def _run_recipe(args: argparse.Namespace, device, where: str) -> int:
+    import torch
+
+    from advmend.bench.recipe import bench_recipe, format_recipe_rows
+    from advmend.bench.throughput import SWITCHES
+    from advmend.config import load_run_config
+    from advmend.errors import ConfigError
+
+    cfg = load_run_config(args.config)
+    if (args.batch_size is not None and args.batch_size < 1) or args.iters < 1 or args.warmup < 0:
+        raise ConfigError("--batch-size and --iters must be >= 1, --warmup >= 0")
+    switches = [s.strip() for s in (args.switches or "off,channels_last,bf16").split(",") if s.strip()]
+    bad = [s for s in switches if s not in SWITCHES or s == "compile"]
+    if bad:
+        raise ConfigError(f"--switches with --config: unknown {bad}; choose from off,channels_last,bf16,fp16")
+    if "fp16" in switches and device.type != "cuda":
+        raise ConfigError("--switches: fp16 is measured on CUDA only (CPU fp16 kernels are not a speed-up)")
+    rows = bench_recipe(args.config, cfg, switches, batch_size=args.batch_size,
+                        iters=args.iters, warmup=args.warmup, device=device)  # fmt: skip
+    print(format_recipe_rows(rows, where))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": where, "torch": torch.__version__,
+                                               "recipe": [r.__dict__ for r in rows]}, indent=2) + "\n")  # fmt: skip
     return 0
 
 
