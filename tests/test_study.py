@@ -135,7 +135,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_record(tmp_path):
     want = json.loads(ref.read_text())
     assert _strip(got)["eval"] == _strip(want)["eval"]
     assert _strip(got)["metrics"] == _strip(want)["metrics"]
-    from advmend.training.checkpoint import load_checkpoint
+    from advmend.checkpoint import load_checkpoint
 
     (ref_w, _), (got_w, _) = (load_checkpoint(d / "runs" / "tiny" / "at-s0" / "best.safetensors") for d in (ref_dir, kill_dir))
     assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w) and set(ref_w) == set(got_w)

@@ -48,7 +48,7 @@ def _eps(text: str) -> float:
     """--eps: a number or a fraction such as 8/255 (parsed as config values are), > 0."""
     import math
 
-    from advmend.config import parse_number
+    from advmend.values import parse_number
     from advmend.errors import ConfigError
 
     value = parse_number(text, "--eps")
@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_pssr(args, cfg, model, eps: float, device, meta: dict, record: dict) -> int:
     """Gray-box, white-box BPDA (mask constant; identity) and, with --transfer-from, transfer."""
-    from advmend.defenses.pssr.evaluate import run_pssr_protocol
+    from advmend.evaluation.pssr import run_pssr_protocol
     from advmend.evaluation.report import format_table
     from advmend.training.build import build_data
     from advmend.validate import check_data_fits_model

@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from advmend.attacks.autoattack import autoattack_version
 from advmend.evaluation.evaluate import EvalResult
 from advmend.evaluation.sanity import SanityReport
-from advmend.training.checkpoint import atomic_write_text, versions
+from advmend.io import atomic_write_text, versions
 
 
 def result_to_dict(result: EvalResult, *, per_example: bool = True) -> dict[str, Any]:
@@ -183,8 +184,6 @@ def write_report(
 
 
 def _versions() -> dict[str, str]:
-    from advmend.attacks.autoattack import autoattack_version
-
     out = versions()
     aa = autoattack_version()
     if aa is not None:

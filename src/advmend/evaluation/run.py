@@ -11,15 +11,16 @@ import torch
 from torch import nn
 
 from advmend.attacks.presets import PROTOCOL_OPTIONS, protocol_attacks
+from advmend.checkpoint import load_checkpoint
 from advmend.config import RunConfig, from_dict
 from advmend.data import ArrayDataset, subset
+from advmend.defenses.build import build_model
 from advmend.errors import CheckpointError, ConfigError
 from advmend.evaluation.evaluate import EvalResult, accuracy_curve, evaluate
 from advmend.evaluation.plots import accuracy_vs_eps_png
 from advmend.evaluation.report import write_report
 from advmend.evaluation.sanity import run_sanity
-from advmend.training.build import build_model
-from advmend.training.checkpoint import atomic_write_bytes, file_sha256, load_checkpoint
+from advmend.io import atomic_write_bytes, file_sha256
 
 ADV_SUFFIXES = (".pt", ".pth", ".safetensors")
 

@@ -28,19 +28,33 @@ from typing import Callable
 import torch
 import yaml
 
+from advmend.checkpoint import load_checkpoint
 from advmend.config import PSSRConfig, RunConfig, to_dict
 from advmend.data import BatchLoader
-from advmend.defenses.pssr.evaluate import GRAYBOX, MASK, evaluate_pssr
+from advmend.defenses.build import build_model
 from advmend.defenses.pssr.objective import PSSRObjective
 from advmend.defenses.pssr.pipeline import PSSRModel, check_pssr_config
 from advmend.errors import CheckpointError, ConfigError
+from advmend.evaluation.pssr import GRAYBOX, MASK, evaluate_pssr
 from advmend.evaluation.run import load_trained_model
-from advmend.training.build import build_attack, build_data, build_model, resolve_device
-from advmend.training.checkpoint import atomic_write_text, file_sha256, load_checkpoint
+from advmend.io import atomic_write_text, file_sha256
+from advmend.training.build import build_attack, build_data, resolve_device
 from advmend.training.distributed import DistContext
 from advmend.training.loop import (
-    BEST, LAST, SELECT, TrainResult, check_disk_space, check_train_config, log_line, prepare_out_dir, read_history,
-    remove_stale_temp_files, save_or_explain, select_best, train, train_epoch,
+    BEST,
+    LAST,
+    SELECT,
+    TrainResult,
+    check_disk_space,
+    check_train_config,
+    log_line,
+    prepare_out_dir,
+    read_history,
+    remove_stale_temp_files,
+    save_or_explain,
+    select_best,
+    train,
+    train_epoch,
 )  # fmt: skip
 from advmend.training.precision import Precision
 from advmend.training.rng import restore_rng_state, rng_state_tensors
