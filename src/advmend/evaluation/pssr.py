@@ -19,7 +19,6 @@ In eval mode the pipeline is deterministic (no dropout, eval-mode scorer), so EO
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -37,9 +36,9 @@ from advmend.data import ArrayDataset, BatchLoader, subset
 from advmend.defenses.pssr.pipeline import PSSRModel, PSSRPreprocess
 from advmend.errors import ConfigError
 from advmend.evaluation.evaluate import AttackResult, EvalResult, check_bound, evaluate
-from advmend.evaluation.report import result_to_dict, settings_text
+from advmend.evaluation.report import result_to_dict, settings_text, write_report_files
 from advmend.evaluation.run import load_trained_model
-from advmend.io import atomic_write_text, file_sha256, versions
+from advmend.io import file_sha256, versions
 
 GRAYBOX, MASK, IDENTITY, TRANSFER = "graybox", "whitebox-bpda-mask", "whitebox-bpda-identity", "transfer"
 THREAT_MODELS = {
@@ -232,12 +231,7 @@ def markdown(ev: PSSREvalResult, meta: dict) -> str:
 
 def write_pssr_report(out_dir: str | Path, ev: PSSREvalResult, meta: dict) -> tuple[Path, Path]:
     """Write report.json and report.md atomically into `out_dir`."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / "report.json", out / "report.md"
-    atomic_write_text(json_path, json.dumps(report_dict(ev, meta), indent=2) + "\n")
-    atomic_write_text(md_path, markdown(ev, meta))
-    return json_path, md_path
+    return write_report_files(out_dir, report_dict(ev, meta), markdown(ev, meta))
 
 
 def run_pssr_protocol(

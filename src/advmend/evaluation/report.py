@@ -172,14 +172,20 @@ def write_report(
     out_dir: str | Path, result: EvalResult, meta: dict[str, Any], sanity: SanityReport | None = None
 ) -> tuple[Path, Path]:
     """Write report.json and report.md atomically into `out_dir`."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "versions": _versions(), **result_to_dict(result)}
     if sanity is not None:
         payload["sanity"] = sanity.to_dict()
+    return write_report_files(out_dir, payload, markdown_report(result, meta, sanity))
+
+
+def write_report_files(out_dir: str | Path, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    """report.json (`payload`) and report.md (`markdown`) in `out_dir`, each written atomically: the one
+    writer of every evaluation report (a checkpoint's protocol, PSSR's threat models)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "report.json", out / "report.md"
     atomic_write_text(json_path, json.dumps(payload, indent=2) + "\n")
-    atomic_write_text(md_path, markdown_report(result, meta, sanity))
+    atomic_write_text(md_path, markdown)
     return json_path, md_path
 
 
