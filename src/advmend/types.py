@@ -2,7 +2,8 @@
 
 `LossOutput` is what every training objective returns (classifier objectives in training/, the PSSR
 regenerator's in defenses/pssr/); `AttackRun` is what an external attack (AutoAttack, transfer) returns to
-the evaluation that runs it.
+the evaluation that runs it; `ThreatModel` is the ball an attack is bounded by, from config to checkpoint
+to report.
 """
 
 from __future__ import annotations
@@ -42,3 +43,22 @@ class AttackRun:
     fooled: torch.Tensor
     stages: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+
+L2_EPS = 0.5  # the standard L2 radius for 32x32 images (RobustBench; ../shared/specs/evaluation.md)
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """The ball an attack may move an image in: its norm ("linf" or "l2") and radius eps."""
+
+    norm: str
+    eps: float
+
+    @classmethod
+    def resolve(cls, norm: str, eps: float | None, dataset_eps: float) -> ThreatModel:
+        """The one place where "eps None" is decided: the data set's standard L-inf radius (`dataset_eps`,
+        e.g. 8/255 for CIFAR-10) for norm linf, `L2_EPS` for norm l2."""
+        if eps is None:
+            eps = dataset_eps if norm == "linf" else L2_EPS
+        return cls(norm, float(eps))

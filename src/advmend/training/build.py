@@ -7,6 +7,7 @@ build things the same way.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ from advmend.registry import Registry
 from advmend.training.mart import MART, MART_BETA
 from advmend.training.objectives import AdversarialCE, fast_at_attack
 from advmend.training.trades import TRADES, TRADES_BETA, trades_attack
+from advmend.types import ThreatModel
 from advmend.validate import check_data_fits_model
 
 OBJECTIVES: Registry = Registry("training method")
@@ -86,22 +88,17 @@ def build_data(cfg: DataConfig, *, need_train: bool = True, need_test: bool = Tr
     return DataSplits(train, val, test, info)
 
 
-def build_attack(cfg: AttackConfig, default_eps: float, *, keep_best: bool, name: str = "") -> PGD:
-    """A PGD configuration from its config section; eps None takes the dataset's standard radius."""
-    return PGD(
-        eps=default_eps if cfg.eps is None else cfg.eps,
-        steps=cfg.steps,
-        step_size=cfg.step_size,
-        norm=cfg.norm,
-        random_start=cfg.random_start,
-        restarts=cfg.restarts,
-        loss=cfg.loss,
-        kappa=cfg.kappa,
-        start=cfg.start,
-        eot=cfg.eot,
-        keep_best=keep_best,
-        name=name or f"PGD-{cfg.steps}",
-    )
+def attack_threat(cfg: AttackConfig, dataset_eps: float) -> ThreatModel:
+    """The threat model of an attack section (eps None: the data set's radius for its norm)."""
+    return ThreatModel.resolve(cfg.norm, cfg.eps, dataset_eps)
+
+
+def build_attack(cfg: AttackConfig, dataset_eps: float, *, keep_best: bool, name: str = "") -> PGD:
+    """A PGD configuration from its config section: every field of the section is a PGD field of the same
+    name and meaning, taken as it is, with eps resolved by `attack_threat`."""
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    fields["eps"] = attack_threat(cfg, dataset_eps).eps
+    return PGD(**fields, keep_best=keep_best, name=name or f"PGD-{cfg.steps}")
 
 
 def _beta(cfg: RunConfig, default: float | None) -> float | None:
@@ -150,7 +147,7 @@ def _trades(cfg: RunConfig, eps: float) -> TRADES:
         )
     if a.restarts != 1:
         raise ConfigError(f"train.attack.restarts must be 1 for method trades, got {a.restarts}")
-    attack = trades_attack(eps if a.eps is None else a.eps, a.steps, a.step_size, norm=a.norm)
+    attack = trades_attack(attack_threat(a, eps).eps, a.steps, a.step_size, norm=a.norm)
     return TRADES(attack, _beta(cfg, TRADES_BETA), cfg.fsr.lambda_sep, cfg.fsr.lambda_rec)
 
 
@@ -174,7 +171,7 @@ def _fast_at(cfg: RunConfig, eps: float) -> AdversarialCE:
         raise ConfigError(
             f"method fast_at needs train.attack.loss ce and restarts 1, got {a.loss!r} and {a.restarts}"
         )
-    attack = fast_at_attack(eps if a.eps is None else a.eps, norm=a.norm, step_size=a.step_size)
+    attack = fast_at_attack(attack_threat(a, eps).eps, norm=a.norm, step_size=a.step_size)
     return AdversarialCE(attack, cfg.fsr.lambda_sep, cfg.fsr.lambda_rec)
 
 

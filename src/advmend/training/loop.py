@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -38,12 +38,7 @@ from advmend.defenses.build import build_model
 from advmend.errors import CheckpointError, ConfigError
 from advmend.evaluation.evaluate import evaluate
 from advmend.io import atomic_write_text, stale_temp_files
-from advmend.training.build import (
-    build_attack,
-    build_data,
-    build_objective,
-    resolve_device,
-)
+from advmend.training.build import attack_threat, build_attack, build_data, build_objective, resolve_device
 from advmend.training.curves import read_history
 from advmend.training.distributed import (
     DistContext,
@@ -378,7 +373,9 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, log, ctx: DistContext, d
         "config": to_dict(cfg),
         "num_classes": info["num_classes"],
         "image_shape": list(info["image_shape"]),
-        "eps": info["eps"],
+        # What the training attack really used (train.attack.eps, or the data set's radius when null):
+        # evaluation reads it back as the checkpoint's threat model.
+        **asdict(attack_threat(t.attack, info["eps"])),
         "world_size": ctx.world_size,
     }
     try:

@@ -21,7 +21,7 @@ classifier's, so `advmend eval` and `load_trained_model` rebuild it unchanged.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -38,7 +38,7 @@ from advmend.errors import CheckpointError, ConfigError
 from advmend.evaluation.pssr import GRAYBOX, MASK, evaluate_pssr
 from advmend.evaluation.run import load_trained_model
 from advmend.io import atomic_write_text, file_sha256
-from advmend.training.build import build_attack, build_data, resolve_device
+from advmend.training.build import attack_threat, build_attack, build_data, resolve_device
 from advmend.training.distributed import DistContext
 from advmend.training.loop import (
     BEST,
@@ -157,7 +157,7 @@ def train_pssr(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, log
     atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     record_base = {
         "config": to_dict(cfg), "num_classes": info["num_classes"], "image_shape": list(info["image_shape"]),
-        "eps": info["eps"], "classifier": {"path": str(clf_path), "sha256": file_sha256(clf_path)},
+        **asdict(attack_threat(p.attack, info["eps"])), "classifier": {"path": str(clf_path), "sha256": file_sha256(clf_path)},
     }  # fmt: skip
     # G's stage runs in fp32 on one process: the classifier loop's speed switches do not apply here.
     step_cfg, precision, ctx = replace(cfg, train=schedule), Precision("off", device), DistContext()
