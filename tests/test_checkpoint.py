@@ -1,4 +1,4 @@
-"""Tests for advmend.training.checkpoint: safetensors round trip, verification, safety, atomic writes."""
+"""Tests for advmend.checkpoint: safetensors round trip, verification, safety, atomic writes."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file as real_save_file
 
-import advmend.training.checkpoint as ckpt_mod
+import advmend.checkpoint as ckpt_mod
+from advmend.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from advmend.errors import CheckpointError
 from advmend.models import create_model
-from advmend.training.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 
 
 def _model(seed: int = 0) -> torch.nn.Module:

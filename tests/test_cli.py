@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from advmend.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from advmend.cli import main
 from advmend.models import MODELS
-from advmend.training.checkpoint import FORMAT as CHECKPOINT_FORMAT
 
 CONFIG = {
     "name": "cli-test",

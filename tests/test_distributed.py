@@ -10,10 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from advmend.config import RunConfig, from_dict
-from advmend.training.checkpoint import load_checkpoint
-from advmend.training.loop import train
 import advmend.training.loop as loop_mod
+from advmend.checkpoint import load_checkpoint
+from advmend.config import RunConfig, from_dict
+from advmend.training.loop import train
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 

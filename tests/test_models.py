@@ -218,7 +218,7 @@ def test_model_too_large_for_memory_is_config_error():
 
 def test_model_too_small_for_images_is_config_error():
     from advmend.config import RunConfig, from_dict
-    from advmend.training.build import build_model
+    from advmend.defenses.build import build_model
 
     cfg = from_dict(RunConfig, {"model": {"name": "small_cnn", "options": {"width": 4}}})
     with pytest.raises(ConfigError, match=r"cannot take 3x1x1 images.*data\.options\.image_size"):

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from advmend.attacks.pgd import PGD, pgd
+from advmend.checkpoint import load_checkpoint
 from advmend.config import RunConfig, from_dict
 from advmend.models import create_model
-from advmend.training.checkpoint import load_checkpoint
 from advmend.training.loop import train
 from advmend.training.objectives import AdversarialCE
 from advmend.training.precision import Precision

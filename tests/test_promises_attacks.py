@@ -9,21 +9,24 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import TinyNet, fit
 from torch import nn
 
-from advmend.attacks import PGD, AutoAttackSpec, BPDA, Transfer, fgsm, pgd, pgd_tracked
+from advmend.attacks import BPDA, PGD, AutoAttackSpec, Transfer, fgsm, pgd, pgd_tracked
 from advmend.data import ArrayDataset, load_dataset, subset
 from advmend.defenses import FSRModel
-from advmend.defenses.pssr.evaluate import transfer_attack
 from advmend.errors import ConfigError, ModelContractError
 from advmend.evaluation import evaluate
-from advmend.evaluation.evaluate import CURVE_FACTORS, accuracy_curve, check_not_probabilities
+from advmend.evaluation.evaluate import (
+    CURVE_FACTORS,
+    accuracy_curve,
+    check_not_probabilities,
+)
+from advmend.evaluation.pssr import transfer_attack
 from advmend.models import create_model
 from advmend.training.mart import MART
 from advmend.training.objectives import AdversarialCE, fast_at_attack
 from advmend.training.trades import TRADES, trades_attack
-
-from conftest import TinyNet, fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EPS = 8 / 255

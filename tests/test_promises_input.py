@@ -26,10 +26,11 @@ import advmend
 from advmend.cli import main
 from advmend.config import RunConfig, TrainConfig, check_config
 from advmend.data import DATASETS, load_dataset
+from advmend.defenses.build import build_model
 from advmend.errors import ConfigError, DataError
 from advmend.models import MODELS
 from advmend.models.registry import model_options
-from advmend.training.build import build_data, build_model
+from advmend.training.build import build_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,9 +17,9 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import advmend.checkpoint as ckpt_mod
 import advmend.evaluation.report as report_mod
 import advmend.training.build as build_mod
-import advmend.training.checkpoint as ckpt_mod
 from advmend.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")

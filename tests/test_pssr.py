@@ -8,14 +8,21 @@ import torch.nn.functional as F
 
 from advmend.attacks import BPDA, PGD, pgd
 from advmend.config import CONFIG_DIR, PSSRConfig, RunConfig, from_dict, load_run_config
+from advmend.data import ArrayDataset
 from advmend.defenses import insert_fsr
 from advmend.defenses.pssr import (
-    PSSRModel, PSSRPreprocess, Regenerator, apply_surgery, auto_depth, check_pssr_config, salient_mask, score_map,
+    PSSRModel,
+    PSSRPreprocess,
+    Regenerator,
+    apply_surgery,
+    auto_depth,
+    check_pssr_config,
+    salient_mask,
+    score_map,
 )  # fmt: skip
-from advmend.defenses.pssr.evaluate import GRAYBOX, IDENTITY, MASK, evaluate_pssr
 from advmend.defenses.pssr.objective import PSSRObjective, classifier_head, symmetric_kl
-from advmend.data import ArrayDataset
 from advmend.errors import ConfigError, InputError
+from advmend.evaluation.pssr import GRAYBOX, IDENTITY, MASK, evaluate_pssr
 from advmend.models import create_model
 
 

@@ -17,11 +17,11 @@ import torch
 import yaml
 from safetensors import SafetensorError
 
-import advmend.training.checkpoint as ckpt_mod
+import advmend.checkpoint as ckpt_mod
 import advmend.training.loop as loop_mod
+from advmend.checkpoint import load_checkpoint
 from advmend.config import RunConfig, from_dict
 from advmend.errors import CheckpointError, ConfigError
-from advmend.training.checkpoint import load_checkpoint
 from advmend.training.loop import LAST, train
 
 # PGD-AT with random starts and FSR (Gumbel noise), dropout-free small_cnn, EMA and early-stopping
@@ -181,7 +181,7 @@ def test_not_enough_disk_space_is_an_error_before_anything_is_written(tmp_path, 
 def test_checkpoint_bytes_estimate_matches_the_file(tmp_path):
     out = tmp_path / "run"
     train(_small_cfg(epochs=1, ema=0.9), out, log=lambda s: None)
-    from advmend.training.build import build_model
+    from advmend.defenses.build import build_model
 
     cfg = _small_cfg()
     model = build_model(cfg, 10, (3, 16, 16))

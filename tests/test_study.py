@@ -80,7 +80,7 @@ def test_records_are_written_then_skipped(tmp_path):
     assert rec["versions"]["torch"] and rec["checkpoint"]["file"] == "weights/at_fsr-s0.safetensors"
     # The evaluated weights are committed with the record: they load, and they are the best checkpoint.
     from advmend.evaluation.run import load_trained_model
-    from advmend.training.checkpoint import file_sha256
+    from advmend.io import file_sha256
 
     weights = tmp_path / "rec" / "tiny" / rec["checkpoint"]["file"]
     assert file_sha256(weights) == rec["checkpoint"]["sha256"]
@@ -143,7 +143,7 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_record(tmp_path):
     want = json.loads(ref.read_text())
     assert _strip(got)["eval"] == _strip(want)["eval"]
     assert _strip(got)["metrics"] == _strip(want)["metrics"]
-    from advmend.training.checkpoint import load_checkpoint
+    from advmend.checkpoint import load_checkpoint
 
     (ref_w, _), (got_w, _) = (load_checkpoint(d / "runs" / "tiny" / "at-s0" / "best.safetensors") for d in (ref_dir, kill_dir))
     assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w) and set(ref_w) == set(got_w)

@@ -3,12 +3,11 @@
 import json
 
 import pytest
-
 import torch
 
+from advmend.checkpoint import load_checkpoint
 from advmend.config import RunConfig, TrainConfig, from_dict, to_dict
 from advmend.errors import ConfigError
-from advmend.training.checkpoint import load_checkpoint
 from advmend.training.ema import ModelEMA
 from advmend.training.loop import train
 from advmend.training.schedule import learning_rate

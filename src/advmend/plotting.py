@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from advmend.errors import ConfigError
+from advmend.io import atomic_write_bytes
 
 
 def pyplot(purpose: str):
@@ -21,9 +22,7 @@ def pyplot(purpose: str):
 
 def save_png(fig, path: str | Path, *, dpi: int = 120) -> Path:
     """Write `fig` to the PNG `path` atomically (never a half-written file) and close it."""
-    from matplotlib import pyplot as plt
-
-    from advmend.training.checkpoint import atomic_write_bytes
+    from matplotlib import pyplot as plt  # lazy: an optional extra
 
     path = Path(path)
     try:

@@ -9,7 +9,7 @@ from typing import Sequence
 
 import torch
 
-from advmend.errors import InputError, ModelContractError
+from advmend.errors import AdvmendError, DataError, InputError, ModelContractError
 
 
 def check_images(x: object, name: str = "x") -> torch.Tensor:
@@ -89,8 +89,6 @@ def check_data_fits_model(
         DataError: Images of another shape, or labels >= the model's number of classes; the message
             names both sides and ``source`` (the checkpoint or the model).
     """
-    from advmend.errors import AdvmendError, DataError
-
     c, h, w = ds.image_shape
     lo, hi = (int(ds.labels.min()), int(ds.labels.max())) if len(ds) else (0, -1)
     if image_shape is not None:

@@ -28,6 +28,7 @@ from torch import nn
 from advmend.attacks.modes import attack_mode
 from advmend.attacks.pgd import grad_ready
 from advmend.errors import ConfigError, InputError
+from advmend.types import AttackRun
 
 VERSIONS = ("standard", "rand")
 NORM_NAMES = {"linf": "Linf", "l2": "L2"}
@@ -145,10 +146,8 @@ class AutoAttackSpec:
         return adversary
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device,
-            batch_size: int = 256, generator: torch.Generator | None = None):  # fmt: skip
+            batch_size: int = 256, generator: torch.Generator | None = None) -> AttackRun:  # fmt: skip
         """Run the cascade on (x, y); see `AttackRun`. `generator` is unused: `seed` seeds the package."""
-        from advmend.evaluation.evaluate import AttackRun
-
         if x.shape[0] == 0:
             raise InputError("AutoAttack got no examples to attack")
         flags = _Flags()

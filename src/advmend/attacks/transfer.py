@@ -27,6 +27,7 @@ from torch import nn
 
 from advmend.attacks.modes import attack_mode
 from advmend.attacks.pgd import PGD, pgd
+from advmend.types import AttackRun
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,9 +61,7 @@ class Transfer:
         return dict(inner, name=f"transfer {inner['name']}", surrogate=self.source, final_iterate=True)
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device,
-            batch_size: int = 256, generator: torch.Generator | None = None):  # fmt: skip
-        from advmend.evaluation.evaluate import AttackRun
-
+            batch_size: int = 256, generator: torch.Generator | None = None) -> AttackRun:  # fmt: skip
         self.surrogate.to(device)
         chunks, fooled = [], []
         for i in range(0, x.shape[0], batch_size):

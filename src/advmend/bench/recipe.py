@@ -16,7 +16,8 @@ from advmend.bench.throughput import _images_per_s
 from advmend.config import RunConfig
 from advmend.data.sources import dataset_info
 from advmend.errors import ConfigError
-from advmend.training.build import build_model, build_objective
+from advmend.defenses.build import build_model
+from advmend.training.build import build_objective
 from advmend.training.precision import Precision, to_channels_last
 
 

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from advmend.attacks.pgd import PGD
 from advmend.defenses.insert import FSRModel
 from advmend.models import create_model, fsr_preset
+from advmend.training.distributed import DistContext, training_view
 from advmend.training.objectives import AdversarialCE
+from advmend.training.precision import Precision, to_channels_last
 
 
 @dataclass
@@ -111,9 +113,6 @@ def _at_step(name: str, fsr: bool, switch: str, batch_size: int, device: torch.d
              rank_batch: int | None = None, ctx=None):  # fmt: skip
     """One PGD-10 AT training step (attack + loss + backward + step) set up exactly as the training loop
     does for `switch` (training/precision.py, training/distributed.py)."""
-    from advmend.training.distributed import DistContext, training_view
-    from advmend.training.precision import Precision, to_channels_last
-
     torch.manual_seed(0)
     model = create_model(name, num_classes=10).to(device)
     if fsr:
@@ -174,8 +173,6 @@ def _ddp_worker(rank, world, port, name, batch_size, iters, warmup, threads, que
     import os
 
     import torch.distributed as dist
-
-    from advmend.training.distributed import DistContext
 
     torch.set_num_threads(threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -48,8 +48,8 @@ def _eps(text: str) -> float:
     """--eps: a number or a fraction such as 8/255 (parsed as config values are), > 0."""
     import math
 
-    from advmend.config import parse_number
     from advmend.errors import ConfigError
+    from advmend.values import parse_number
 
     value = parse_number(text, "--eps")
     if not (value > 0 and math.isfinite(value)):
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     from advmend.data.sources import dataset_info
     from advmend.errors import ConfigError
     from advmend.evaluation.report import format_table
-    from advmend.evaluation.run import load_trained_model, run_protocol
+    from advmend.evaluation.run import evaluation_threat, load_trained_model, run_protocol
     from advmend.evaluation.user_model import load_user_model
     from advmend.training.build import build_data, resolve_device
     from advmend.validate import check_data_fits_model
@@ -174,8 +174,8 @@ def run(args: argparse.Namespace) -> int:
         ev = replace(ev, plot=False)
     PROTOCOLS.get(ev.protocol)
     cfg = replace(cfg, eval=ev)
-    if eps is None:  # the threat model's eps: the checkpoint's training eps for L-inf, 0.5 for L2 (spec)
-        eps = float(record["eps"]) if ev.norm == "linf" else 0.5
+    if eps is None:  # the checkpoint's threat model, or the data set's for another norm
+        eps = evaluation_threat(record, ev.norm, dataset_info(cfg.data.name)["eps"]).eps
     if cfg.pssr.enabled:  # a PSSR checkpoint: its three labelled threat models, the worst is the headline
         return _run_pssr(args, cfg, model, eps, device, meta, record)
     if default_out is None:
@@ -201,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_pssr(args, cfg, model, eps: float, device, meta: dict, record: dict) -> int:
     """Gray-box, white-box BPDA (mask constant; identity) and, with --transfer-from, transfer."""
-    from advmend.defenses.pssr.evaluate import run_pssr_protocol
+    from advmend.evaluation.pssr import run_pssr_protocol
     from advmend.evaluation.report import format_table
     from advmend.training.build import build_data
     from advmend.validate import check_data_fits_model

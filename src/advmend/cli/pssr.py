@@ -28,7 +28,7 @@ def train_pssr_command(cfg, out_dir: Path, *, resume: bool) -> int:
     """`advmend train` on a config with pssr.enabled: train G (and f first when needed), then, with
     eval.after_train, the three-threat-model evaluation of the best checkpoint."""
     from advmend.attacks.presets import PROTOCOLS
-    from advmend.defenses.pssr.evaluate import run_pssr_protocol
+    from advmend.evaluation.pssr import run_pssr_protocol
     from advmend.evaluation.report import format_table
     from advmend.evaluation.run import load_trained_model
     from advmend.training.build import build_data, resolve_device
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from advmend.evaluation.run import load_trained_model
     from advmend.training.build import build_data, resolve_device
     from advmend.plotting import pyplot, save_png
-    from advmend.training.checkpoint import atomic_write_text, file_sha256
+    from advmend.io import atomic_write_text, file_sha256
 
     for item in args.overrides:
         if not item.split("=", 1)[0].strip().startswith("data."):

@@ -46,7 +46,7 @@ def run_study_command(args: argparse.Namespace) -> int:
 def run_results_command(args: argparse.Namespace) -> int:
     from advmend.errors import ConfigError
     from advmend.study.render import render
-    from advmend.training.checkpoint import atomic_write_text
+    from advmend.io import atomic_write_text
 
     root = Path(args.root)
     out = Path(args.out) if args.out else root.with_suffix(".md")

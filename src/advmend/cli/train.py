@@ -24,8 +24,9 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from advmend.cli.evaluate import undo_on_failure
     from advmend.config import load_run_config
+    from advmend.data import dataset_info
     from advmend.evaluation.report import format_table
-    from advmend.evaluation.run import load_trained_model, run_protocol
+    from advmend.evaluation.run import evaluation_threat, load_trained_model, run_protocol
     from advmend.training.build import build_data, resolve_device
     from advmend.training.loop import train
 
@@ -54,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         test = build_data(cfg.data, need_train=False).test
         eval_dir = out_dir / f"eval-{cfg.eval.protocol}"
         with undo_on_failure(eval_dir):  # a failed evaluation leaves no half-written report
-            res = run_protocol(model, test, cfg, record["eps"], device, eval_dir,
+            eps = evaluation_threat(record, cfg.eval.norm, dataset_info(cfg.data.name)["eps"]).eps
+            res = run_protocol(model, test, cfg, eps, device, eval_dir,
                                {"title": cfg.name, "checkpoint": str(result.best), "best_epoch": record["best"]["epoch"]},
                                progress=cfg.train.progress)  # fmt: skip
         print(format_table(res, f"\n{cfg.name}: best checkpoint (epoch {record['best']['epoch']}), "

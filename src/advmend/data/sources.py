@@ -22,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from advmend.config import parse_number
 from advmend.data.arrays import ArrayDataset, derive_seed, from_numpy
 from advmend.errors import ConfigError, DataError
 from advmend.registry import Registry
+from advmend.values import parse_number
 
 __all__ = ["DATASETS", "DATASET_INFO", "SPLITS", "dataset_info", "load_dataset", "resolve_root"]
 

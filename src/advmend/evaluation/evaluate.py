@@ -27,27 +27,10 @@ from advmend.attacks.modes import attack_mode
 from advmend.attacks.pgd import PGD, pgd_tracked
 from advmend.data import ArrayDataset, BatchLoader, subset
 from advmend.errors import ModelContractError
+from advmend.types import AttackRun
 from advmend.validate import check_logits
 
 _TOL = 1e-5  # float32 slack on the ball constraint
-
-
-@dataclass
-class AttackRun:
-    """What an external attack returns for the examples it was given.
-
-    Attributes:
-        x_adv: adversarial examples, same shape and device as the input.
-        fooled: (n,) bool, misclassified w.r.t. the true label.
-        stages: for attacks made of a cascade of sub-attacks (AutoAttack): per stage, a dict with
-            "name", "fooled" ((n,) bool, fooled by this stage or an earlier one), "seconds", "attacked".
-        notes: warnings the attack's own checks raised (e.g. AutoAttack's flags).
-    """
-
-    x_adv: torch.Tensor
-    fooled: torch.Tensor
-    stages: list[dict] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
 
 class ExternalAttack(Protocol):

@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from advmend.attacks.autoattack import autoattack_version
 from advmend.evaluation.evaluate import EvalResult
 from advmend.evaluation.sanity import SanityReport
-from advmend.training.checkpoint import atomic_write_text, versions
+from advmend.io import atomic_write_text, versions
 
 
 def result_to_dict(result: EvalResult, *, per_example: bool = True) -> dict[str, Any]:
@@ -171,20 +172,24 @@ def write_report(
     out_dir: str | Path, result: EvalResult, meta: dict[str, Any], sanity: SanityReport | None = None
 ) -> tuple[Path, Path]:
     """Write report.json and report.md atomically into `out_dir`."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     payload = {"meta": meta, "versions": _versions(), **result_to_dict(result)}
     if sanity is not None:
         payload["sanity"] = sanity.to_dict()
+    return write_report_files(out_dir, payload, markdown_report(result, meta, sanity))
+
+
+def write_report_files(out_dir: str | Path, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    """report.json (`payload`) and report.md (`markdown`) in `out_dir`, each written atomically: the one
+    writer of every evaluation report (a checkpoint's protocol, PSSR's threat models)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "report.json", out / "report.md"
     atomic_write_text(json_path, json.dumps(payload, indent=2) + "\n")
-    atomic_write_text(md_path, markdown_report(result, meta, sanity))
+    atomic_write_text(md_path, markdown)
     return json_path, md_path
 
 
 def _versions() -> dict[str, str]:
-    from advmend.attacks.autoattack import autoattack_version
-
     out = versions()
     aa = autoattack_version()
     if aa is not None:

@@ -11,15 +11,17 @@ import torch
 from torch import nn
 
 from advmend.attacks.presets import PROTOCOL_OPTIONS, protocol_attacks
+from advmend.checkpoint import load_checkpoint
 from advmend.config import RunConfig, from_dict
 from advmend.data import ArrayDataset, subset
+from advmend.defenses.build import build_model
 from advmend.errors import CheckpointError, ConfigError
 from advmend.evaluation.evaluate import EvalResult, accuracy_curve, evaluate
 from advmend.evaluation.plots import accuracy_vs_eps_png
 from advmend.evaluation.report import write_report
 from advmend.evaluation.sanity import run_sanity
-from advmend.training.build import build_model
-from advmend.training.checkpoint import atomic_write_bytes, file_sha256, load_checkpoint
+from advmend.io import atomic_write_bytes, file_sha256
+from advmend.types import ThreatModel
 
 ADV_SUFFIXES = (".pt", ".pth", ".safetensors")
 
@@ -39,6 +41,14 @@ def load_trained_model(path: str | Path, device: torch.device) -> tuple[nn.Modul
         first = str(e).splitlines()[0]
         raise CheckpointError(f"{path}: weights do not match the recorded model ({first})") from None
     return model.to(device).eval(), cfg, record
+
+
+def evaluation_threat(record: dict, norm: str, dataset_eps: float) -> ThreatModel:
+    """The threat model to evaluate a checkpoint under when no eps is given: the one its training attack
+    used (recorded with it) when `norm` is that attack's norm, else the data set's standard radius for
+    `norm`. Checkpoints from before the norm was recorded were trained under L-inf."""
+    trained = ThreatModel(record.get("norm", "linf"), float(record["eps"]))
+    return trained if trained.norm == norm else ThreatModel.resolve(norm, None, dataset_eps)
 
 
 def save_adversarial(path: str | Path, result: EvalResult) -> str:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from advmend.errors import CheckpointError, ConfigError
-from advmend.training.checkpoint import file_sha256
+from advmend.io import file_sha256
 
 
 def build_user_model(spec: str) -> nn.Module:

@@ -12,6 +12,7 @@ from torch import nn
 from advmend.errors import ConfigError
 from advmend.models.normalize import Normalize
 from advmend.registry import Registry
+from advmend.values import coerce_value
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
@@ -47,7 +48,7 @@ _CHECKABLE = (bool, int, float, str)
 
 
 def _checkable(tp: Any) -> bool:
-    """Whether the config value rules (advmend.config.coerce_value) can check annotation `tp`."""
+    """Whether the config value rules (advmend.values.coerce_value) can check annotation `tp`."""
     if tp in _CHECKABLE:
         return True
     args = typing.get_args(tp)
@@ -74,8 +75,6 @@ def check_model_options(name: str, options: dict[str, Any], key: str = "model.op
         ConfigError: Unknown model, an option the factory does not take, or a value of the wrong type;
             the message names ``<key>.<option>`` and lists the valid options.
     """
-    from advmend.config import coerce_value  # lazy: keeps this module importable from advmend.config
-
     factory = MODELS.get(name)
     valid = model_options(name)
     takes_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values())

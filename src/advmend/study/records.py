@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from advmend.errors import AdvmendError
-from advmend.training.checkpoint import atomic_write_text
+from advmend.io import atomic_write_text
 
 SCHEMA = "advmend.study.record/1"
 STUDY_SCHEMA = "advmend.study/1"

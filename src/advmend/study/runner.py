@@ -34,7 +34,7 @@ from advmend.study.records import (
 )  # fmt: skip
 from advmend.study.spec import RunSpec, StudyConfig, load_study, resolve_runs
 from advmend.training.build import build_data, resolve_device
-from advmend.training.checkpoint import atomic_write_bytes, file_sha256, versions
+from advmend.io import atomic_write_bytes, file_sha256, versions
 from advmend.training.loop import LAST, train
 
 # The study's attacks on the attack subset: the FSR paper's FGSM, PGD-20 and CW-30 (step eps/10, no

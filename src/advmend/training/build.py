@@ -1,26 +1,32 @@
-"""From a RunConfig to the objects a run needs: device, data splits, model, attacks, objective.
+"""From a RunConfig to the objects a run needs: device, data splits, attacks, objective.
 
-This is the only place that reads config sections and turns them into library objects, so the
-training loop, the evaluation command and the benchmarks all build things the same way.
+With `advmend.defenses.build.build_model` (the model), this is the only place that reads config sections
+and turns them into library objects, so the training loop, the evaluation command and the benchmarks all
+build things the same way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from advmend.attacks.pgd import PGD
-from advmend.config import AttackConfig, DataConfig, RunConfig, check_config
-from advmend.data import ArrayDataset, dataset_info, load_dataset, split_train_val, subset
-from advmend.defenses.insert import FSRModel
+from advmend.config import AttackConfig, DataConfig, RunConfig
+from advmend.data import (
+    ArrayDataset,
+    dataset_info,
+    load_dataset,
+    split_train_val,
+    subset,
+)
 from advmend.errors import ConfigError
-from advmend.models import create_model, fsr_preset
 from advmend.registry import Registry
 from advmend.training.mart import MART, MART_BETA
 from advmend.training.objectives import AdversarialCE, fast_at_attack
 from advmend.training.trades import TRADES, TRADES_BETA, trades_attack
+from advmend.types import ThreatModel
 from advmend.validate import check_data_fits_model
 
 OBJECTIVES: Registry = Registry("training method")
@@ -82,62 +88,17 @@ def build_data(cfg: DataConfig, *, need_train: bool = True, need_test: bool = Tr
     return DataSplits(train, val, test, info)
 
 
-def build_model(cfg: RunConfig, num_classes: int, image_shape: tuple[int, int, int]) -> nn.Module:
-    """The classifier of `cfg.model`, with FSR blocks when `cfg.fsr.enabled`."""
-    if cfg.pssr.enabled:  # PSSR hook: the whole pipeline (classifier of cfg.model behind PS + G)
-        from advmend.defenses.pssr.pipeline import build_pssr_model
-
-        return build_pssr_model(cfg, num_classes, image_shape)
-    check_config(cfg)  # a RunConfig built in Python skips from_dict's checks (finite numbers, options)
-    info = dataset_info(cfg.data.name, channels=image_shape[0])
-    norm = {"mean": info["mean"], "std": info["std"]} if cfg.model.normalize else {}
-    model = create_model(
-        cfg.model.name, num_classes=num_classes, in_channels=image_shape[0], **norm, **cfg.model.options
-    )
-    _probe_input(model, cfg.model.name, image_shape)
-    if not cfg.fsr.enabled:
-        return model
-    layers = list(cfg.fsr.layers) if cfg.fsr.layers else fsr_preset(cfg.model.name)
-    return FSRModel(
-        model, at=layers, num_classes=num_classes, input_shape=image_shape, tau=cfg.fsr.tau, hidden=cfg.fsr.hidden
-    )
+def attack_threat(cfg: AttackConfig, dataset_eps: float) -> ThreatModel:
+    """The threat model of an attack section (eps None: the data set's radius for its norm)."""
+    return ThreatModel.resolve(cfg.norm, cfg.eps, dataset_eps)
 
 
-def _probe_input(model: nn.Module, name: str, image_shape: tuple[int, int, int]) -> None:
-    """One eval-mode forward pass on zeros, so images the architecture cannot take (too small for its
-    pooling, say) are a ConfigError now rather than a RuntimeError in the first training step."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()  # BatchNorm running statistics stay untouched; no random layer draws
-        with torch.no_grad():
-            model(torch.zeros(1, *image_shape))
-    except RuntimeError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(
-            f"model {name!r} cannot take {image_shape[0]}x{image_shape[1]}x{image_shape[2]} images ({first}); "
-            "use larger images (e.g. data.options.image_size) or another model.name"
-        ) from None
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
-def build_attack(cfg: AttackConfig, default_eps: float, *, keep_best: bool, name: str = "") -> PGD:
-    """A PGD configuration from its config section; eps None takes the dataset's standard radius."""
-    return PGD(
-        eps=default_eps if cfg.eps is None else cfg.eps,
-        steps=cfg.steps,
-        step_size=cfg.step_size,
-        norm=cfg.norm,
-        random_start=cfg.random_start,
-        restarts=cfg.restarts,
-        loss=cfg.loss,
-        kappa=cfg.kappa,
-        start=cfg.start,
-        eot=cfg.eot,
-        keep_best=keep_best,
-        name=name or f"PGD-{cfg.steps}",
-    )
+def build_attack(cfg: AttackConfig, dataset_eps: float, *, keep_best: bool, name: str = "") -> PGD:
+    """A PGD configuration from its config section: every field of the section is a PGD field of the same
+    name and meaning, taken as it is, with eps resolved by `attack_threat`."""
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    fields["eps"] = attack_threat(cfg, dataset_eps).eps
+    return PGD(**fields, keep_best=keep_best, name=name or f"PGD-{cfg.steps}")
 
 
 def _beta(cfg: RunConfig, default: float | None) -> float | None:
@@ -186,7 +147,7 @@ def _trades(cfg: RunConfig, eps: float) -> TRADES:
         )
     if a.restarts != 1:
         raise ConfigError(f"train.attack.restarts must be 1 for method trades, got {a.restarts}")
-    attack = trades_attack(eps if a.eps is None else a.eps, a.steps, a.step_size, norm=a.norm)
+    attack = trades_attack(attack_threat(a, eps).eps, a.steps, a.step_size, norm=a.norm)
     return TRADES(attack, _beta(cfg, TRADES_BETA), cfg.fsr.lambda_sep, cfg.fsr.lambda_rec)
 
 
@@ -210,7 +171,7 @@ def _fast_at(cfg: RunConfig, eps: float) -> AdversarialCE:
         raise ConfigError(
             f"method fast_at needs train.attack.loss ce and restarts 1, got {a.loss!r} and {a.restarts}"
         )
-    attack = fast_at_attack(eps if a.eps is None else a.eps, norm=a.norm, step_size=a.step_size)
+    attack = fast_at_attack(attack_threat(a, eps).eps, norm=a.norm, step_size=a.step_size)
     return AdversarialCE(attack, cfg.fsr.lambda_sep, cfg.fsr.lambda_rec)
 
 

@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -31,15 +31,21 @@ from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 
+from advmend.checkpoint import load_checkpoint, save_checkpoint
 from advmend.config import RunConfig, from_dict, to_dict
 from advmend.data import BatchLoader
+from advmend.defenses.build import build_model
 from advmend.errors import CheckpointError, ConfigError
 from advmend.evaluation.evaluate import evaluate
-from advmend.training.build import build_attack, build_data, build_model, build_objective, resolve_device
-from advmend.training.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint, stale_temp_files
+from advmend.io import atomic_write_text, stale_temp_files
+from advmend.training.build import attack_threat, build_attack, build_data, build_objective, resolve_device
 from advmend.training.curves import read_history
 from advmend.training.distributed import (
-    DistContext, env_context, init_distributed, shutdown_distributed, training_view,
+    DistContext,
+    env_context,
+    init_distributed,
+    shutdown_distributed,
+    training_view,
 )  # fmt: skip
 from advmend.training.ema import ModelEMA
 from advmend.training.precision import Precision, check_amp, to_channels_last
@@ -367,7 +373,9 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, log, ctx: DistContext, d
         "config": to_dict(cfg),
         "num_classes": info["num_classes"],
         "image_shape": list(info["image_shape"]),
-        "eps": info["eps"],
+        # What the training attack really used (train.attack.eps, or the data set's radius when null):
+        # evaluation reads it back as the checkpoint's threat model.
+        **asdict(attack_threat(t.attack, info["eps"])),
         "world_size": ctx.world_size,
     }
     try:

@@ -28,11 +28,11 @@ from advmend.attacks.losses import kl_loss
 from advmend.attacks.pgd import PGD, pgd
 from advmend.errors import ConfigError
 from advmend.training.objectives import (
-    LossOutput,
     adversarial_forward,
     check_fsr_weights,
     check_weight,
 )
+from advmend.types import LossOutput
 
 MART_BETA = 6.0  # Wang et al. 2020, the reference code's default
 # -log(1 - p) is infinite at p = 1 (a confidently wrong x'), and its gradient 1/(1 - p) explodes near it.

@@ -13,7 +13,7 @@ TRADES and MART live in `trades.py` and `mart.py`; all of them add the FSR terms
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,20 +22,7 @@ from torch import nn
 from advmend.attacks.pgd import PGD, pgd
 from advmend.defenses.insert import FSRModel, fsr_losses
 from advmend.errors import ConfigError
-
-
-@dataclass
-class LossOutput:
-    """The scalar to minimise, the logits it was computed on, and detached scalar metrics.
-
-    `x_adv` is the (detached) batch the attack produced, or None for clean training; it is kept for
-    tests and inspection and costs no memory beyond what the step already holds.
-    """
-
-    loss: torch.Tensor
-    logits: torch.Tensor
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
-    x_adv: torch.Tensor | None = None
+from advmend.types import LossOutput
 
 
 def check_weight(value: float, name: str) -> None:

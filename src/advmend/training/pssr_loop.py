@@ -21,26 +21,40 @@ classifier's, so `advmend eval` and `load_trained_model` rebuild it unchanged.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 import yaml
 
+from advmend.checkpoint import load_checkpoint
 from advmend.config import PSSRConfig, RunConfig, to_dict
 from advmend.data import BatchLoader
-from advmend.defenses.pssr.evaluate import GRAYBOX, MASK, evaluate_pssr
+from advmend.defenses.build import build_model
 from advmend.defenses.pssr.objective import PSSRObjective
 from advmend.defenses.pssr.pipeline import PSSRModel, check_pssr_config
 from advmend.errors import CheckpointError, ConfigError
+from advmend.evaluation.pssr import GRAYBOX, MASK, evaluate_pssr
 from advmend.evaluation.run import load_trained_model
-from advmend.training.build import build_attack, build_data, build_model, resolve_device
-from advmend.training.checkpoint import atomic_write_text, file_sha256, load_checkpoint
+from advmend.io import atomic_write_text, file_sha256
+from advmend.training.build import attack_threat, build_attack, build_data, resolve_device
 from advmend.training.distributed import DistContext
 from advmend.training.loop import (
-    BEST, LAST, SELECT, TrainResult, check_disk_space, check_train_config, log_line, prepare_out_dir, read_history,
-    remove_stale_temp_files, save_or_explain, select_best, train, train_epoch,
+    BEST,
+    LAST,
+    SELECT,
+    TrainResult,
+    check_disk_space,
+    check_train_config,
+    log_line,
+    prepare_out_dir,
+    read_history,
+    remove_stale_temp_files,
+    save_or_explain,
+    select_best,
+    train,
+    train_epoch,
 )  # fmt: skip
 from advmend.training.precision import Precision
 from advmend.training.rng import restore_rng_state, rng_state_tensors
@@ -143,7 +157,7 @@ def train_pssr(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, log
     atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     record_base = {
         "config": to_dict(cfg), "num_classes": info["num_classes"], "image_shape": list(info["image_shape"]),
-        "eps": info["eps"], "classifier": {"path": str(clf_path), "sha256": file_sha256(clf_path)},
+        **asdict(attack_threat(p.attack, info["eps"])), "classifier": {"path": str(clf_path), "sha256": file_sha256(clf_path)},
     }  # fmt: skip
     # G's stage runs in fp32 on one process: the classifier loop's speed switches do not apply here.
     step_cfg, precision, ctx = replace(cfg, train=schedule), Precision("off", device), DistContext()

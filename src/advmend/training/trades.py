@@ -26,7 +26,12 @@ from advmend.attacks.losses import kl_loss
 from advmend.attacks.modes import attack_mode
 from advmend.attacks.pgd import PGD, pgd
 from advmend.errors import ConfigError
-from advmend.training.objectives import LossOutput, adversarial_forward, check_fsr_weights, check_weight
+from advmend.training.objectives import (
+    adversarial_forward,
+    check_fsr_weights,
+    check_weight,
+)
+from advmend.types import LossOutput
 
 TRADES_BETA = 6.0  # Zhang et al. 2019, CIFAR-10 (1/lambda = 6)
 

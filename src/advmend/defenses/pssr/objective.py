@@ -35,7 +35,7 @@ from advmend.attacks.pgd import PGD, pgd
 from advmend.defenses.insert import FSRModel
 from advmend.defenses.pssr.pipeline import PSSRModel
 from advmend.errors import ModelContractError
-from advmend.training.objectives import LossOutput
+from advmend.types import LossOutput
 
 
 def classifier_head(model: nn.Module) -> nn.Linear:

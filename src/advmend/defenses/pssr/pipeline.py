@@ -18,12 +18,13 @@ pre-processor is `advmend.attacks.BPDA(PSSRPreprocess(model), model.classifier)`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from advmend.config import PSSRConfig, RunConfig
+from advmend.defenses.classifier import build_classifier
 from advmend.defenses.pssr.regenerator import Regenerator
 from advmend.defenses.pssr.surgery import MASKS, apply_surgery, salient_mask, score_map
 from advmend.errors import ConfigError
@@ -184,15 +185,13 @@ def check_pssr_config(p: PSSRConfig) -> None:
 
 
 def build_pssr_model(cfg: RunConfig, num_classes: int, image_shape: tuple[int, int, int]) -> PSSRModel:
-    """The PSSR pipeline of `cfg`: f from cfg.model/cfg.fsr (built by `build_model`), G from cfg.pssr.
+    """The PSSR pipeline of `cfg`: f from cfg.model/cfg.fsr (built by `build_classifier`), G from cfg.pssr.
 
     Weights are not loaded here: a PSSR checkpoint holds f's and G's together.
     """
-    from advmend.training.build import build_model  # build_model calls this function: import late
-
     p = cfg.pssr
     check_pssr_config(p)
-    classifier = build_model(replace(cfg, pssr=replace(p, enabled=False)), num_classes, image_shape)
+    classifier = build_classifier(cfg, num_classes, image_shape)
     regenerator = Regenerator(image_shape[0], image_shape[1:], width=p.width, dropout=p.dropout, depth=p.depth)
     return PSSRModel(
         classifier, regenerator, mask=p.mask, alpha=p.alpha, rho=p.rho, fill=p.fill, surgery=p.surgery,

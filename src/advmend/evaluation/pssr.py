@@ -19,7 +19,6 @@ In eval mode the pipeline is deterministic (no dropout, eval-mode scorer), so EO
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,12 +30,15 @@ from tqdm.auto import tqdm
 from advmend.attacks.adaptive import BPDA
 from advmend.attacks.modes import attack_mode
 from advmend.attacks.pgd import PGD
+from advmend.attacks.presets import protocol_attacks
 from advmend.attacks.transfer import Transfer
-from advmend.data import ArrayDataset, BatchLoader
+from advmend.data import ArrayDataset, BatchLoader, subset
 from advmend.defenses.pssr.pipeline import PSSRModel, PSSRPreprocess
+from advmend.errors import ConfigError
 from advmend.evaluation.evaluate import AttackResult, EvalResult, check_bound, evaluate
-from advmend.evaluation.report import result_to_dict, settings_text
-from advmend.training.checkpoint import atomic_write_text, versions
+from advmend.evaluation.report import result_to_dict, settings_text, write_report_files
+from advmend.evaluation.run import load_trained_model
+from advmend.io import file_sha256, versions
 
 GRAYBOX, MASK, IDENTITY, TRANSFER = "graybox", "whitebox-bpda-mask", "whitebox-bpda-identity", "transfer"
 THREAT_MODELS = {
@@ -229,12 +231,7 @@ def markdown(ev: PSSREvalResult, meta: dict) -> str:
 
 def write_pssr_report(out_dir: str | Path, ev: PSSREvalResult, meta: dict) -> tuple[Path, Path]:
     """Write report.json and report.md atomically into `out_dir`."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / "report.json", out / "report.md"
-    atomic_write_text(json_path, json.dumps(report_dict(ev, meta), indent=2) + "\n")
-    atomic_write_text(md_path, markdown(ev, meta))
-    return json_path, md_path
+    return write_report_files(out_dir, report_dict(ev, meta), markdown(ev, meta))
 
 
 def run_pssr_protocol(
@@ -249,12 +246,6 @@ def run_pssr_protocol(
 ) -> PSSREvalResult:
     """The three-threat-model evaluation of a PSSR run on its test set (or the seeded
     `eval.n_examples` subset) with the `eval.protocol` attacks; writes report.json/.md to `out_dir`."""
-    from advmend.attacks.presets import protocol_attacks
-    from advmend.data import subset
-    from advmend.errors import ConfigError
-    from advmend.evaluation.run import load_trained_model
-    from advmend.training.checkpoint import file_sha256
-
     n = cfg.eval.n_examples
     if n is not None and n < 1:
         raise ConfigError(f"eval.n_examples must be >= 1, got {n}")

@@ -17,9 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from advmend.errors import CheckpointError
+from advmend.io import commit_renames, versions, write_temp
 
 # Format 2 seals the record with the tensors (metadata key SEAL_KEY). Format 1 files carried a digest of
 # the tensors alone: their record (config, eps) cannot be verified, so they are refused, not trusted;
@@ -57,77 +55,11 @@ def _seal(tensors_digest: str, record_text: str) -> str:
     return h.hexdigest()
 
 
-def versions() -> dict[str, str]:
-    """Library and platform versions, recorded with every checkpoint and report."""
-    import advmend
-
-    out = {
-        "advmend": getattr(advmend, "__version__", "unknown"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-    if torch.cuda.is_available():
-        out["cuda"] = str(torch.version.cuda)
-        out["gpu"] = torch.cuda.get_device_name(0)
-    return out
 
 
-def _write_temp(path: Path, write) -> Path:
-    """Write through `write(tmp_path)` to a fsynced temporary file beside `path`; removed on any failure."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give them the usual permissions
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
 
 
-def _commit(pairs: list[tuple[Path, Path]]) -> None:
-    """Rename each fully written temporary file onto its final name (renames need no free space)."""
-    try:
-        for tmp, path in pairs:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in pairs:
-            tmp.unlink(missing_ok=True)
-    _fsync_dir(pairs[0][1].parent)  # make the renames durable (a power cut keeps old or new, never none)
 
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Write through `write(tmp_path)` to a temporary file in the same folder, fsync, rename."""
-    path = Path(path)
-    _commit([(_write_temp(path, write), path)])
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open folders; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def stale_temp_files(folder: str | Path) -> list[Path]:
-    """Temporary files a killed `atomic_write_bytes` left in `folder` (never loaded: their names differ)."""
-    folder = Path(folder)
-    return sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -187,13 +119,13 @@ def save_checkpoint(
     sidecar = path.with_suffix(".json")
     # Both files are complete on disk before either is renamed: a full disk (OSError, or safetensors'
     # SafetensorError) while writing leaves the previous checkpoint and its sidecar untouched.
-    tmp = _write_temp(path, lambda t: save_file(tensors, t, metadata=metadata))
+    tmp = write_temp(path, lambda t: save_file(tensors, t, metadata=metadata))
     try:
-        tmp_side = _write_temp(sidecar, lambda t: Path(t).write_text(text + "\n"))
+        tmp_side = write_temp(sidecar, lambda t: Path(t).write_text(text + "\n"))
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _commit([(tmp, path), (tmp_side, sidecar)])
+    commit_renames([(tmp, path), (tmp_side, sidecar)])
     return path
 
 
@@ -216,6 +148,8 @@ def _check_record(path: Path, record: dict[str, Any]) -> None:
         problems.append(f"num_classes {record['num_classes']!r} is not an integer >= 2")
     if "eps" in record and not (_is_number(record["eps"]) and record["eps"] > 0):
         problems.append(f"eps {record['eps']!r} is not a finite number > 0")
+    if "norm" in record and record["norm"] not in ("linf", "l2"):
+        problems.append(f"norm {record['norm']!r} is not linf or l2")
     if "epoch" in record and not (_is_int(record["epoch"]) and record["epoch"] >= 0):
         problems.append(f"epoch {record['epoch']!r} is not an integer >= 0")
     if "config" in record and not isinstance(record["config"], dict):
@@ -293,11 +227,3 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         record["extra_tensors"] = extra
     return model_state, record
 
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, for reports (which checkpoint was evaluated)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
