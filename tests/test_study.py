@@ -380,3 +380,12 @@ def test_runs_are_seed_major_and_claimed_by_one_process(tmp_path):
     with claim(tmp_path / "runs", "a-s0") as mine:
         assert mine
     assert not (tmp_path / "runs" / "a-s0.claim").exists()
+
+
+def test_committed_results_page_matches_its_records():
+    """docs/results.md is generated from docs/results/ alone: regenerating it gives the same bytes."""
+    repo = Path(__file__).resolve().parent.parent
+    if not (repo / "docs" / "results").is_dir():
+        pytest.skip("no committed study records")
+    text, _ = render(repo / "docs" / "results", plot=False)
+    assert (repo / "docs" / "results.md").read_text() == text, "run `advmend results docs/results`"
