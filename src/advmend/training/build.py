@@ -175,3 +175,12 @@ def _fast_at(cfg: RunConfig, eps: float) -> AdversarialCE:
 def build_objective(cfg: RunConfig, eps: float):
     """The training objective named by `train.method`, with its settings checked."""
     return OBJECTIVES.get(cfg.train.method)(cfg, eps)
+
+
+def check_objective(cfg: RunConfig) -> None:
+    """Build the training objective and the validation attack once at the data set's standard radius, so
+    that what depends on `train.method` (TRADES' attack, train.beta, fast AT's one step) and the attack
+    sections fail before any data is loaded; nothing is drawn at random. The loop builds them again."""
+    eps = dataset_info(cfg.data.name)["eps"]
+    build_objective(cfg, eps)
+    build_attack(cfg.train.val_attack, eps, keep_best=True)

@@ -38,7 +38,14 @@ from advmend.defenses.build import build_model
 from advmend.errors import CheckpointError, ConfigError
 from advmend.evaluation.evaluate import evaluate
 from advmend.io import atomic_write_text, stale_temp_files
-from advmend.training.build import attack_threat, build_attack, build_data, build_objective, resolve_device
+from advmend.training.build import (
+    attack_threat,
+    build_attack,
+    build_data,
+    build_objective,
+    check_objective,
+    resolve_device,
+)
 from advmend.training.curves import read_history
 from advmend.training.distributed import (
     DistContext,
@@ -258,6 +265,7 @@ def train(
     ctx = env_context()
     device = resolve_device(cfg.train.device)
     check_train_config(cfg, device)
+    check_objective(cfg)
     if cfg.train.batch_size % ctx.world_size:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} (the global batch) must be divisible by the "
