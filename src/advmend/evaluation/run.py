@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from advmend.attacks.presets import PROTOCOL_OPTIONS, protocol_attacks
+from advmend.attacks.presets import PROTOCOLS, protocol_attacks
 from advmend.checkpoint import load_checkpoint
 from advmend.config import RunConfig, check_config, from_dict
 from advmend.data import ArrayDataset, subset
@@ -97,7 +97,7 @@ def run_protocol(
     if save_adv is not None and Path(save_adv).suffix not in ADV_SUFFIXES:
         raise ConfigError(f"--save-adv needs a file ending in one of {ADV_SUFFIXES}, got {Path(save_adv).name!r}")
     ds = subset(test, n, ev.seed) if n is not None and n < len(test) else test
-    options = PROTOCOL_OPTIONS.get(ev.protocol, {})
+    options = PROTOCOLS.meta(ev.protocol)
     cascade = options.get("cascade", False) if ev.cascade is None else ev.cascade
     costly = options.get("sanity_full", False) if ev.sanity_full is None else ev.sanity_full
     attacks = protocol_attacks(ev.protocol, eps, ev.norm) + list(extra_attacks)
