@@ -1,5 +1,6 @@
 """The training loop: model selection on the validation split, schedules."""
 
+import dataclasses
 import json
 
 import pytest
@@ -50,16 +51,21 @@ def test_piecewise_schedule_matches_reference_recipe():
 @pytest.mark.parametrize("key, value", [("patience", 0), ("ema", 1.0), ("ema", 0.0), ("amp", "fp8")])
 def test_bad_scale_settings_name_their_key(tmp_path, key, value):
     cfg = _cfg("robust")
-    cfg = from_dict(RunConfig, {**to_dict(cfg), "train": {**to_dict(cfg)["train"], key: value}})
-    with pytest.raises(ConfigError, match=f"train.{key}"):
-        train(cfg, tmp_path / "x", log=lambda s: None)
+    with pytest.raises(ConfigError, match=f"train.{key}"):  # checked when the config is built
+        cfg = from_dict(RunConfig, {**to_dict(cfg), "train": {**to_dict(cfg)["train"], key: value}})
+    with pytest.raises(ConfigError, match=f"train.{key}"):  # and by train(), for a config changed in Python
+        train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **{key: value})), tmp_path / "x",
+              log=lambda s: None)
     assert not (tmp_path / "x").exists()
 
 
 def test_patience_needs_a_validation_metric(tmp_path):
-    cfg = from_dict(RunConfig, {**to_dict(_cfg("last")), "train": {**to_dict(_cfg("last"))["train"], "patience": 2}})
-    with pytest.raises(ConfigError, match="train.patience"):
-        train(cfg, tmp_path / "x", log=lambda s: None)
+    with pytest.raises(ConfigError, match="train.patience"):  # checked when the config is built
+        from_dict(RunConfig, {**to_dict(_cfg("last")), "train": {**to_dict(_cfg("last"))["train"], "patience": 2}})
+    cfg = _cfg("last")
+    with pytest.raises(ConfigError, match="train.patience"):  # and by train(), for a config changed in Python
+        train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, patience=2)), tmp_path / "x",
+              log=lambda s: None)
 
 
 def test_tensorboard_without_the_package_says_how_to_install(tmp_path, monkeypatch):

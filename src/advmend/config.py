@@ -8,6 +8,7 @@ default. Float fields also accept a fraction written as a string, e.g. ``eps: 8/
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,35 @@ import yaml
 from advmend.errors import ConfigError
 from advmend.models.registry import check_model_options
 from advmend.values import from_dict
+
+# The choices of string settings whose meaning lives above this module: the layers that act on them
+# import these (training/schedule.py, training/loop.py, training/precision.py, attacks/pgd.py).
+SCHEDULES = ("piecewise", "cosine", "constant")
+SELECTS = ("robust", "clean", "last")  # model selection on the held-out validation split
+AMP_CHOICES = ("off", "bf16", "fp16")
+NORMS = ("linf", "l2")
+STARTS = ("uniform", "normal")
+PSSR_MASKS = ("alpha", "ratio")
+PSSR_MODES = ("full", "hole")
+PSSR_RDROP = ("cross", "literal")
+PSSR_THREATS = ("graybox", "adaptive")
+
+
+def _check_values(section: str, rows: tuple[tuple[str, Any, bool], ...]) -> None:
+    """ConfigError "section.key: invalid value V" for the first row whose check fails."""
+    for key, value, ok in rows:
+        if not ok:
+            raise ConfigError(f"{section}.{key}: invalid value {value!r}")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {choices}, got {value!r}")
+
+
+def _check_weight(value: float, key: str) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"{key} must be a finite number >= 0, got {value}")
 
 
 @dataclass(frozen=True)
@@ -31,6 +61,14 @@ class DataConfig:
     val_size: int = 1000  # seeded held-out validation split taken from the training split
     augment: bool | None = None  # None: the dataset's standard (pad-4 crop + flip on CIFAR)
     seed: int = 0
+
+    def checked(self, path: str = "") -> DataConfig:
+        p = path or "data"
+        if self.val_size < 0:
+            raise ConfigError(f"{p}.val_size must be >= 0, got {self.val_size}")
+        if self.train_subset is not None and self.train_subset < 1:
+            raise ConfigError(f"{p}.train_subset must be >= 1, got {self.train_subset}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -61,6 +99,19 @@ class FSRConfig:
     lambda_sep: float = 1.0
     lambda_rec: float = 1.0
 
+    def checked(self, path: str = "") -> FSRConfig:
+        p = path or "fsr"
+        if self.layers is not None and not self.layers:
+            raise ConfigError(f"{p}.layers must name at least one layer")
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"{p}.layers names a layer twice: {list(self.layers)}")
+        if not self.tau > 0:
+            raise ConfigError(f"{p}.tau must be > 0, got {self.tau}")
+        _check_values(p, (("hidden", self.hidden, self.hidden >= 1),))
+        _check_weight(self.lambda_sep, f"{p}.lambda_sep")
+        _check_weight(self.lambda_rec, f"{p}.lambda_rec")
+        return self
+
 
 @dataclass(frozen=True)
 class AttackConfig:
@@ -76,6 +127,21 @@ class AttackConfig:
     kappa: float = 0.0
     start: str = "uniform"  # random start law: uniform in the ball | normal (0.001 * N(0, I), TRADES / MART code)
     eot: int = 1  # gradient draws averaged per step, for models with random parts
+
+    def checked(self, path: str = "") -> AttackConfig:
+        """The values PGD checks too (attacks.pgd.PGD), named by their dotted key; the loss names a
+        registered loss, which the PGD built from this section checks."""
+        p = path or "attack"
+        _check_choice(f"{p}.norm", self.norm, NORMS)
+        _check_choice(f"{p}.start", self.start, STARTS)
+        _check_values(p, (
+            ("eps", self.eps, self.eps is None or self.eps >= 0),
+            ("step_size", self.step_size, self.step_size is None or self.step_size > 0),
+            ("steps", self.steps, self.steps >= 0),
+            ("restarts", self.restarts, self.restarts >= 1),
+            ("eot", self.eot, self.eot >= 1),
+        ))  # fmt: skip
+        return self
 
 
 @dataclass(frozen=True)
@@ -109,6 +175,31 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
 
+    def checked(self, path: str = "") -> TrainConfig:
+        """Value checks that types alone cannot express; what depends on the machine (the device, amp on
+        it, sync_bn, tensorboard) is checked when training starts (training.loop.check_train_config)."""
+        p = path or "train"
+        _check_values(p, (
+            ("epochs", self.epochs, self.epochs >= 1),
+            ("batch_size", self.batch_size, self.batch_size >= 1),
+            ("lr", self.lr, self.lr > 0),
+            ("momentum", self.momentum, 0 <= self.momentum < 1),
+            ("weight_decay", self.weight_decay, self.weight_decay >= 0),
+            ("val_every", self.val_every, self.val_every >= 1),
+            ("patience", self.patience, self.patience is None or self.patience >= 1),
+            ("ema", self.ema, self.ema is None or 0 < self.ema < 1),
+        ))  # fmt: skip
+        if self.beta is not None:
+            _check_weight(self.beta, f"{p}.beta")
+        _check_choice(f"{p}.schedule", self.schedule, SCHEDULES)
+        if any(not 0 < m <= 1 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
+            raise ConfigError(
+                f"{p}.milestones must be increasing fractions of the epochs in (0, 1], got {list(self.milestones)}"
+            )
+        _check_choice(f"{p}.select", self.select, SELECTS)
+        _check_choice(f"{p}.amp", self.amp, AMP_CHOICES)
+        return self
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -124,12 +215,23 @@ class EvalConfig:
     sanity_full: bool | None = None  # also the costly sanity checks (S01-S04); None: the protocol's choice
     plot: bool = True  # write accuracy_vs_eps.png next to the report
 
+    def checked(self, path: str = "") -> EvalConfig:
+        """Checked with the rest of the config, so that a bad value never costs a training run
+        (eval.after_train); the protocol's name is checked by the command that runs it."""
+        p = path or "eval"
+        _check_values(p, (
+            ("batch_size", self.batch_size, self.batch_size >= 1),
+            ("n_examples", self.n_examples, self.n_examples is None or self.n_examples >= 1),
+            ("norm", self.norm, self.norm in NORMS),
+        ))  # fmt: skip
+        return self
+
 
 # --- PSSR (owned by the PSSR feature; see src/advmend/defenses/pssr/)
 @dataclass(frozen=True)
 class PSSRConfig:
-    """Pixel Surgery and Semantic Regeneration (../shared/specs/pssr.md); values are checked by
-    advmend.defenses.pssr.pipeline.check_pssr_config. `train` trains the classifier (when `classifier`
+    """Pixel Surgery and Semantic Regeneration (../shared/specs/pssr.md); values are checked with
+    the rest of the config (`checked`). `train` trains the classifier (when `classifier`
     is null); `epochs`, `batch_size`, `lr` and `attack` here train the regenerator."""
 
     enabled: bool = False
@@ -156,6 +258,31 @@ class PSSRConfig:
     finetune_classifier: bool = False
     surrogate: str | None = None  # checkpoint of an independent classifier for the transfer threat model
 
+    def checked(self, path: str = "") -> PSSRConfig:
+        p = path or "pssr"
+        _check_choice(f"{p}.mask", self.mask, PSSR_MASKS)
+        _check_choice(f"{p}.mode", self.mode, PSSR_MODES)
+        _check_choice(f"{p}.rdrop", self.rdrop, PSSR_RDROP)
+        _check_choice(f"{p}.threat", self.threat, PSSR_THREATS)
+        _check_values(p, (
+            ("alpha", self.alpha, self.alpha > 0),
+            ("rho", self.rho, 0 <= self.rho <= 1),
+            ("fill", self.fill, 0 <= self.fill <= 1),
+            ("width", self.width, self.width >= 1),
+            ("depth", self.depth, self.depth is None or self.depth >= 1),
+            ("dropout", self.dropout, 0 <= self.dropout < 1),
+            ("lambda_pix", self.lambda_pix, self.lambda_pix >= 0),
+            ("lambda_sem", self.lambda_sem, self.lambda_sem >= 0),
+            ("lambda_feat", self.lambda_feat, self.lambda_feat >= 0),
+            ("lambda_rd", self.lambda_rd, self.lambda_rd >= 0),
+            ("epochs", self.epochs, self.epochs >= 1),
+            ("batch_size", self.batch_size, self.batch_size >= 1),
+            ("lr", self.lr, self.lr > 0),
+        ))  # fmt: skip
+        if self.lambda_rd > 0 and self.dropout == 0 and self.rdrop == "literal":
+            raise ConfigError(f"{p}.rdrop=literal compares two dropout draws: set {p}.dropout > 0 or {p}.lambda_rd=0")
+        return self
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -170,10 +297,21 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     pssr: PSSRConfig = field(default_factory=PSSRConfig)
 
+    def checked(self, path: str = "") -> RunConfig:
+        """What one section cannot check alone (each section checked itself as it was built)."""
+        t = self.train
+        if t.patience is not None and (t.select == "last" or self.data.val_size <= 0):
+            raise ConfigError(
+                "train.patience (early stopping) needs a validation split (data.val_size > 0) and "
+                "train.select robust or clean"
+            )
+        return self
+
 
 def check_config(cfg: Any) -> None:
-    """Re-check a config dataclass built in Python (which skips from_dict) by the same rules: types,
-    finite numbers, int64 ranges, model options; a ConfigError naming the dotted key otherwise."""
+    """Re-check a config dataclass built in Python (which skips from_dict) by the same rules as loading:
+    types, finite numbers, int64 ranges, every section's values (`checked`), model options; a
+    ConfigError naming the dotted key otherwise."""
     from_dict(type(cfg), to_dict(cfg))
 
 
@@ -190,9 +328,13 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.sub=value`` strings to a raw mapping; values are parsed as YAML scalars/lists."""
-    data = _deepcopy(data)
+Override = tuple[str, Any]  # a dotted key and its value, parsed
+
+
+def parse_overrides(overrides: list[str], sections: tuple[str, ...] | None = None) -> list[Override]:
+    """``key.sub=value`` strings as (key, value) pairs, values parsed as YAML scalars/lists. With
+    `sections`, a key outside them (e.g. `train.lr` for `advmend eval`) is a ConfigError."""
+    pairs = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
@@ -200,10 +342,23 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key = key.strip()
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
+        if sections is not None and key.split(".")[0] not in sections:
+            shown = " and ".join(f"{s}.*" for s in sections)
+            raise ConfigError(f"override {item!r}: only {shown} settings can be changed here")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
+        pairs.append((key, value))
+    return pairs
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str | Override]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` strings, or (dotted key, value) pairs (a command's flags), in order to a
+    raw mapping; the result is checked when it is built (`from_dict`)."""
+    data = _deepcopy(data)
+    for item in overrides:
+        key, value = item if isinstance(item, tuple) else parse_overrides([item])[0]
         node = data
         parts = key.split(".")
         for part in parts[:-1]:

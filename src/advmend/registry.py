@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Mapping
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from advmend.errors import ConfigError
 
@@ -10,26 +11,38 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Maps names to factories. Register with a decorator next to the definition::
+    """Maps names to factories. Register with a decorator next to the definition, with what the rest of
+    the code needs to know about the entry as keyword metadata::
 
         MODELS = Registry("model")
 
-        @MODELS.register("resnet18")
+        @MODELS.register("resnet18", fsr_layers=["layer4"])
         def resnet18(**kw): ...
     """
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
+    def register(self, name: str, **meta: Any) -> Callable[[T], T]:
         def deco(obj: T) -> T:
             if name in self._entries:
                 raise KeyError(f"{self.kind} {name!r} is registered twice")
             self._entries[name] = obj
+            self._meta[name] = dict(meta)
             return obj
 
         return deco
+
+    def meta(self, name: str) -> dict[str, Any]:
+        """The metadata `name` was registered with (a copy); a ConfigError for an unknown name."""
+        self.get(name)
+        return dict(self._meta[name])
+
+    def meta_view(self, key: str) -> Mapping[str, Any]:
+        """A live, read-only mapping name -> metadata `key`, over the entries registered with it."""
+        return _MetaView(self, key)
 
     def get(self, name: str) -> T:
         try:
@@ -47,3 +60,20 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+class _MetaView(Mapping):
+    def __init__(self, registry: Registry, key: str) -> None:
+        self._registry, self._key = registry, key
+
+    def __getitem__(self, name: str) -> Any:
+        meta = self._registry._meta.get(name, {})
+        if self._key not in meta:
+            raise KeyError(name)
+        return meta[self._key]
+
+    def __iter__(self) -> Iterator[str]:
+        return (n for n in self._registry.names() if self._key in self._registry._meta[n])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)

@@ -19,11 +19,10 @@ from torch import nn
 
 from advmend.attacks.losses import LOSSES
 from advmend.attacks.modes import attack_mode
+from advmend.config import NORMS, STARTS  # the choices of an attack section, checked there too
 from advmend.errors import ConfigError
 from advmend.validate import check_images, check_labels, check_logits
 
-NORMS = ("linf", "l2")
-STARTS = ("uniform", "normal")
 NORMAL_START_STD = 1e-3  # TRADES (Zhang et al. 2019): x + 0.001 * N(0, I)
 # Under fp16 autocast the backward pass runs through fp16 activations, where per-element input
 # gradients (often ~1e-7) underflow to zero. Sign (L-inf) and normalised (L2) steps are invariant to a

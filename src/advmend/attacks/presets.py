@@ -23,14 +23,8 @@ from advmend.registry import Registry
 Attack = PGD | AutoAttackSpec
 Protocol = Callable[[float, str], list[Attack]]
 PROTOCOLS: Registry[Protocol] = Registry("protocol")
-# How each protocol runs: cascade (see above) and whether the costly sanity checks run with it.
-PROTOCOL_OPTIONS: dict[str, dict[str, bool]] = {
-    "quick": {"cascade": False, "sanity_full": False},
-    "paper": {"cascade": False, "sanity_full": False},
-    "strong": {"cascade": True, "sanity_full": False},
-    "autoattack": {"cascade": True, "sanity_full": False},
-    "full": {"cascade": True, "sanity_full": True},
-}
+# Each protocol is registered with how it runs: `cascade` (see above) and `sanity_full`, whether the
+# costly sanity checks run with it (`PROTOCOLS.meta(name)`).
 
 
 def cw_margin(eps: float, norm: str = "linf", *, steps: int = 30, step_size: float | None = None,
@@ -51,7 +45,7 @@ def targeted_pgd(eps: float, norm: str = "linf", *, steps: int = 20, loss: str =
     return PGD(eps=eps, steps=steps, norm=norm, loss=loss, targeted=True, name=name or f"PGD-{steps}-targeted")
 
 
-@PROTOCOLS.register("paper")
+@PROTOCOLS.register("paper", cascade=False, sanity_full=False)
 def paper_protocol(eps: float, norm: str = "linf") -> list[PGD]:
     """The FSR paper's tables: FGSM; PGD-20 and PGD-100 (step eps/10, no random start, CE);
     "C&W" = 30 steps of PGD on the margin loss with kappa = 50."""
@@ -64,7 +58,7 @@ def paper_protocol(eps: float, norm: str = "linf") -> list[PGD]:
     ]
 
 
-@PROTOCOLS.register("strong")
+@PROTOCOLS.register("strong", cascade=True, sanity_full=False)
 def strong_protocol(eps: float, norm: str = "linf") -> list[PGD]:
     """PGD-50 with random start and 5 restarts on CE and on the CW margin (step eps/4)."""
     step = eps / 4
@@ -74,19 +68,19 @@ def strong_protocol(eps: float, norm: str = "linf") -> list[PGD]:
     ]
 
 
-@PROTOCOLS.register("quick")
+@PROTOCOLS.register("quick", cascade=False, sanity_full=False)
 def quick_protocol(eps: float, norm: str = "linf") -> list[PGD]:
     """FGSM and PGD-20 (paper settings): a fast check, not a robustness claim."""
     return paper_protocol(eps, norm)[:2]
 
 
-@PROTOCOLS.register("autoattack")
+@PROTOCOLS.register("autoattack", cascade=True, sanity_full=False)
 def autoattack_protocol(eps: float, norm: str = "linf") -> list[Attack]:
     """AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square 5000) by the reference implementation."""
     return [AutoAttackSpec(eps=eps, norm=norm, version="standard")]
 
 
-@PROTOCOLS.register("full")
+@PROTOCOLS.register("full", cascade=True, sanity_full=True)
 def full_protocol(eps: float, norm: str = "linf") -> list[Attack]:
     """Everything: the paper's attacks, the strong ones, AutoAttack; run with the costly sanity checks."""
     return paper_protocol(eps, norm) + strong_protocol(eps, norm) + autoattack_protocol(eps, norm)

@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import os
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 
@@ -127,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     from advmend.attacks.pgd import PGD
     from advmend.attacks.presets import PROTOCOLS
     from advmend.attacks.transfer import Transfer
-    from advmend.config import DataConfig, RunConfig, apply_overrides, from_dict, to_dict
+    from advmend.config import DataConfig, RunConfig, apply_overrides, from_dict, parse_overrides, to_dict
     from advmend.data.sources import dataset_info
     from advmend.errors import ConfigError
     from advmend.evaluation.report import format_table
@@ -136,9 +135,7 @@ def run(args: argparse.Namespace) -> int:
     from advmend.training.build import build_data, resolve_device
     from advmend.validate import check_data_fits_model
 
-    for item in args.overrides:
-        if not item.split("=", 1)[0].strip().startswith(("data.", "eval.")):
-            raise ConfigError(f"advmend eval --set only changes data.* and eval.* settings, got {item!r}")
+    overrides = parse_overrides(args.overrides, sections=("data", "eval"))
     if (args.checkpoint is None) == (args.model is None):
         raise ConfigError("advmend eval needs either a CHECKPOINT or --model module:function (with --weights)")
     if args.model is None and (args.weights or args.dataset):
@@ -161,19 +158,16 @@ def run(args: argparse.Namespace) -> int:
         model, cfg, record = load_trained_model(args.checkpoint, device)
         meta = {"checkpoint": str(args.checkpoint), "epoch": record.get("epoch")}
         default_out = None
-    cfg = from_dict(RunConfig, apply_overrides(to_dict(cfg), args.overrides))
+    # The flags are eval.* overrides on the same path as --set (applied after it), checked with the config.
+    flags = {"protocol": args.protocol, "n_examples": args.n_examples, "batch_size": args.batch_size,
+             "norm": args.norm, "cascade": args.cascade, "sanity_full": True if args.sanity_full else None,
+             "plot": False if args.no_plot else None}  # fmt: skip
+    overrides += [(f"eval.{key}", value) for key, value in flags.items() if value is not None]
+    if args.transfer_from and cfg.pssr.enabled:  # PSSR's transfer threat model reads its surrogate from the config
+        overrides.append(("pssr.surrogate", str(args.transfer_from)))
+    cfg = from_dict(RunConfig, apply_overrides(to_dict(cfg), overrides))
     ev = cfg.eval
-    ev = replace(ev, protocol=args.protocol or ev.protocol)
-    for key, value in (("n_examples", args.n_examples), ("batch_size", args.batch_size), ("norm", args.norm),
-                       ("cascade", args.cascade)):  # fmt: skip
-        if value is not None:
-            ev = replace(ev, **{key: value})
-    if args.sanity_full:
-        ev = replace(ev, sanity_full=True)
-    if args.no_plot:
-        ev = replace(ev, plot=False)
     PROTOCOLS.get(ev.protocol)
-    cfg = replace(cfg, eval=ev)
     if eps is None:  # the checkpoint's threat model, or the data set's for another norm
         eps = evaluation_threat(record, ev.norm, dataset_info(cfg.data.name)["eps"]).eps
     if cfg.pssr.enabled:  # a PSSR checkpoint: its three labelled threat models, the worst is the headline
@@ -206,8 +200,6 @@ def _run_pssr(args, cfg, model, eps: float, device, meta: dict, record: dict) ->
     from advmend.training.build import build_data
     from advmend.validate import check_data_fits_model
 
-    if args.transfer_from:
-        cfg = replace(cfg, pssr=replace(cfg.pssr, surrogate=str(args.transfer_from)))
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-pssr-{cfg.eval.protocol}"
     check_output(out_dir)
     test = build_data(cfg.data, need_train=False).test

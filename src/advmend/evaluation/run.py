@@ -10,9 +10,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from advmend.attacks.presets import PROTOCOL_OPTIONS, protocol_attacks
+from advmend.attacks.presets import PROTOCOLS, protocol_attacks
 from advmend.checkpoint import load_checkpoint
-from advmend.config import RunConfig, from_dict
+from advmend.config import RunConfig, check_config, from_dict
 from advmend.data import ArrayDataset, subset
 from advmend.defenses.build import build_model
 from advmend.errors import CheckpointError, ConfigError
@@ -92,15 +92,12 @@ def run_protocol(
     """Evaluate on the test set (or its seeded `eval.n_examples` subset), run the sanity suite, and write
     report.json, report.md and accuracy_vs_eps.png (and the adversarial examples with `save_adv`)."""
     ev = cfg.eval
+    check_config(ev)  # the rules of loading, for a config built or changed in Python
     n = ev.n_examples
-    if n is not None and n < 1:
-        raise ConfigError(f"eval.n_examples must be >= 1, got {n}")
-    if ev.norm not in ("linf", "l2"):
-        raise ConfigError(f"eval.norm must be linf or l2, got {ev.norm!r}")
     if save_adv is not None and Path(save_adv).suffix not in ADV_SUFFIXES:
         raise ConfigError(f"--save-adv needs a file ending in one of {ADV_SUFFIXES}, got {Path(save_adv).name!r}")
     ds = subset(test, n, ev.seed) if n is not None and n < len(test) else test
-    options = PROTOCOL_OPTIONS.get(ev.protocol, {})
+    options = PROTOCOLS.meta(ev.protocol)
     cascade = options.get("cascade", False) if ev.cascade is None else ev.cascade
     costly = options.get("sanity_full", False) if ev.sanity_full is None else ev.sanity_full
     attacks = protocol_attacks(ev.protocol, eps, ev.norm) + list(extra_attacks)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, Callable, Sequence, Union
 
 from torch import nn
@@ -16,16 +17,10 @@ from advmend.values import coerce_value
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
-#: Model name -> dotted submodule path(s) whose output the FSR block repairs
-#: (the reference placements of Kim et al., "Feature Separation and Recalibration", CVPR 2023).
-FSR_PRESETS: dict[str, list[str]] = {
-    "small_cnn": ["stage3"],
-    "resnet18": ["layer4"],
-    "preact_resnet18": ["final"],
-    "vgg16_bn": ["stage4"],
-    "wrn34_10": ["final"],
-    "wrn28_10": ["final"],
-}
+#: Model name -> dotted submodule path(s) whose output the FSR block repairs (the reference placements
+#: of Kim et al., "Feature Separation and Recalibration", CVPR 2023): each model's `fsr_layers`,
+#: given where it is registered (`@MODELS.register(name, fsr_layers=[...])`).
+FSR_PRESETS: Mapping[str, list[str]] = MODELS.meta_view("fsr_layers")
 
 
 def fsr_preset(name: str) -> list[str]:
@@ -143,6 +138,23 @@ def create_model(
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
         shown = ", ".join(f"model.options.{k}={v!r}" for k, v in kwargs.items()) or "no model.options"
         raise ConfigError(f"model {name!r} cannot be built with {shown} ({first})") from None
+
+
+def resnet_stages(
+    block: Callable[[int, int, int], nn.Module], num_blocks: Sequence[int], in_planes: int = 64,
+    widths: Sequence[int] = (64, 128, 256, 512), strides: Sequence[int] = (1, 2, 2, 2),
+) -> list[nn.Sequential]:
+    """The stages of a CIFAR ResNet (layer1..layer4): stage i has num_blocks[i] blocks
+    `block(in_planes, planes, stride)` of widths[i] channels, the first with strides[i], the others 1.
+    Built in order, block by block (the parameters' creation order, so the same random draws)."""
+    stages = []
+    for planes, blocks, stride in zip(widths, num_blocks, strides):
+        layers = []
+        for s in [stride] + [1] * (blocks - 1):
+            layers.append(block(in_planes, planes, s))
+            in_planes = planes
+        stages.append(nn.Sequential(*layers))
+    return stages
 
 
 def init_weights(model: nn.Module) -> None:

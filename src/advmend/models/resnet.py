@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from advmend.models.registry import MODELS, init_weights
+from advmend.models.registry import MODELS, init_weights, resnet_stages
 
 
 class BasicBlock(nn.Module):
@@ -57,21 +57,10 @@ class ResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=False)
-        self._in_planes = 64
-        self.layer1 = self._make_layer(64, num_blocks[0], 1)
-        self.layer2 = self._make_layer(128, num_blocks[1], 2)
-        self.layer3 = self._make_layer(256, num_blocks[2], 2)
-        self.layer4 = self._make_layer(512, num_blocks[3], 2)
+        self.layer1, self.layer2, self.layer3, self.layer4 = resnet_stages(BasicBlock, num_blocks)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(512, num_classes)
         init_weights(self)
-
-    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        layers = []
-        for s in [stride] + [1] * (blocks - 1):
-            layers.append(BasicBlock(self._in_planes, planes, s))
-            self._in_planes = planes
-        return nn.Sequential(*layers)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Returns the pooled penultimate features, shape (N, 512)."""
@@ -83,7 +72,7 @@ class ResNet(nn.Module):
         return self.fc(self.features(x))
 
 
-@MODELS.register("resnet18")
+@MODELS.register("resnet18", fsr_layers=["layer4"])
 def resnet18(*, num_classes: int, in_channels: int = 3, normalize: nn.Module | None = None) -> ResNet:
     """ResNet-18 for 32x32 inputs (layer4 output is 512x4x4)."""
     return ResNet((2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels, normalize=normalize)

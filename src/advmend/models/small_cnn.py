@@ -54,7 +54,7 @@ class SmallCNN(nn.Module):
         return self.fc(self.features(x))
 
 
-@MODELS.register("small_cnn")
+@MODELS.register("small_cnn", fsr_layers=["stage3"])
 def small_cnn(
     *, num_classes: int, in_channels: int = 3, normalize: nn.Module | None = None, width: int = 32
 ) -> SmallCNN:

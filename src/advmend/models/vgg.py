@@ -68,7 +68,7 @@ class VGG(nn.Module):
         return self.fc(self.features(x))
 
 
-@MODELS.register("vgg16_bn")
+@MODELS.register("vgg16_bn", fsr_layers=["stage4"])
 def vgg16_bn(*, num_classes: int, in_channels: int = 3, normalize: nn.Module | None = None) -> VGG:
     """VGG-16-BN for 32x32 inputs (``stage4`` output is 512x4x4)."""
     return VGG(VGG16_STAGES, num_classes=num_classes, in_channels=in_channels, normalize=normalize)

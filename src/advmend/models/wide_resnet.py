@@ -107,7 +107,7 @@ class WideResNet(nn.Module):
         return self.fc(self.features(x))
 
 
-@MODELS.register("wrn34_10")
+@MODELS.register("wrn34_10", fsr_layers=["final"])
 def wrn34_10(
     *, num_classes: int, in_channels: int = 3, normalize: nn.Module | None = None, dropout: float = 0.0
 ) -> WideResNet:
@@ -115,7 +115,7 @@ def wrn34_10(
     return WideResNet(34, 10, dropout, num_classes=num_classes, in_channels=in_channels, normalize=normalize)
 
 
-@MODELS.register("wrn28_10")
+@MODELS.register("wrn28_10", fsr_layers=["final"])
 def wrn28_10(
     *, num_classes: int, in_channels: int = 3, normalize: nn.Module | None = None, dropout: float = 0.0
 ) -> WideResNet:

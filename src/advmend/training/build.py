@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from advmend.attacks.pgd import PGD
-from advmend.config import AttackConfig, DataConfig, RunConfig
+from advmend.config import AttackConfig, DataConfig, RunConfig, check_config
 from advmend.data import (
     ArrayDataset,
     dataset_info,
@@ -58,19 +58,16 @@ class DataSplits:
 
 def build_data(cfg: DataConfig, *, need_train: bool = True, need_test: bool = True) -> DataSplits:
     """Load the splits a run needs; the validation split is seeded and disjoint from training."""
+    check_config(cfg)  # data.val_size, data.train_subset: the rules of loading, for a section built in Python
     opts = dict(cfg.options)
     info = dataset_info(cfg.name)
     train = val = test = None
     if need_train:
         full = load_dataset(cfg.name, "train", root=cfg.root, download=cfg.download, **opts)
-        if cfg.val_size < 0:
-            raise ConfigError(f"data.val_size must be >= 0, got {cfg.val_size}")
         if cfg.val_size >= len(full):
             raise ConfigError(f"data.val_size={cfg.val_size} leaves no training data ({len(full)} examples)")
         train, val = split_train_val(full, cfg.val_size, cfg.seed) if cfg.val_size else (full, None)
         if cfg.train_subset is not None:
-            if cfg.train_subset < 1:
-                raise ConfigError(f"data.train_subset must be >= 1, got {cfg.train_subset}")
             train = subset(train, cfg.train_subset, cfg.seed)
     if need_test:
         test = load_dataset(cfg.name, "test", root=cfg.root, download=cfg.download, **opts)
@@ -178,3 +175,12 @@ def _fast_at(cfg: RunConfig, eps: float) -> AdversarialCE:
 def build_objective(cfg: RunConfig, eps: float):
     """The training objective named by `train.method`, with its settings checked."""
     return OBJECTIVES.get(cfg.train.method)(cfg, eps)
+
+
+def check_objective(cfg: RunConfig) -> None:
+    """Build the training objective and the validation attack once at the data set's standard radius, so
+    that what depends on `train.method` (TRADES' attack, train.beta, fast AT's one step) and the attack
+    sections fail before any data is loaded; nothing is drawn at random. The loop builds them again."""
+    eps = dataset_info(cfg.data.name)["eps"]
+    build_objective(cfg, eps)
+    build_attack(cfg.train.val_attack, eps, keep_best=True)

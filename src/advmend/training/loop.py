@@ -32,13 +32,20 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from advmend.checkpoint import load_checkpoint, save_checkpoint
-from advmend.config import RunConfig, from_dict, to_dict
+from advmend.config import RunConfig, check_config, from_dict, to_dict
 from advmend.data import BatchLoader
 from advmend.defenses.build import build_model
 from advmend.errors import CheckpointError, ConfigError
 from advmend.evaluation.evaluate import evaluate
 from advmend.io import atomic_write_text, stale_temp_files
-from advmend.training.build import attack_threat, build_attack, build_data, build_objective, resolve_device
+from advmend.training.build import (
+    attack_threat,
+    build_attack,
+    build_data,
+    build_objective,
+    check_objective,
+    resolve_device,
+)
 from advmend.training.curves import read_history
 from advmend.training.distributed import (
     DistContext,
@@ -50,11 +57,11 @@ from advmend.training.distributed import (
 from advmend.training.ema import ModelEMA
 from advmend.training.precision import Precision, check_amp, to_channels_last
 from advmend.training.rng import restore_rng_state, rng_state_tensors
-from advmend.training.schedule import check_schedule, learning_rate
+from advmend.training.schedule import learning_rate
 
 LAST, BEST = "last.safetensors", "best.safetensors"
 # Model selection on the held-out validation split (never the test set): the metric of each choice.
-SELECT = {"robust": "val_robust_acc", "clean": "val_clean_acc", "last": "epoch"}
+SELECT = {"robust": "val_robust_acc", "clean": "val_clean_acc", "last": "epoch"}  # keys: config.SELECTS
 # Free space wanted before training: best + last + the temporary copy during an atomic rewrite.
 DISK_FACTOR = 3
 # Settings that may differ when a run is resumed, because they do not change what it computes: where it
@@ -75,32 +82,11 @@ class TrainResult:
 
 
 def check_train_config(cfg: RunConfig, device: torch.device | None = None) -> None:
-    """Value checks that types alone cannot express, each naming its dotted key."""
+    """The config's value rules, by the step that loading runs (`config.check_config`: a RunConfig built
+    in Python skips loading), then what depends on this machine: the device, amp on it, sync_bn,
+    tensorboard."""
+    check_config(cfg)
     t = cfg.train
-    for key, value, ok in (
-        ("train.epochs", t.epochs, t.epochs >= 1),
-        ("train.batch_size", t.batch_size, t.batch_size >= 1),
-        ("train.lr", t.lr, t.lr > 0),
-        ("train.momentum", t.momentum, 0 <= t.momentum < 1),
-        ("train.weight_decay", t.weight_decay, t.weight_decay >= 0),
-        ("train.val_every", t.val_every, t.val_every >= 1),
-        ("train.patience", t.patience, t.patience is None or t.patience >= 1),
-        ("train.ema", t.ema, t.ema is None or 0 < t.ema < 1),
-        ("eval.batch_size", cfg.eval.batch_size, cfg.eval.batch_size >= 1),
-        # The evaluation's settings too, so that a bad one never costs a training run (eval.after_train).
-        ("eval.n_examples", cfg.eval.n_examples, cfg.eval.n_examples is None or cfg.eval.n_examples >= 1),
-        ("eval.norm", cfg.eval.norm, cfg.eval.norm in ("linf", "l2")),
-    ):
-        if not ok:
-            raise ConfigError(f"{key}: invalid value {value!r}")
-    check_schedule(t)
-    if t.select not in SELECT:
-        raise ConfigError(f"train.select must be one of {tuple(SELECT)}, got {t.select!r}")
-    if t.patience is not None and (t.select == "last" or cfg.data.val_size <= 0):
-        raise ConfigError(
-            "train.patience (early stopping) needs a validation split (data.val_size > 0) and "
-            "train.select robust or clean"
-        )
     device = device if device is not None else resolve_device(t.device)
     check_amp(t.amp, device)
     if t.sync_bn and device.type != "cuda":
@@ -279,6 +265,7 @@ def train(
     ctx = env_context()
     device = resolve_device(cfg.train.device)
     check_train_config(cfg, device)
+    check_objective(cfg)
     if cfg.train.batch_size % ctx.world_size:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} (the global batch) must be divisible by the "

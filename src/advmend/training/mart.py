@@ -25,13 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from advmend.attacks.losses import kl_loss
-from advmend.attacks.pgd import PGD, pgd
+from advmend.attacks.pgd import pgd
 from advmend.errors import ConfigError
-from advmend.training.objectives import (
-    adversarial_forward,
-    check_fsr_weights,
-    check_weight,
-)
+from advmend.training.objectives import RegularisedObjective, adversarial_forward
 from advmend.types import LossOutput
 
 MART_BETA = 6.0  # Wang et al. 2020, the reference code's default
@@ -56,7 +52,7 @@ def weighted_kl(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.T
 
 
 @dataclass(frozen=True)
-class MART:
+class MART(RegularisedObjective):
     """The MART objective.
 
     Args:
@@ -66,14 +62,10 @@ class MART:
         lambda_sep, lambda_rec: weights of the FSR terms for FSR models.
     """
 
-    attack: PGD
     beta: float = MART_BETA
-    lambda_sep: float = 1.0
-    lambda_rec: float = 1.0
 
     def __post_init__(self) -> None:
-        check_weight(self.beta, "train.beta")
-        check_fsr_weights(self.lambda_sep, self.lambda_rec)
+        super().__post_init__()
         if self.attack.loss == "kl" or self.attack.targeted:
             raise ConfigError(
                 f"mart needs an untargeted attack on the labels (loss ce or margin), got {self.attack.loss!r}"

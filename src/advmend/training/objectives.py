@@ -37,6 +37,21 @@ def check_fsr_weights(lambda_sep: float, lambda_rec: float) -> None:
     check_weight(lambda_rec, "fsr.lambda_rec")
 
 
+@dataclass(frozen=True)
+class RegularisedObjective:
+    """The fields TRADES and MART share, and their checks: the inner attack, the weight `beta` of the
+    KL regulariser (>= 0) and the FSR weights. Each method adds its own check of the attack."""
+
+    attack: PGD
+    beta: float
+    lambda_sep: float = 1.0
+    lambda_rec: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_weight(self.beta, "train.beta")
+        check_fsr_weights(self.lambda_sep, self.lambda_rec)
+
+
 def adversarial_forward(
     model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, lambda_sep: float, lambda_rec: float
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:

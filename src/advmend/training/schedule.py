@@ -4,19 +4,7 @@ from __future__ import annotations
 
 import math
 
-from advmend.config import TrainConfig
-from advmend.errors import ConfigError
-
-SCHEDULES = ("piecewise", "cosine", "constant")
-
-
-def check_schedule(cfg: TrainConfig) -> None:
-    if cfg.schedule not in SCHEDULES:
-        raise ConfigError(f"train.schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
-    if any(not 0 < m <= 1 for m in cfg.milestones) or list(cfg.milestones) != sorted(cfg.milestones):
-        raise ConfigError(
-            f"train.milestones must be increasing fractions of the epochs in (0, 1], got {list(cfg.milestones)}"
-        )
+from advmend.config import TrainConfig  # train.schedule and train.milestones are checked by TrainConfig
 
 
 def learning_rate(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> float:

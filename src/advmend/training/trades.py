@@ -26,18 +26,14 @@ from advmend.attacks.losses import kl_loss
 from advmend.attacks.modes import attack_mode
 from advmend.attacks.pgd import PGD, pgd
 from advmend.errors import ConfigError
-from advmend.training.objectives import (
-    adversarial_forward,
-    check_fsr_weights,
-    check_weight,
-)
+from advmend.training.objectives import RegularisedObjective, adversarial_forward
 from advmend.types import LossOutput
 
 TRADES_BETA = 6.0  # Zhang et al. 2019, CIFAR-10 (1/lambda = 6)
 
 
 @dataclass(frozen=True)
-class TRADES:
+class TRADES(RegularisedObjective):
     """The TRADES objective.
 
     Args:
@@ -48,14 +44,10 @@ class TRADES:
         lambda_sep, lambda_rec: weights of the FSR terms for FSR models.
     """
 
-    attack: PGD
     beta: float = TRADES_BETA
-    lambda_sep: float = 1.0
-    lambda_rec: float = 1.0
 
     def __post_init__(self) -> None:
-        check_weight(self.beta, "train.beta")
-        check_fsr_weights(self.lambda_sep, self.lambda_rec)
+        super().__post_init__()
         a = self.attack
         if a.loss != "kl" or a.targeted or a.keep_best or a.restarts != 1:
             raise ConfigError(
