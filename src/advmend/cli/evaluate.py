@@ -206,10 +206,14 @@ def _run_pssr(args, cfg, model, eps: float, device, meta: dict, record: dict) ->
     from advmend.training.build import build_data
     from advmend.validate import check_data_fits_model
 
+    from advmend.training.pssr_loop import with_transfer_surrogate
+
     if args.transfer_from:
         cfg = replace(cfg, pssr=replace(cfg.pssr, surrogate=str(args.transfer_from)))
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-pssr-{cfg.eval.protocol}"
     check_output(out_dir)
+    # No surrogate given: another seed of the classifier's recipe, trained once and cached (issue 10).
+    cfg, meta = with_transfer_surrogate(cfg, args.checkpoint, meta, log=(lambda _m: None) if args.quiet else print)
     test = build_data(cfg.data, need_train=False).test
     check_data_fits_model(test, image_shape=record.get("image_shape"), num_classes=record.get("num_classes"), model=model,
                           device=device, source=args.checkpoint)  # fmt: skip

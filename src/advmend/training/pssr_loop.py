@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from advmend.checkpoint import load_checkpoint
-from advmend.config import PSSRConfig, RunConfig, to_dict
+from advmend.config import PSSRConfig, RunConfig, from_dict, to_dict
 from advmend.data import BatchLoader
 from advmend.defenses.build import build_model
 from advmend.defenses.pssr.objective import PSSRObjective
@@ -143,6 +143,14 @@ def train_pssr(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, log
     if resume and has_last:
         state, record = load_checkpoint(out_dir / LAST)
         saved = record["config"]
+        # A regenerator is built for one image shape and sits in front of one label space: pairing it
+        # with a classifier (and data) of another one would fail deep inside load_state_dict.
+        if (record.get("num_classes"), tuple(record.get("image_shape") or ())) != (info["num_classes"], tuple(info["image_shape"])):
+            raise ConfigError(
+                f"--resume: the regenerator in {out_dir} was trained for {record.get('num_classes')} classes of shape "
+                f"{tuple(record.get('image_shape') or ())}, but classifier {str(clf_path)!r} and data {cfg.data.name!r} "
+                f"have {info['num_classes']} of {tuple(info['image_shape'])}"
+            )
         if saved["model"] != to_dict(cfg)["model"] or any(saved["pssr"].get(k) != getattr(p, k) for k in _ARCH_KEYS):
             raise ConfigError(f"--resume: the classifier or the pssr architecture differs from the run in {out_dir}")
         model.load_state_dict(state)
@@ -178,6 +186,46 @@ def train_pssr(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, log
         extra = {f"rng.{k}": v for k, v in rng_state_tensors(device).items()}
         save_or_explain(out_dir / LAST, model, record, optimizer, extra)
     return TrainResult(out_dir, out_dir / LAST, out_dir / BEST, history)
+
+
+SURROGATE_DIR = "transfer-surrogate-seed{seed}"
+
+
+def transfer_surrogate(cfg, checkpoint: Path, log=print) -> Path:
+    """The default transfer source of a PSSR checkpoint: its classifier's recipe with the next seed,
+    trained into `<checkpoint's folder>/transfer-surrogate-seed<N>/` and reused from there next time.
+
+    "Independently trained" (../shared/specs/pssr.md): same architecture, data and training settings,
+    another seed, so the transfer threat model needs no user input. The recipe is the classifier
+    checkpoint's own config when that file is still there, else this run's model/fsr/train sections.
+    """
+    recipe = replace(cfg, pssr=PSSRConfig())
+    clf = Path(cfg.pssr.classifier) if cfg.pssr.classifier else None
+    if clf is not None and clf.is_file():
+        _, record = load_checkpoint(clf)
+        recipe = replace(from_dict(RunConfig, record["config"]), pssr=PSSRConfig())
+    seed = recipe.train.seed + 1
+    clf_cfg = replace(recipe, name=f"{cfg.name}-transfer-surrogate-seed{seed}", data=cfg.data,
+                      train=replace(recipe.train, seed=seed), eval=replace(recipe.eval, after_train=False))  # fmt: skip
+    out = checkpoint.parent / SURROGATE_DIR.format(seed=seed)
+    if (out / LAST).exists():
+        _, record = load_checkpoint(out / LAST)
+        if record.get("epoch", 0) >= clf_cfg.train.epochs or (record.get("early_stopping") or {}).get("stopped"):
+            log(f"transfer surrogate: reusing {out / BEST}")
+            return out / BEST
+        log(f"transfer surrogate: resuming {out}")
+        return train(clf_cfg, out, resume=True, log=log).best
+    log(f"transfer surrogate: no pssr.surrogate given, training the classifier's recipe with seed {seed} into {out}")
+    return train(clf_cfg, out, resume=False, log=log).best
+
+
+def with_transfer_surrogate(cfg: RunConfig, checkpoint: str | Path, meta: dict, log=print) -> tuple[RunConfig, dict]:
+    """(cfg, meta) for `run_pssr_protocol`: the user's pssr.surrogate when set, else the default one of
+    `transfer_surrogate`, so that every PSSR evaluation has its transfer threat model."""
+    if cfg.pssr.surrogate:
+        return cfg, dict(meta, surrogate_origin="user")
+    path = transfer_surrogate(cfg, Path(checkpoint), log=log)
+    return replace(cfg, pssr=replace(cfg.pssr, surrogate=str(path))), dict(meta, surrogate_origin="trained by advmend (another seed of the classifier's recipe)")
 
 
 def _validate(model: PSSRModel, val_data, attack, cfg: RunConfig, device) -> dict:
