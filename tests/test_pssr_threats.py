@@ -16,7 +16,7 @@ from advmend.attacks.pgd import PGD
 from advmend.cli import main
 from advmend.data import ArrayDataset
 from advmend.defenses.pssr import PSSRModel, Regenerator
-from advmend.evaluation.pssr import GRAYBOX, MASK, TRANSFER, evaluate_pssr, markdown, report_dict
+from advmend.evaluation.pssr import GRAYBOX, MASK, TRANSFER, evaluate_pssr, markdown, not_run_text, report_dict
 from advmend.models import create_model
 
 pytestmark = pytest.mark.slow
@@ -73,6 +73,7 @@ def test_a_threat_model_without_attacks_is_not_run_never_clean_accuracy():
     assert rep["threat_models"][GRAYBOX]["status"] == "run"
     md = markdown(ev, {})
     assert f"| {TRANSFER} | not run | not run |" in md
+    assert not_run_text(ev) == f"{TRANSFER}: not run (no surrogate was given)\n"  # the console table too
     # the headline is the per-example worst over the attacks that ran
     assert rep["headline"]["robust_accuracy"] == 100 * ev.result.worst_accuracy
     # an empty protocol: every threat model "not run", no headline at clean accuracy

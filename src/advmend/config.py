@@ -143,6 +143,7 @@ class PSSRConfig:
     width: int = 32
     depth: int | None = None  # U-Net stages; None: 3 for sides divisible by 8, 2 for 4
     dropout: float = 0.1
+    residual: bool = False  # G predicts a correction of the surgical image (identity at initialisation)
     lambda_pix: float = 1.0
     lambda_sem: float = 1.0
     lambda_feat: float = 1.0
@@ -151,6 +152,7 @@ class PSSRConfig:
     threat: str = "graybox"  # training examples crafted on f (graybox) or on the whole pipeline (adaptive)
     attack: AttackConfig = field(default_factory=AttackConfig)
     epochs: int = 10
+    pretrain_epochs: int = 0  # reconstruction pre-training of G (clean images, L_pix only) before `epochs`
     batch_size: int = 128
     lr: float = 1e-3
     finetune_classifier: bool = False

@@ -200,8 +200,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_pssr(args, cfg, model, eps: float, device, meta: dict, record: dict) -> int:
-    """Gray-box, white-box BPDA (mask constant; identity) and, with --transfer-from, transfer."""
-    from advmend.evaluation.pssr import run_pssr_protocol
+    """Gray-box, white-box BPDA (mask constant; identity) and transfer (--transfer-from, or a trained one)."""
+    from advmend.evaluation.pssr import not_run_text, run_pssr_protocol
     from advmend.evaluation.report import format_table
     from advmend.training.build import build_data
     from advmend.validate import check_data_fits_model
@@ -222,6 +222,7 @@ def _run_pssr(args, cfg, model, eps: float, device, meta: dict, record: dict) ->
                                progress=not args.quiet)  # fmt: skip
     print(format_table(ev.result, f"{cfg.name}: PSSR {args.checkpoint}, {cfg.eval.protocol} protocol, "
                                   "rows labelled <threat model>/<attack>"))  # fmt: skip
+    print(not_run_text(ev), end="")  # threat models without an attack: listed, never at clean accuracy
     print(f"headline (worst over all threat models): {100 * ev.result.worst_accuracy:.2f}% (weakest: {ev.headline_threat})")
     print(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}")
     return 0

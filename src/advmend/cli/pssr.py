@@ -28,7 +28,7 @@ def train_pssr_command(cfg, out_dir: Path, *, resume: bool) -> int:
     """`advmend train` on a config with pssr.enabled: train G (and f first when needed), then, with
     eval.after_train, the three-threat-model evaluation of the best checkpoint."""
     from advmend.attacks.presets import PROTOCOLS
-    from advmend.evaluation.pssr import run_pssr_protocol
+    from advmend.evaluation.pssr import not_run_text, run_pssr_protocol
     from advmend.evaluation.report import format_table
     from advmend.evaluation.run import load_trained_model
     from advmend.training.build import build_data, resolve_device
@@ -52,6 +52,7 @@ def train_pssr_command(cfg, out_dir: Path, *, resume: bool) -> int:
                                progress=cfg.train.progress)  # fmt: skip
         print(format_table(ev.result, f"\n{cfg.name}: PSSR best checkpoint, {cfg.eval.protocol} protocol, test set, "
                                       "rows labelled <threat model>/<attack>"))  # fmt: skip
+        print(not_run_text(ev), end="")
         print(f"headline (worst over all threat models): {100 * ev.result.worst_accuracy:.2f}% "
               f"(weakest: {ev.headline_threat})")  # fmt: skip
         print(f"report: {eval_dir / 'report.md'}, {eval_dir / 'report.json'}")

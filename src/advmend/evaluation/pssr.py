@@ -197,6 +197,11 @@ def evaluate_pssr(
     return out
 
 
+def not_run_text(ev: PSSREvalResult) -> str:
+    """Console lines for the threat models that ran no attack (the attack table lists only attacks)."""
+    return "".join(f"{t}: {NOT_RUN} ({ev.not_run.get(t, '')})\n" for t in ev.threat_models if not ev.ran(t))
+
+
 def report_dict(ev: PSSREvalResult, meta: dict) -> dict:
     """report.json: every number with its threat model, the headline and the per-example data."""
     r = ev.result

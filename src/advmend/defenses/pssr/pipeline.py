@@ -175,6 +175,7 @@ def check_pssr_config(p: PSSRConfig) -> None:
         ("pssr.lambda_feat", p.lambda_feat, p.lambda_feat >= 0),
         ("pssr.lambda_rd", p.lambda_rd, p.lambda_rd >= 0),
         ("pssr.epochs", p.epochs, p.epochs >= 1),
+        ("pssr.pretrain_epochs", p.pretrain_epochs, p.pretrain_epochs >= 0),
         ("pssr.batch_size", p.batch_size, p.batch_size >= 1),
         ("pssr.lr", p.lr, p.lr > 0),
     ):
@@ -192,7 +193,8 @@ def build_pssr_model(cfg: RunConfig, num_classes: int, image_shape: tuple[int, i
     p = cfg.pssr
     check_pssr_config(p)
     classifier = build_classifier(cfg, num_classes, image_shape)
-    regenerator = Regenerator(image_shape[0], image_shape[1:], width=p.width, dropout=p.dropout, depth=p.depth)
+    regenerator = Regenerator(image_shape[0], image_shape[1:], width=p.width, dropout=p.dropout, depth=p.depth,
+                              residual=p.residual)  # fmt: skip
     return PSSRModel(
         classifier, regenerator, mask=p.mask, alpha=p.alpha, rho=p.rho, fill=p.fill, surgery=p.surgery,
         mode=p.mode, finetune_classifier=p.finetune_classifier,
