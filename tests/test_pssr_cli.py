@@ -72,7 +72,8 @@ def test_train_trains_the_classifier_first_then_the_regenerator(run):
 
 def test_after_train_report_labels_every_number_with_its_threat_model(run):
     rep = json.loads((run / "eval-pssr-quick" / "report.json").read_text())
-    assert set(rep["threat_models"]) == {"graybox", "whitebox-bpda-mask", "whitebox-bpda-identity"}
+    assert set(rep["threat_models"]) == {"graybox", "whitebox-bpda-mask", "whitebox-bpda-identity", "transfer"}
+    assert all(t["status"] == "run" for t in rep["threat_models"].values())
     assert all(a["settings"]["threat_model"] in rep["threat_models"] for a in rep["attacks"])
     head = rep["headline"]["robust_accuracy"]
     assert head == rep["worst_case"]["robust_accuracy"]
@@ -85,9 +86,11 @@ def test_advmend_eval_works_on_a_pssr_checkpoint(run, tmp_path, capsys):
     assert main(["eval", str(run / "best.safetensors"), "--protocol", "quick", "--n-examples", "8",
                  "--out", str(tmp_path / "ev"), "--quiet"]) == 0  # fmt: skip
     rep = json.loads((tmp_path / "ev" / "report.json").read_text())
-    # quick protocol (FGSM, PGD-20) under gray-box and both white-box BPDA threat models
-    assert rep["n_examples"] == 8 and len(rep["attacks"]) == 6
-    assert set(rep["threat_models"]) == {"graybox", "whitebox-bpda-mask", "whitebox-bpda-identity"}
+    # quick protocol (FGSM, PGD-20) under gray-box, both white-box BPDA threat models and transfer
+    # (no surrogate given: another seed of the classifier's recipe, trained once and cached)
+    assert rep["n_examples"] == 8 and len(rep["attacks"]) == 8
+    assert set(rep["threat_models"]) == {"graybox", "whitebox-bpda-mask", "whitebox-bpda-identity", "transfer"}
+    assert rep["meta"]["surrogate_origin"].startswith("trained by advmend") and "seed" in rep["meta"]["surrogate"]
     # per-example worst over all threat models: never above the weakest threat model's own number
     assert rep["headline"]["robust_accuracy"] <= min(t["robust_accuracy"] for t in rep["threat_models"].values())
     assert "headline" in capsys.readouterr().out

@@ -245,6 +245,7 @@ class PSSRConfig:
     width: int = 32
     depth: int | None = None  # U-Net stages; None: 3 for sides divisible by 8, 2 for 4
     dropout: float = 0.1
+    residual: bool = False  # G predicts a correction of the surgical image (identity at initialisation)
     lambda_pix: float = 1.0
     lambda_sem: float = 1.0
     lambda_feat: float = 1.0
@@ -253,6 +254,7 @@ class PSSRConfig:
     threat: str = "graybox"  # training examples crafted on f (graybox) or on the whole pipeline (adaptive)
     attack: AttackConfig = field(default_factory=AttackConfig)
     epochs: int = 10
+    pretrain_epochs: int = 0  # reconstruction pre-training of G (clean images, L_pix only) before `epochs`
     batch_size: int = 128
     lr: float = 1e-3
     finetune_classifier: bool = False
@@ -276,6 +278,7 @@ class PSSRConfig:
             ("lambda_feat", self.lambda_feat, self.lambda_feat >= 0),
             ("lambda_rd", self.lambda_rd, self.lambda_rd >= 0),
             ("epochs", self.epochs, self.epochs >= 1),
+            ("pretrain_epochs", self.pretrain_epochs, self.pretrain_epochs >= 0),
             ("batch_size", self.batch_size, self.batch_size >= 1),
             ("lr", self.lr, self.lr > 0),
         ))  # fmt: skip

@@ -194,14 +194,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_pssr(args, cfg, model, eps: float, device, meta: dict, record: dict) -> int:
-    """Gray-box, white-box BPDA (mask constant; identity) and, with --transfer-from, transfer."""
-    from advmend.evaluation.pssr import run_pssr_protocol
+    """Gray-box, white-box BPDA (mask constant; identity) and transfer (--transfer-from, or a trained one)."""
+    from advmend.evaluation.pssr import not_run_text, run_pssr_protocol
     from advmend.evaluation.report import format_table
     from advmend.training.build import build_data
     from advmend.validate import check_data_fits_model
 
+    from advmend.training.pssr_loop import with_transfer_surrogate
+
     out_dir = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-pssr-{cfg.eval.protocol}"
     check_output(out_dir)
+    # No surrogate given: another seed of the classifier's recipe, trained once and cached (issue 10).
+    cfg, meta = with_transfer_surrogate(cfg, args.checkpoint, meta, log=(lambda _m: None) if args.quiet else print)
     test = build_data(cfg.data, need_train=False).test
     check_data_fits_model(test, image_shape=record.get("image_shape"), num_classes=record.get("num_classes"), model=model,
                           device=device, source=args.checkpoint)  # fmt: skip
@@ -210,6 +214,7 @@ def _run_pssr(args, cfg, model, eps: float, device, meta: dict, record: dict) ->
                                progress=not args.quiet)  # fmt: skip
     print(format_table(ev.result, f"{cfg.name}: PSSR {args.checkpoint}, {cfg.eval.protocol} protocol, "
                                   "rows labelled <threat model>/<attack>"))  # fmt: skip
+    print(not_run_text(ev), end="")  # threat models without an attack: listed, never at clean accuracy
     print(f"headline (worst over all threat models): {100 * ev.result.worst_accuracy:.2f}% (weakest: {ev.headline_threat})")
     print(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}")
     return 0

@@ -28,11 +28,11 @@ def train_pssr_command(cfg, out_dir: Path, *, resume: bool) -> int:
     """`advmend train` on a config with pssr.enabled: train G (and f first when needed), then, with
     eval.after_train, the three-threat-model evaluation of the best checkpoint."""
     from advmend.attacks.presets import PROTOCOLS
-    from advmend.evaluation.pssr import run_pssr_protocol
+    from advmend.evaluation.pssr import not_run_text, run_pssr_protocol
     from advmend.evaluation.report import format_table
     from advmend.evaluation.run import load_trained_model
     from advmend.training.build import build_data, resolve_device
-    from advmend.training.pssr_loop import train_pssr
+    from advmend.training.pssr_loop import train_pssr, with_transfer_surrogate
 
     if cfg.eval.after_train:  # fail on a bad protocol or missing test split now, not after training
         PROTOCOLS.get(cfg.eval.protocol)
@@ -46,11 +46,13 @@ def train_pssr_command(cfg, out_dir: Path, *, resume: bool) -> int:
         run_cfg = replace(run_cfg, eval=cfg.eval, data=cfg.data)
         test = build_data(cfg.data, need_train=False).test
         eval_dir = out_dir / f"eval-pssr-{cfg.eval.protocol}"
-        ev = run_pssr_protocol(model, test, run_cfg, record["eps"], device, eval_dir,
-                               {"title": cfg.name, "checkpoint": str(result.best), "best_epoch": record["best"]["epoch"]},
+        meta = {"title": cfg.name, "checkpoint": str(result.best), "best_epoch": record["best"]["epoch"]}
+        run_cfg, meta = with_transfer_surrogate(run_cfg, result.best, meta)  # transfer always runs
+        ev = run_pssr_protocol(model, test, run_cfg, record["eps"], device, eval_dir, meta,
                                progress=cfg.train.progress)  # fmt: skip
         print(format_table(ev.result, f"\n{cfg.name}: PSSR best checkpoint, {cfg.eval.protocol} protocol, test set, "
                                       "rows labelled <threat model>/<attack>"))  # fmt: skip
+        print(not_run_text(ev), end="")
         print(f"headline (worst over all threat models): {100 * ev.result.worst_accuracy:.2f}% "
               f"(weakest: {ev.headline_threat})")  # fmt: skip
         print(f"report: {eval_dir / 'report.md'}, {eval_dir / 'report.json'}")
@@ -94,6 +96,36 @@ ROWS = (
     ("PS only", "f(PS(x + delta))"),
     ("PSSR (gray-box)", "f(G(PS(x + delta)))"),
 )
+
+
+def paired_difference(a: torch.Tensor, b: torch.Tensor, *, seed: int = 0) -> dict:
+    """Accuracy difference a - b (percentage points) of two per-example correctness vectors over the
+    SAME examples, with the 95 % bootstrap interval over examples (`advmend.study.stats.paired_bootstrap`).
+
+    Pairing matters: the two accuracies share their examples, so their difference is far less noisy
+    than two independent accuracies, and a gap inside the interval is not a finding."""
+    import numpy as np
+
+    from advmend.study.stats import paired_bootstrap
+
+    if a.shape != b.shape or a.dim() != 1:
+        raise ValueError(f"paired_difference needs two per-example vectors of one length, got {tuple(a.shape)}, {tuple(b.shape)}")
+    diff = (a.to(torch.int64) - b.to(torch.int64)).numpy().astype(np.float64)[None, :]
+    mean, low, high = paired_bootstrap(diff, seed=seed)
+    return {"difference": mean, "ci95": [low, high], "n_examples": int(a.numel()), "covers_zero": low <= 0 <= high}
+
+
+def finding_verdict(salient_removed: torch.Tensor, random_removed: torch.Tensor, *, seed: int = 0) -> tuple[str, dict]:
+    """The verdict on "removing the salient part helps more than removing a random part of the same
+    size", from the paired difference of f's per-example correctness (salient removed - random removed)."""
+    d = paired_difference(salient_removed, random_removed, seed=seed)
+    lo, hi = d["ci95"]
+    gap = f"{d['difference']:+.2f} points, 95% CI [{lo:+.2f}, {hi:+.2f}] over {d['n_examples']} paired examples"
+    if d["covers_zero"]:
+        return f"no measurable difference between removing the salient part and a random part of the same size ({gap})", d
+    if lo > 0:
+        return f"removing the salient part helps more than removing a random part of the same size ({gap})", d
+    return (f"random masks remove the attack better than the salient mask: the finding is NOT reproduced here ({gap})", d)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -160,11 +192,10 @@ def run(args: argparse.Namespace) -> int:
             grid.append(x_hat[:k].cpu() if x_hat is not None else None)
     acc = {name: 100 * float(torch.cat(v).float().mean()) for name, v in correct.items()}
     ratio = 100 * float(torch.cat(removed).mean())
-    verdict = (
-        "random masks remove the attack as well as (or better than) the salient mask: the finding is NOT reproduced here"
-        if acc["random removed"] >= acc["salient removed"]
-        else "removing the salient part helps more than removing a random part of the same size"
-    )
+    per_example = {name: torch.cat(v) for name, v in correct.items()}
+    # The verdict rests on a paired test over the same examples, never on the raw gap of two accuracies.
+    verdict, removed_test = finding_verdict(per_example["salient removed"], per_example["random removed"], seed=args.seed)
+    only_test = paired_difference(per_example["salient only"], per_example["random only"], seed=args.seed)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "pssr-analysis"
     out.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -173,6 +204,10 @@ def run(args: argparse.Namespace) -> int:
         "alpha": alpha, "rho": rho, "fill": base.fill, "removed_pixel_ratio": ratio,
         "accuracy": {name: {"definition": d, "accuracy": acc[name]} for name, d in ROWS if name in acc},
         "verdict": verdict, "device": str(device),
+        "paired_tests": {
+            "salient removed - random removed": removed_test, "salient only - random only": only_test,
+            "method": "95% bootstrap interval over the same examples (advmend.study.stats.paired_bootstrap)",
+        },
     }  # fmt: skip
     atomic_write_text(out / "finding.json", json.dumps(payload, indent=2) + "\n")
     lines = [f"# PSSR finding: {args.checkpoint}", "", "| input to f | definition | accuracy (%) |", "|---|---|---:|"]
@@ -181,6 +216,8 @@ def run(args: argparse.Namespace) -> int:
     lines += ["", f"delta: {attack.describe()['name']} (L-inf eps={eps:.4g}, last iterate) on f. Mask: {rule} "
               f"({mask_desc}) from the score map of x + delta; removed pixels: {ratio:.2f}% on average. "
               f"M_r: a uniformly random mask with the same count per image. {len(ds)} test examples (seed {args.seed}).",
+              "", f"Salient only - random only: {only_test['difference']:+.2f} points, 95% CI "
+              f"[{only_test['ci95'][0]:+.2f}, {only_test['ci95'][1]:+.2f}] (negative: the salient part alone keeps more of the attack).",
               "", f"Verdict: {verdict}."]  # fmt: skip
     atomic_write_text(out / "finding.md", "\n".join(lines) + "\n")
 

@@ -11,7 +11,12 @@ to Adversarial Example Defenses", NeurIPS 2020). ../shared/specs/pssr.md and eva
      while gradients flow through (1 - M) * x, G and f;
    - "whitebox-bpda-identity": forward through PS and G, backward as if G(PS(x)) = x
      (`advmend.attacks.BPDA` with the identity stand-in);
-3. transfer: examples crafted on an independently trained surrogate checkpoint (optional).
+3. transfer: examples crafted on an independently trained surrogate (a user checkpoint, or another
+   seed of the classifier's own recipe trained and cached by `run_pssr_protocol`).
+
+Every threat model is always listed: one that ran no attack (no surrogate; white box left out by the
+caller) is marked "not run" with the reason, never shown at clean accuracy. The headline is the
+per-example worst case over every attack that ran.
 
 In eval mode the pipeline is deterministic (no dropout, eval-mode scorer), so EOT is not needed
 (eot = 1). Every adversarial example is checked to lie in the ball and in [0, 1].
@@ -39,6 +44,7 @@ from advmend.evaluation.evaluate import AttackResult, EvalResult, check_bound, e
 from advmend.evaluation.report import result_to_dict, settings_text, write_report_files
 from advmend.evaluation.run import load_trained_model
 from advmend.io import file_sha256, versions
+from advmend.validate import check_data_fits_model
 
 GRAYBOX, MASK, IDENTITY, TRANSFER = "graybox", "whitebox-bpda-mask", "whitebox-bpda-identity", "transfer"
 THREAT_MODELS = {
@@ -47,6 +53,8 @@ THREAT_MODELS = {
     IDENTITY: "white box: BPDA with the identity in place of the whole pre-processor",
     TRANSFER: "crafted on an independently trained surrogate, scored on PSSR",
 }
+WHITEBOX = (MASK, IDENTITY)  # the white-box threat model is the per-example worst of its BPDA variants
+NOT_RUN = "not run"
 
 
 def transfer_attack(
@@ -104,18 +112,28 @@ class PSSREvalResult:
     threat_models: list[str]
     classifier_clean: torch.Tensor | None = None
     classifier_graybox: dict[str, torch.Tensor] = field(default_factory=dict)
+    not_run: dict[str, str] = field(default_factory=dict)  # threat model -> why it ran no attack
 
-    def threat_accuracy(self, label: str) -> float:
-        """Per-example worst case over the attacks of one threat model (clean-correct included)."""
+    def ran(self, label: str) -> bool:
+        return any(a.settings.get("threat_model") == label for a in self.result.attacks)
+
+    def threat_accuracy(self, label: str | tuple[str, ...]) -> float | None:
+        """Per-example worst case over the attacks of one threat model (or several), clean-correct
+        included; None when none of them ran an attack (never the clean accuracy: that would pass an
+        unattacked threat model off as robust)."""
+        labels = (label,) if isinstance(label, str) else tuple(label)
+        attacks = [a for a in self.result.attacks if a.settings.get("threat_model") in labels]
+        if not attacks:
+            return None
         worst = self.result.clean_correct.clone()
-        for a in self.result.attacks:
-            if a.settings.get("threat_model") == label:
-                worst &= a.correct
+        for a in attacks:
+            worst &= a.correct
         return float(worst.float().mean())
 
     @property
-    def headline_threat(self) -> str:
-        return min(self.threat_models, key=self.threat_accuracy)
+    def headline_threat(self) -> str | None:
+        ran = [t for t in self.threat_models if self.ran(t)]
+        return min(ran, key=self.threat_accuracy) if ran else None
 
 
 def evaluate_pssr(
@@ -132,12 +150,18 @@ def evaluate_pssr(
 ) -> PSSREvalResult:
     """Evaluate `model` under each threat model with each attack; see the module docstring.
 
-    The transfer threat model runs only when a `surrogate` is given. Gray-box and transfer use the PGD
-    attacks of `attacks`; external attacks (AutoAttack) run under the two white-box threat models.
+    The transfer threat model runs only when a `surrogate` is given; otherwise it is listed as "not
+    run". Gray-box and transfer use the PGD attacks of `attacks` (a protocol without one, such as
+    AutoAttack alone, crafts with PGD-20 at its radius and norm, so gray-box and transfer still run);
+    external attacks (AutoAttack) run under the two white-box threat models.
     """
     start = time.perf_counter()
     device = torch.device(device)
-    labels = [t for t in threat_models if t != TRANSFER or surrogate is not None]
+    labels = list(threat_models)
+    crafters = [a for a in attacks if isinstance(a, PGD)]
+    if not crafters and attacks:
+        ref = attacks[0]
+        crafters = [PGD(eps=ref.eps, steps=20, step_size=2.5 * ref.eps / 20, norm=ref.norm, name="PGD-20")]
     base = evaluate(model, ds, attacks if MASK in labels else [], batch_size=batch_size, device=device,
                     seed=seed, progress=progress)  # fmt: skip
     clean = base.clean_correct
@@ -148,12 +172,14 @@ def evaluate_pssr(
             evaluate(bpda, ds, attacks, batch_size=batch_size, device=device, seed=seed, progress=progress), IDENTITY
         )
     out = PSSREvalResult(EvalResult(clean), labels)
+    if TRANSFER in labels and surrogate is None:
+        out.not_run[TRANSFER] = "no surrogate was given"
     generator = torch.Generator(device=device).manual_seed(seed)
     for label, source in ((GRAYBOX, model.classifier), (TRANSFER, surrogate)):
-        if label not in labels:
+        if label not in labels or source is None:
             continue
         # Crafting on a source model needs the PGD core; external attacks (AutoAttack) run white-box only.
-        for attack in (a for a in attacks if isinstance(a, PGD)):
+        for attack in crafters:
             res, src_ok = transfer_attack(source, model, ds, attack, clean, label=label, batch_size=batch_size,
                                           device=device, generator=generator, progress=progress)  # fmt: skip
             results.append(res)
@@ -164,8 +190,16 @@ def evaluate_pssr(
         with torch.no_grad(), attack_mode(model.classifier):
             out.classifier_clean = torch.cat([(model.classifier(x).argmax(1) == y).cpu() for x, y in loader])
     out.result.attacks = results
+    for t in labels:
+        if not out.ran(t):
+            out.not_run.setdefault(t, "no attack in the protocol")
     out.result.seconds = time.perf_counter() - start
     return out
+
+
+def not_run_text(ev: PSSREvalResult) -> str:
+    """Console lines for the threat models that ran no attack (the attack table lists only attacks)."""
+    return "".join(f"{t}: {NOT_RUN} ({ev.not_run.get(t, '')})\n" for t in ev.threat_models if not ev.ran(t))
 
 
 def report_dict(ev: PSSREvalResult, meta: dict) -> dict:
@@ -173,10 +207,17 @@ def report_dict(ev: PSSREvalResult, meta: dict) -> dict:
     r = ev.result
     payload = {"meta": meta, "versions": versions(), **result_to_dict(r)}
     payload["threat_models"] = {
-        t: {"description": THREAT_MODELS[t], "robust_accuracy": 100 * ev.threat_accuracy(t),
+        t: {"description": THREAT_MODELS[t], "status": "run", "robust_accuracy": _pct(ev.threat_accuracy(t)),
             "attacks": [a.name for a in r.attacks if a.settings.get("threat_model") == t]}
+        if ev.ran(t) else
+        {"description": THREAT_MODELS[t], "status": NOT_RUN, "reason": ev.not_run.get(t, ""),
+         "robust_accuracy": None, "attacks": []}
         for t in ev.threat_models
     }  # fmt: skip
+    if any(t in ev.threat_models for t in WHITEBOX):
+        payload["whitebox"] = {"definition": "per example, worst over the BPDA variants (and AutoAttack)",
+                               "robust_accuracy": _pct(ev.threat_accuracy(WHITEBOX)),
+                               "status": "run" if ev.threat_accuracy(WHITEBOX) is not None else NOT_RUN}  # fmt: skip
     if r.attacks:
         payload["headline"] = {
             "robust_accuracy": 100 * r.worst_accuracy,
@@ -194,6 +235,10 @@ def report_dict(ev: PSSREvalResult, meta: dict) -> dict:
     return payload
 
 
+def _pct(value: float | None) -> float | None:
+    return None if value is None else 100 * value
+
+
 def markdown(ev: PSSREvalResult, meta: dict) -> str:
     """report.md: one row per (threat model, attack), the per-threat-model worst case and the headline."""
     r = ev.result
@@ -201,6 +246,9 @@ def markdown(ev: PSSREvalResult, meta: dict) -> str:
     lines += ["| threat model | attack | accuracy (%) | settings | seconds |", "|---|---|---:|---|---:|"]
     lines.append(f"| none | clean | {100 * r.clean_accuracy:.2f} | | |")
     for t in ev.threat_models:
+        if not ev.ran(t):
+            lines.append(f"| {t} | {NOT_RUN} | {NOT_RUN} | {ev.not_run.get(t, '')} | |")
+            continue
         for a in r.attacks:
             if a.settings.get("threat_model") != t:
                 continue
@@ -208,6 +256,9 @@ def markdown(ev: PSSREvalResult, meta: dict) -> str:
             lines.append(f"| {t} | {s['name'].split('/', 1)[1]} | {100 * a.accuracy:.2f} | {settings_text(s)} "
                          f"| {a.seconds:.1f} |")  # fmt: skip
         lines.append(f"| {t} | worst case | {100 * ev.threat_accuracy(t):.2f} | per example | |")
+    wb = ev.threat_accuracy(WHITEBOX)
+    if wb is not None and sum(ev.ran(t) for t in WHITEBOX) > 1:
+        lines.append(f"| whitebox | worst of the BPDA variants | {100 * wb:.2f} | per example | |")
     if r.attacks:
         lines.append(f"| **all** | **headline (worst case)** | **{100 * r.worst_accuracy:.2f}** | "
                      f"weakest: {ev.headline_threat} | |")  # fmt: skip
@@ -224,6 +275,9 @@ def markdown(ev: PSSREvalResult, meta: dict) -> str:
         " each worst case counts it only if every attack in its group fails. The pipeline is deterministic in"
         " eval mode (EOT not needed). Every adversarial example was checked to lie in the eps-ball and in [0, 1].",
     ]
+    if meta.get("surrogate"):
+        lines += ["", f"Transfer source: `{meta['surrogate']}` ({meta.get('surrogate_origin') or 'user'}; "
+                  "an independently trained classifier: the same recipe with another seed when advmend trained it)."]
     if meta.get("checkpoint"):
         lines += ["", f"Checkpoint: `{meta['checkpoint']}` (sha256 `{meta.get('checkpoint_sha256', '')}`)"]
     return "\n".join(lines) + "\n"
@@ -250,13 +304,31 @@ def run_pssr_protocol(
     if n is not None and n < 1:
         raise ConfigError(f"eval.n_examples must be >= 1, got {n}")
     ds = subset(test, n, cfg.eval.seed) if n is not None and n < len(test) else test
+    # The commands fill pssr.surrogate with a trained-and-cached one when the user gave none
+    # (`advmend.training.pssr_loop.transfer_surrogate`); without any, transfer is listed as "not run".
+    source = Path(cfg.pssr.surrogate) if cfg.pssr.surrogate else None
     surrogate = None
-    if cfg.pssr.surrogate:
-        surrogate, _, _ = load_trained_model(cfg.pssr.surrogate, device)
-    ev = evaluate_pssr(model, ds, protocol_attacks(cfg.eval.protocol, eps), surrogate=surrogate,
+    if source is not None:
+        surrogate, _, s_record = load_trained_model(source, device)
+        if s_record.get("config", {}).get("pssr", {}).get("enabled"):
+            raise ConfigError(f"transfer surrogate {str(source)!r} is a PSSR checkpoint; give a classifier's checkpoint")
+        # A surrogate of another data set would fail mid-attack (or, worse, "transfer" nonsense).
+        check_data_fits_model(ds, image_shape=s_record.get("image_shape"), num_classes=s_record.get("num_classes"),
+                              source=f"the transfer surrogate {str(source)!r}",
+                              hint="give a surrogate trained on the same data set (pssr.surrogate, --transfer-from)")  # fmt: skip
+        if len(ds):  # same image shape but another label space (e.g. CIFAR-100 vs CIFAR-10): also refused
+            x = ds.images[:2].to(device).float().div_(255.0)
+            with torch.no_grad(), attack_mode(model), attack_mode(surrogate):
+                k_model, k_source = model(x).shape[1], surrogate(x).shape[1]
+            if k_model != k_source:
+                raise ConfigError(f"transfer surrogate {str(source)!r} predicts {k_source} classes but the PSSR model "
+                                  f"{k_model}: give a surrogate trained on the same data set")  # fmt: skip
+    ev = evaluate_pssr(model, ds, protocol_attacks(cfg.eval.protocol, eps, cfg.eval.norm), surrogate=surrogate,
                        batch_size=cfg.eval.batch_size, device=device, seed=cfg.eval.seed, progress=progress)  # fmt: skip
-    meta = dict(meta, protocol=cfg.eval.protocol, eps=eps, device=str(device), split="test",
-                subset_seed=cfg.eval.seed if ds is not test else None, surrogate=cfg.pssr.surrogate)  # fmt: skip
+    meta = dict(meta, protocol=cfg.eval.protocol, eps=eps, norm=cfg.eval.norm, device=str(device), split="test",
+                subset_seed=cfg.eval.seed if ds is not test else None,
+                surrogate=str(source) if source is not None else None,
+                surrogate_origin=meta.get("surrogate_origin", "user") if source is not None else None)  # fmt: skip
     if meta.get("checkpoint"):
         meta["checkpoint_sha256"] = file_sha256(meta["checkpoint"])
     write_pssr_report(out_dir, ev, meta)

@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from advmend.checkpoint import load_checkpoint
-from advmend.config import PSSRConfig, RunConfig, to_dict
+from advmend.config import PSSRConfig, RunConfig, from_dict, to_dict
 from advmend.data import BatchLoader
 from advmend.defenses.build import build_model
 from advmend.defenses.pssr.objective import PSSRObjective
@@ -128,9 +128,14 @@ def train_pssr(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, log
         build_attack(p.attack, info["eps"], keep_best=False), threat=p.threat, lambda_pix=p.lambda_pix,
         lambda_sem=p.lambda_sem, lambda_feat=p.lambda_feat, lambda_rd=p.lambda_rd, rdrop=p.rdrop,
     )  # fmt: skip
+    # Reconstruction pre-training (pssr.pretrain_epochs): the first epochs train G to restore clean
+    # images through the surgery (L_pix only, no attack), so the adversarial stage starts from a
+    # restorer. One epoch counter over both stages keeps --resume exact.
+    pretrain = PSSRObjective(None, lambda_pix=p.lambda_pix or 1.0, lambda_sem=0.0, lambda_feat=0.0, lambda_rd=0.0)
+    total = p.pretrain_epochs + p.epochs
     t = cfg.train
     val_attack = build_attack(t.val_attack, info["eps"], keep_best=True, name=f"PGD-{t.val_attack.steps}")
-    schedule = replace(t, lr=p.lr, epochs=p.epochs, schedule="cosine", channels_last=False)  # Adam, cosine (spec)
+    schedule = replace(t, lr=p.lr, epochs=total, schedule="cosine", channels_last=False)  # Adam, cosine (spec)
     loader = BatchLoader(data.train, p.batch_size, shuffle=True, device=device, augment=info["augment"],
                          drop_last=len(data.train) >= 2 * p.batch_size, seed=t.seed)  # fmt: skip
     weights = sum(v.numel() * v.element_size() for v in model.state_dict().values())
@@ -143,8 +148,21 @@ def train_pssr(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, log
     if resume and has_last:
         state, record = load_checkpoint(out_dir / LAST)
         saved = record["config"]
+        # A regenerator is built for one image shape and sits in front of one label space: pairing it
+        # with a classifier (and data) of another one would fail deep inside load_state_dict.
+        if (record.get("num_classes"), tuple(record.get("image_shape") or ())) != (info["num_classes"], tuple(info["image_shape"])):
+            raise ConfigError(
+                f"--resume: the regenerator in {out_dir} was trained for {record.get('num_classes')} classes of shape "
+                f"{tuple(record.get('image_shape') or ())}, but classifier {str(clf_path)!r} and data {cfg.data.name!r} "
+                f"have {info['num_classes']} of {tuple(info['image_shape'])}"
+            )
         if saved["model"] != to_dict(cfg)["model"] or any(saved["pssr"].get(k) != getattr(p, k) for k in _ARCH_KEYS):
             raise ConfigError(f"--resume: the classifier or the pssr architecture differs from the run in {out_dir}")
+        if saved["pssr"].get("residual", False) != p.residual:  # another architecture of G
+            raise ConfigError(f"--resume: pssr.residual={p.residual} differs from the run in {out_dir}")
+        if saved["pssr"].get("pretrain_epochs", 0) != p.pretrain_epochs:  # would shift every epoch's objective
+            raise ConfigError(f"--resume: pssr.pretrain_epochs={p.pretrain_epochs} differs from the run in {out_dir} "
+                              f"({saved['pssr'].get('pretrain_epochs', 0)})")
         model.load_state_dict(state)
         optimizer.load_state_dict(record["optimizer_state"])
         rng = {k.split(".", 1)[1]: v for k, v in record.get("extra_tensors", {}).items() if k.startswith("rng.")}
@@ -161,15 +179,18 @@ def train_pssr(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, log
     }  # fmt: skip
     # G's stage runs in fp32 on one process: the classifier loop's speed switches do not apply here.
     step_cfg, precision, ctx = replace(cfg, train=schedule), Precision("off", device), DistContext()
-    for epoch in range(start_epoch, p.epochs):
-        rec = train_epoch(model, model, objective, optimizer, loader, step_cfg, epoch, device, precision, None, ctx,
-                          desc="pssr epoch", lr_key="pssr.lr")  # fmt: skip
-        if data.val is not None and ((epoch + 1) % t.val_every == 0 or epoch + 1 == p.epochs):
+    for epoch in range(start_epoch, total):
+        stage = "pretrain" if epoch < p.pretrain_epochs else "adversarial"
+        step_objective = pretrain if stage == "pretrain" else objective
+        rec = train_epoch(model, model, step_objective, optimizer, loader, step_cfg, epoch, device, precision, None,
+                          ctx, desc="pssr epoch", lr_key="pssr.lr")  # fmt: skip
+        if data.val is not None and ((epoch + 1) % t.val_every == 0 or epoch + 1 == total):
             rec.update(_validate(model, data.val, val_attack, cfg, device))
+        rec["stage"] = stage
         history.append(rec)
         with open(out_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(rec) + "\n")
-        log(log_line(rec, p.epochs) + f" | pix {rec['pix_adv']:.4f} removed {100 * rec['removed']:.1f}%")
+        log(log_line(rec, total) + f" | {stage}" + f" | pix {rec['pix_adv']:.4f} removed {100 * rec['removed']:.1f}%")
         is_best, best_value, best_epoch = select_best(history, select_key, best_value)
         record = dict(record_base, epoch=epoch + 1, metrics=rec,
                       best={"epoch": best_epoch, "metric": select_key, "value": best_value})  # fmt: skip
@@ -178,6 +199,47 @@ def train_pssr(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, log
         extra = {f"rng.{k}": v for k, v in rng_state_tensors(device).items()}
         save_or_explain(out_dir / LAST, model, record, optimizer, extra)
     return TrainResult(out_dir, out_dir / LAST, out_dir / BEST, history)
+
+
+SURROGATE_DIR = "transfer-surrogate-seed{seed}"
+
+
+def transfer_surrogate(cfg, checkpoint: Path, log=print) -> Path:
+    """The default transfer source of a PSSR checkpoint: its classifier's recipe with the next seed,
+    trained into `<checkpoint's folder>/transfer-surrogate-seed<N>/` and reused from there next time.
+
+    "Independently trained" (../shared/specs/pssr.md): same architecture, data and training settings,
+    another seed, so the transfer threat model needs no user input. The recipe is the classifier
+    checkpoint's own config when that file is still there, else this run's model/fsr/train sections.
+    """
+    recipe = replace(cfg, pssr=PSSRConfig())
+    clf = Path(cfg.pssr.classifier) if cfg.pssr.classifier else None
+    if clf is not None and clf.is_file():
+        _, record = load_checkpoint(clf)
+        recipe = replace(from_dict(RunConfig, record["config"]), pssr=PSSRConfig())
+    seed = recipe.train.seed + 1
+    clf_cfg = replace(recipe, name=f"{cfg.name}-transfer-surrogate-seed{seed}", data=cfg.data,
+                      train=replace(recipe.train, seed=seed), eval=replace(recipe.eval, after_train=False))  # fmt: skip
+    out = checkpoint.parent / SURROGATE_DIR.format(seed=seed)
+    if (out / LAST).exists():
+        _, record = load_checkpoint(out / LAST)
+        if record.get("epoch", 0) >= clf_cfg.train.epochs or (record.get("early_stopping") or {}).get("stopped"):
+            log(f"transfer surrogate: reusing {out / BEST}")
+            return out / BEST
+        log(f"transfer surrogate: resuming {out}")
+        return train(clf_cfg, out, resume=True, log=log).best
+    log(f"transfer surrogate: no pssr.surrogate given, training the classifier's recipe with seed {seed} into {out}")
+    return train(clf_cfg, out, resume=False, log=log).best
+
+
+def with_transfer_surrogate(cfg: RunConfig, checkpoint: str | Path, meta: dict, log=print) -> tuple[RunConfig, dict]:
+    """(cfg, meta) for `run_pssr_protocol`: the user's pssr.surrogate when set, else the default one of
+    `transfer_surrogate`, so that every PSSR evaluation has its transfer threat model."""
+    if cfg.pssr.surrogate:
+        return cfg, dict(meta, surrogate_origin="user")
+    path = transfer_surrogate(cfg, Path(checkpoint), log=log)
+    origin = "trained by advmend (another seed of the classifier's recipe)"
+    return replace(cfg, pssr=replace(cfg.pssr, surrogate=str(path))), dict(meta, surrogate_origin=origin)
 
 
 def _validate(model: PSSRModel, val_data, attack, cfg: RunConfig, device) -> dict:

@@ -23,16 +23,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from advmend.config import PSSRConfig, RunConfig
+from advmend.config import PSSR_MODES, PSSRConfig, RunConfig
 from advmend.defenses.classifier import build_classifier
 from advmend.defenses.pssr.regenerator import Regenerator
 from advmend.defenses.pssr.surgery import MASKS, apply_surgery, salient_mask, score_map
 from advmend.errors import ConfigError
 from advmend.validate import check_images
 
-MODES = ("full", "hole")
-RDROP = ("cross", "literal")
-THREATS = ("graybox", "adaptive")
+MODES = PSSR_MODES  # the config's choices, one definition
 
 
 @dataclass
@@ -158,30 +156,9 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def check_pssr_config(p: PSSRConfig) -> None:
-    """Value checks of the pssr section, each naming its dotted key."""
-    _check_choice("pssr.mask", p.mask, MASKS)
-    _check_choice("pssr.mode", p.mode, MODES)
-    _check_choice("pssr.rdrop", p.rdrop, RDROP)
-    _check_choice("pssr.threat", p.threat, THREATS)
-    for key, value, ok in (
-        ("pssr.alpha", p.alpha, p.alpha > 0),
-        ("pssr.rho", p.rho, 0 <= p.rho <= 1),
-        ("pssr.fill", p.fill, 0 <= p.fill <= 1),
-        ("pssr.width", p.width, p.width >= 1),
-        ("pssr.depth", p.depth, p.depth is None or p.depth >= 1),
-        ("pssr.dropout", p.dropout, 0 <= p.dropout < 1),
-        ("pssr.lambda_pix", p.lambda_pix, p.lambda_pix >= 0),
-        ("pssr.lambda_sem", p.lambda_sem, p.lambda_sem >= 0),
-        ("pssr.lambda_feat", p.lambda_feat, p.lambda_feat >= 0),
-        ("pssr.lambda_rd", p.lambda_rd, p.lambda_rd >= 0),
-        ("pssr.epochs", p.epochs, p.epochs >= 1),
-        ("pssr.batch_size", p.batch_size, p.batch_size >= 1),
-        ("pssr.lr", p.lr, p.lr > 0),
-    ):
-        if not ok:
-            raise ConfigError(f"{key}: invalid value {value!r}")
-    if p.lambda_rd > 0 and p.dropout == 0 and p.rdrop == "literal":
-        raise ConfigError("pssr.rdrop=literal compares two dropout draws: set pssr.dropout > 0 or pssr.lambda_rd=0")
+    """Value checks of the pssr section, each naming its dotted key (the config's own rule, also run when
+    a config is loaded; here for pipelines built from a config made in Python)."""
+    p.checked()
 
 
 def build_pssr_model(cfg: RunConfig, num_classes: int, image_shape: tuple[int, int, int]) -> PSSRModel:
@@ -192,7 +169,8 @@ def build_pssr_model(cfg: RunConfig, num_classes: int, image_shape: tuple[int, i
     p = cfg.pssr
     check_pssr_config(p)
     classifier = build_classifier(cfg, num_classes, image_shape)
-    regenerator = Regenerator(image_shape[0], image_shape[1:], width=p.width, dropout=p.dropout, depth=p.depth)
+    regenerator = Regenerator(image_shape[0], image_shape[1:], width=p.width, dropout=p.dropout, depth=p.depth,
+                              residual=p.residual)  # fmt: skip
     return PSSRModel(
         classifier, regenerator, mask=p.mask, alpha=p.alpha, rho=p.rho, fill=p.fill, surgery=p.surgery,
         mode=p.mode, finetune_classifier=p.finetune_classifier,

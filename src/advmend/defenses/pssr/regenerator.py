@@ -27,6 +27,9 @@ from torch import nn
 from advmend.errors import ConfigError, InputError
 
 
+_EPS = 1e-3  # clamp before logit: removed pixels (fill 0) start at sigmoid(logit(1e-3)), finite gradients
+
+
 def auto_depth(height: int, width: int) -> int:
     """3 stages if H, W are divisible by 8, 2 if divisible by 4; ConfigError otherwise."""
     for depth in (3, 2):
@@ -55,6 +58,11 @@ class Regenerator(nn.Module):
         width: channels of the first stage; stage i has width * 2^i.
         dropout: dropout probability after every decoder stage (0 disables it).
         depth: number of down/up stages; None picks it from `image_size` (see `auto_depth`).
+        residual: predict a correction of the surgical image in logit space,
+            sigmoid(logit(x_s) + U-Net(.)), with the head initialised to zero, so G starts as the
+            identity on kept pixels. Without it the U-Net must rebuild each image's level through the
+            GroupNorm after its first convolution, which normalises it away (it learns the identity only
+            to about 0.03 mean L1 on small images: tests/test_pssr_resume.py).
     """
 
     def __init__(
@@ -65,6 +73,7 @@ class Regenerator(nn.Module):
         width: int = 32,
         dropout: float = 0.1,
         depth: int | None = None,
+        residual: bool = False,
     ) -> None:
         super().__init__()
         h, w = int(image_size[0]), int(image_size[1])
@@ -84,6 +93,10 @@ class Regenerator(nn.Module):
         self.up = nn.ModuleList(_block(widths[i + 1] + widths[i], widths[i]) for i in range(self.depth))
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Conv2d(widths[0], channels, 1)
+        self.residual = bool(residual)
+        if self.residual:  # identity at initialisation: the correction starts at zero
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def forward(self, surgical: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if surgical.dim() != 4 or surgical.shape[1] != self.channels or mask.shape[1:2] != (1,):
@@ -100,4 +113,7 @@ class Regenerator(nn.Module):
         h = skips.pop()
         for i in reversed(range(self.depth)):  # deepest decoder stage first
             h = self.dropout(self.up[i](torch.cat([self.upsample(h), skips.pop()], dim=1)))
-        return torch.sigmoid(self.head(h))
+        out = self.head(h)
+        if self.residual:
+            out = out + torch.logit(surgical.clamp(_EPS, 1 - _EPS))
+        return torch.sigmoid(out)

@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from advmend.attacks.modes import attack_mode
+from advmend.config import PSSR_MASKS
 from advmend.errors import ConfigError
 
-MASKS = ("alpha", "ratio")
+MASKS = PSSR_MASKS  # the config's choices, one definition
 
 
 def score_map(scorer: nn.Module, x: torch.Tensor) -> torch.Tensor:

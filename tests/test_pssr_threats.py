@@ -1,0 +1,132 @@
+"""PSSR's three threat models on tiny synthetic data: a threat model that ran no attack is "not run"
+(never reported at clean accuracy), transfer runs without a user surrogate (another seed of the
+classifier's recipe, trained once and cached), `--norm l2` runs L2 attacks, and mismatched
+surrogates / classifiers are one-line errors (exit 2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from advmend.attacks.pgd import PGD
+from advmend.cli import main
+from advmend.data import ArrayDataset
+from advmend.defenses.pssr import PSSRModel, Regenerator
+from advmend.evaluation.pssr import GRAYBOX, MASK, TRANSFER, evaluate_pssr, markdown, not_run_text, report_dict
+from advmend.models import create_model
+
+pytestmark = pytest.mark.slow
+
+DATA = {"name": "synthetic", "val_size": 16, "options": {"n_train": 96, "n_test": 16, "image_size": 16}}
+CONFIG = {
+    "name": "pssr-threats",
+    "data": DATA,
+    "model": {"name": "small_cnn", "options": {"width": 4}},
+    "train": {"method": "standard", "epochs": 1, "batch_size": 48, "val_attack": {"steps": 1}, "progress": False},
+    "pssr": {"enabled": True, "width": 4, "epochs": 1, "batch_size": 48, "attack": {"steps": 1}},
+}
+
+
+def _write(folder: Path, cfg: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _error_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("advmend: error:"), lines
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("pssr-threats")
+    assert main(["train", str(_write(folder, CONFIG)), "--out", str(folder / "run")]) == 0
+    return folder / "run"
+
+
+def _classifier_ckpt(folder: Path, **data_options) -> Path:
+    cfg = {k: v for k, v in CONFIG.items() if k != "pssr"}
+    cfg = dict(cfg, name=folder.name, data=dict(DATA, options=dict(DATA["options"], **data_options)))
+    assert main(["train", str(_write(folder, cfg)), "--out", str(folder / "run")]) == 0
+    return folder / "run" / "best.safetensors"
+
+
+def test_a_threat_model_without_attacks_is_not_run_never_clean_accuracy():
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 3, 16, 16), torch.arange(8) % 10
+    ds = ArrayDataset((x * 255).round().to(torch.uint8), y, tuple(str(i) for i in range(10)))
+    model = PSSRModel(create_model("small_cnn", num_classes=10, in_channels=3, width=4), Regenerator(3, (16, 16), width=4)).eval()
+    ev = evaluate_pssr(model, ds, [PGD(eps=8 / 255, steps=1, name="PGD-1")], batch_size=8)  # no surrogate
+    assert ev.threat_models == [GRAYBOX, MASK, "whitebox-bpda-identity", TRANSFER]  # always listed
+    assert not ev.ran(TRANSFER) and ev.threat_accuracy(TRANSFER) is None and "surrogate" in ev.not_run[TRANSFER]
+    assert ev.headline_threat != TRANSFER
+    rep = report_dict(ev, {})
+    assert rep["threat_models"][TRANSFER]["status"] == "not run"
+    assert rep["threat_models"][TRANSFER]["robust_accuracy"] is None
+    assert rep["threat_models"][GRAYBOX]["status"] == "run"
+    md = markdown(ev, {})
+    assert f"| {TRANSFER} | not run | not run |" in md
+    assert not_run_text(ev) == f"{TRANSFER}: not run (no surrogate was given)\n"  # the console table too
+    # the headline is the per-example worst over the attacks that ran
+    assert rep["headline"]["robust_accuracy"] == 100 * ev.result.worst_accuracy
+    # an empty protocol: every threat model "not run", no headline at clean accuracy
+    ev = evaluate_pssr(model, ds, [], batch_size=8)
+    assert all(not ev.ran(t) for t in ev.threat_models) and ev.headline_threat is None
+    assert "headline" not in report_dict(ev, {})
+
+
+def test_transfer_runs_without_a_user_surrogate_and_the_surrogate_is_cached(run, tmp_path, capsys):
+    ckpt = run / "best.safetensors"
+    args = ["eval", str(ckpt), "--protocol", "quick", "--n-examples", "8", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    rep = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert rep["threat_models"][TRANSFER]["status"] == "run"
+    assert len(rep["threat_models"][TRANSFER]["attacks"]) == 2
+    surrogate = Path(rep["meta"]["surrogate"])
+    assert surrogate.is_file() and surrogate.parent.name == "transfer-surrogate-seed1"  # recipe seed 0 -> 1
+    assert rep["meta"]["surrogate_origin"].startswith("trained by advmend")
+    assert "transfer-surrogate-seed1" in (tmp_path / "a" / "report.md").read_text()
+    stamp = surrogate.stat().st_mtime_ns
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0  # the second evaluation reuses it
+    assert surrogate.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("other", [{"image_size": 8}, {"num_classes": 5}])
+def test_a_surrogate_of_another_data_set_is_a_one_line_error(run, tmp_path, capsys, other):
+    bad = _classifier_ckpt(tmp_path / "other", **other)
+    capsys.readouterr()
+    code = main(["eval", str(run / "best.safetensors"), "--protocol", "quick", "--n-examples", "8", "--quiet",
+                 "--transfer-from", str(bad), "--out", str(tmp_path / "ev")])  # fmt: skip
+    assert code == 2
+    assert "surrogate" in _error_line(capsys)
+
+
+def test_norm_l2_on_a_pssr_checkpoint_runs_l2_attacks(run, tmp_path):
+    assert main(["eval", str(run / "best.safetensors"), "--protocol", "quick", "--n-examples", "8", "--quiet",
+                 "--norm", "l2", "--out", str(tmp_path / "l2")]) == 0  # fmt: skip
+    rep = json.loads((tmp_path / "l2" / "report.json").read_text())
+    assert rep["meta"]["norm"] == "l2" and rep["meta"]["eps"] == pytest.approx(0.5)  # synthetic's L2 radius
+    assert rep["attacks"] and all(a["settings"]["norm"] == "l2" for a in rep["attacks"])
+
+
+def test_a_regenerator_paired_with_a_classifier_of_another_shape_is_a_one_line_error(run, tmp_path, capsys):
+    other = _classifier_ckpt(tmp_path / "small", image_size=8)
+    capsys.readouterr()
+    cfg = _write(tmp_path, CONFIG)
+    # classifier of another image shape than the data
+    assert main(["train", str(cfg), "--out", str(tmp_path / "a"), "--set", f"pssr.classifier={other}"]) == 2
+    assert "classes of shape" in _error_line(capsys)
+    # the regenerator of a finished 16x16 run resumed in front of an 8x8 classifier (and its data)
+    assert main(["train", str(cfg), "--out", str(tmp_path / "b")]) == 0
+    capsys.readouterr()
+    code = main(["train", str(cfg), "--out", str(tmp_path / "b"), "--resume", "--set", f"pssr.classifier={other}",
+                 "--set", "data.options.image_size=8", "--set", "pssr.epochs=2"])  # fmt: skip
+    assert code == 2
+    assert "regenerator" in _error_line(capsys)
