@@ -278,10 +278,17 @@ def test_results_check_detects_a_hand_edit(finished, tmp_path, capsys):
 # --- the renderer's numbers on synthetic records with known answers
 
 
+def _default_digest() -> str:
+    from advmend.config import RunConfig
+    from advmend.study.spec import config_digest
+
+    return config_digest(RunConfig())
+
+
 def _record(run: str, clean: str, attacks: dict[str, str], worst: str, seconds: float = 60.0) -> dict:
     entry = lambda bits: {"n": len(bits), "accuracy": 100 * bits.count("1") / len(bits), "correct": bits}  # noqa: E731
     return {
-        "schema": SCHEMA, "study": "syn", "run": run, "config_sha256": "x" * 64, "config": {},
+        "schema": SCHEMA, "study": "syn", "run": run, "config_sha256": _default_digest(), "config": {},
         "commit": {"sha": "abc", "dirty": False}, "metrics": [{"epoch": 1}],
         "checkpoint": {"best_epoch": 1, "sha256": "y"},
         "train": {"epochs": 1, "seconds": seconds, "images_per_s": 100.0},
@@ -296,11 +303,12 @@ def _record(run: str, clean: str, attacks: dict[str, str], worst: str, seconds: 
 def _write_syn(root: Path, records: list[dict], rows: list[dict]) -> None:
     folder = root / "syn"
     folder.mkdir(parents=True)
+    sha = _default_digest()  # the synthetic records' config is {}: every value at its default
     runs = {r["run"]: {"row": r["run"].rsplit("-s", 1)[0], "seed": int(r["run"].rsplit("-s", 1)[1]),
-                       "config_sha256": "x" * 64} for r in records}  # fmt: skip
+                       "config_sha256": sha} for r in records}  # fmt: skip
     for row in rows:
         for s in row["seeds"]:
-            runs.setdefault(f"{row['name']}-s{s}", {"row": row["name"], "seed": s, "config_sha256": "x" * 64})
+            runs.setdefault(f"{row['name']}-s{s}", {"row": row["name"], "seed": s, "config_sha256": sha})
     (folder / STUDY_FILE).write_text(json.dumps({
         "schema": "advmend.study/1", "id": "syn", "source": "syn.yaml",
         "definition": {"id": "syn", "title": "Synthetic", "eval": {"attack_n": 100, "autoattack_n": 100, "seed": 0},
@@ -389,3 +397,19 @@ def test_committed_results_page_matches_its_records():
         pytest.skip("no committed study records")
     text, _ = render(repo / "docs" / "results", plot=False)
     assert (repo / "docs" / "results.md").read_text() == text, "run `advmend results docs/results`"
+
+
+def test_a_config_field_added_since_the_record_takes_its_default(finished, tmp_path):
+    """Records stay valid when advmend gains an option: the record's config is resolved with today's
+    defaults before it is compared (a value the run really used still has to match)."""
+    path = _copy(finished[0], tmp_path)
+    rec = tmp_path / "rec" / "tiny" / "at-s0.json"
+    data = json.loads(rec.read_text())
+    del data["config"]["pssr"]["residual"]  # as written before pssr.residual existed
+    data["config_sha256"] = "0" * 64  # the stored hash is informative; the config itself is compared
+    rec.write_text(json.dumps(data))
+    assert [s.run_id for s in plan_study(path).pending()] == []
+    data["config"]["train"]["lr"] = 0.5  # a value the run used differs: refused
+    rec.write_text(json.dumps(data))
+    with pytest.raises(RecordError, match="another config"):
+        plan_study(path)

@@ -26,16 +26,15 @@ def add_parser(sub) -> None:
 
 def run_study_command(args: argparse.Namespace) -> int:
     from advmend.errors import ConfigError
-    from advmend.study.records import record_path
     from advmend.study.runner import plan_study, run_study
 
     if args.max_runs is not None and args.max_runs < 0:
         raise ConfigError(f"--max-runs must be >= 0, got {args.max_runs}")
     if args.plan:
         plan = plan_study(args.study)
-        for s in plan.specs:
-            done = record_path(plan.records_dir, s.run_id).exists()
-            print(f"{'done   ' if done else 'pending'} {s.run_id}")
+        pending = plan.pending()  # in the order they will run
+        for s in [s for s in plan.specs if s not in pending] + pending:
+            print(f"{'pending' if s in pending else 'done   '} {s.run_id}")
         return 0
     only = [x.strip() for x in args.only.split(",") if x.strip()] if args.only else None
     written = run_study(args.study, only=only, max_runs=args.max_runs, progress=args.progress)

@@ -15,8 +15,10 @@ from typing import Any
 
 import torch
 
+from advmend.config import RunConfig, from_dict
 from advmend.errors import AdvmendError
 from advmend.io import atomic_write_text
+from advmend.study.spec import config_digest
 
 SCHEMA = "advmend.study.record/1"
 STUDY_SCHEMA = "advmend.study/1"
@@ -30,6 +32,12 @@ class RecordError(AdvmendError):
 def bits(correct: torch.Tensor) -> str:
     """Per-example correctness as a string of '0'/'1' (compact, diff-friendly, language-neutral)."""
     return "".join("1" if c else "0" for c in correct.bool().tolist())
+
+
+def percent(correct: torch.Tensor) -> float:
+    """Accuracy in percent, exactly as the renderer recomputes it from the bits (a float32 mean is off
+    in the 7th digit)."""
+    return 100.0 * int(correct.bool().sum()) / max(correct.numel(), 1)
 
 
 def unbits(s: str, where: str) -> list[int]:
@@ -73,9 +81,20 @@ def _check_result(res: dict, where: str) -> None:
     if len(ok) != n:
         raise RecordError(f"{where}: {len(ok)} per-example results for n={n}")
     acc = _need(res, "accuracy", (int, float), where)
-    if abs(acc - 100.0 * sum(ok) / max(n, 1)) > 1e-6:
+    # 1e-4 points: the float32 rounding of a stored mean passes, any edit of a result (>= 100/n) does not.
+    if abs(acc - 100.0 * sum(ok) / max(n, 1)) > 1e-4:
         raise RecordError(f"{where}: stored accuracy {acc} disagrees with its per-example results; "
                           "the record was edited by hand")  # fmt: skip
+
+
+def record_config_digest(rec: dict, where: str) -> str:
+    """The hash of the record's config as this advmend resolves it: a field added to advmend since the
+    record was written takes its default, so new options do not invalidate old records, while any value
+    the run really used is compared."""
+    try:
+        return config_digest(from_dict(RunConfig, _need(rec, "config", dict, where)))
+    except AdvmendError as e:
+        raise RecordError(f"{where}: its config no longer loads ({e}); delete the record to rerun that run") from None
 
 
 def load_record(path: Path, study_id: str, config_sha256: str | None = None) -> dict[str, Any]:
@@ -89,8 +108,8 @@ def load_record(path: Path, study_id: str, config_sha256: str | None = None) -> 
                           "move it to its own study folder")  # fmt: skip
     if path.stem != rec.get("run"):
         raise RecordError(f"{where}: the file name does not match the recorded run {rec.get('run')!r}")
-    sha = _need(rec, "config_sha256", str, where)
-    if config_sha256 is not None and sha != config_sha256:
+    _need(rec, "config_sha256", str, where)
+    if config_sha256 is not None and record_config_digest(rec, where) != config_sha256:
         raise RecordError(f"{where}: written for another config of this run (the study or base config changed "
                           "since); restore the config, or delete the record to rerun it")  # fmt: skip
     _need(rec, "train", dict, where)

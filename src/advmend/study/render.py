@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from advmend.study.records import STUDY_FILE, STUDY_SCHEMA, RecordError, load_record, read_json, unbits
+from advmend.study.records import (
+    STUDY_FILE, STUDY_SCHEMA, RecordError, load_record, read_json, record_config_digest, unbits,
+)  # fmt: skip
 from advmend.study.stats import mean_std, paired_bootstrap
 
 # The goal the project holds FSR to (issue 9): >= 2 AutoAttack points over its baseline with clean
@@ -43,7 +45,10 @@ def load_study_records(folder: Path) -> Study:
             continue
         if path.stem not in runs:
             raise RecordError(f"{path}: not a run of study {index['id']!r}; delete it or rerun `advmend study`")
-        records[path.stem] = load_record(path, index["id"], runs[path.stem]["config_sha256"])
+        run = runs[path.stem]
+        expected = (record_config_digest(run, f"{folder / STUDY_FILE} (run {path.stem})") if "config" in run
+                    else run.get("config_sha256"))  # fmt: skip
+        records[path.stem] = load_record(path, index["id"], expected)
     return Study(index["id"], index["definition"], runs, records, folder, str(index.get("source", "?")))
 
 

@@ -30,7 +30,7 @@ from advmend.evaluation.evaluate import EvalResult, evaluate
 from advmend.evaluation.run import load_trained_model
 from advmend.evaluation.sanity import run_sanity
 from advmend.study.records import (
-    SCHEMA, STUDY_FILE, STUDY_SCHEMA, RecordError, bits, load_record, read_json, record_path, write_json,
+    SCHEMA, STUDY_FILE, STUDY_SCHEMA, RecordError, bits, load_record, percent, read_json, record_path, write_json,
 )  # fmt: skip
 from advmend.study.spec import RunSpec, StudyConfig, load_study, resolve_runs
 from advmend.training.build import build_data, resolve_device
@@ -132,7 +132,10 @@ def write_study_file(plan: StudyPlan) -> None:
     study = plan.study
     write_json(plan.records_dir / STUDY_FILE, {
         "schema": STUDY_SCHEMA, "id": study.id, "source": plan.source, "definition": to_dict(study),
-        "runs": {s.run_id: {"row": s.row.name, "seed": s.seed, "config_sha256": s.config_sha256} for s in plan.specs},
+        # Each run's resolved config, not only its hash: the renderer re-derives both hashes with its own
+        # advmend, so records stay comparable after advmend gains an option (see records.record_config_digest).
+        "runs": {s.run_id: {"row": s.row.name, "seed": s.seed, "config_sha256": s.config_sha256,
+                            "config": to_dict(s.cfg)} for s in plan.specs},
     })  # fmt: skip
 
 
@@ -199,7 +202,7 @@ def subset_indices(n_total: int, seed: int) -> torch.Tensor:
 
 def _attack_entry(res: EvalResult, k: int) -> dict:
     a = res.attacks[k]
-    return {"n": res.n, "accuracy": 100 * a.accuracy, "correct": bits(a.correct), "settings": a.settings,
+    return {"n": res.n, "accuracy": percent(a.correct), "correct": bits(a.correct), "settings": a.settings,
             "seconds": round(a.seconds, 2), **({"stages": a.stages} if a.stages else {})}  # fmt: skip
 
 
@@ -234,7 +237,7 @@ def evaluate_run(model, test: ArrayDataset, eps: float, study: StudyConfig, devi
 
     def clean_stage() -> dict:
         res = evaluate(model, test if clean_idx is None else take(test, clean_idx), [], **kw)
-        return {"n": res.n, "accuracy": 100 * res.clean_accuracy, "correct": bits(res.clean_correct),
+        return {"n": res.n, "accuracy": percent(res.clean_correct), "correct": bits(res.clean_correct),
                 "seconds": round(res.seconds, 2),
                 "indices": None if clean_idx is None else clean_idx.tolist()}  # fmt: skip
 
@@ -274,7 +277,7 @@ def evaluate_run(model, test: ArrayDataset, eps: float, study: StudyConfig, devi
         "clean": {k: clean[k] for k in ("n", "accuracy", "correct", "seconds", "indices")},
         "attack_indices": att["indices"],
         "attacks": attacks,
-        "worst_case": {"n": n_w, "accuracy": 100 * float(worst.float().mean()), "correct": bits(worst),
+        "worst_case": {"n": n_w, "accuracy": percent(worst), "correct": bits(worst),
                        "attacks": list(attacks)},  # fmt: skip
         "sanity": att.get("sanity", []),
         "seconds": round(sum(s["stage_seconds"] for s in (clean, att, aa) if s is not None), 2),
