@@ -77,13 +77,14 @@ def test_records_are_written_then_skipped(tmp_path):
     worst = [c and all(a["correct"][k] == "1" for a in ev["attacks"].values()) for k, c in enumerate(clean)]
     assert ev["worst_case"]["correct"] == "".join("1" if w else "0" for w in worst)
     assert {"cpu", "cpu_count", "torch_threads"} <= set(rec["hardware"]["at_start"])
-    assert rec["versions"]["torch"] and rec["checkpoint"]["file"] == "weights/at_fsr-s0.safetensors"
-    # The evaluated weights are committed with the record: they load, and they are the best checkpoint.
+    # The record names the evaluated checkpoint (in the run folder, never in the records folder) and its hash.
     from advmend.evaluation.run import load_trained_model
     from advmend.io import file_sha256
 
-    weights = tmp_path / "rec" / "tiny" / rec["checkpoint"]["file"]
+    weights = Path(rec["checkpoint"]["file"])
+    assert weights == tmp_path / "runs" / "tiny" / "at_fsr-s0" / "best.safetensors"
     assert file_sha256(weights) == rec["checkpoint"]["sha256"]
+    assert not list((tmp_path / "rec").rglob("*.safetensors"))
     model, cfg, _ = load_trained_model(weights, torch.device("cpu"))
     assert cfg.fsr.enabled
 

@@ -34,7 +34,7 @@ from advmend.study.records import (
 )  # fmt: skip
 from advmend.study.spec import RunSpec, StudyConfig, load_study, resolve_runs
 from advmend.training.build import build_data, resolve_device
-from advmend.io import atomic_write_bytes, file_sha256, versions
+from advmend.io import file_sha256, versions
 from advmend.training.loop import LAST, train
 
 # The study's attacks on the attack subset: the FSR paper's FGSM, PGD-20 and CW-30 (step eps/10, no
@@ -304,19 +304,15 @@ def run_one(plan: StudyPlan, spec: RunSpec, *, progress: bool = False, log: Call
         test = build_data(spec.cfg.data, need_train=False).test
         ev = evaluate_run(model, test, float(ckpt["eps"]), plan.study, device, result.best,
                           run_dir / "study-eval", progress, log)  # fmt: skip
-    weights = None
-    if ev is not None:  # the evaluated weights travel with the record, for independent re-checks
-        weights = plan.records_dir / "weights" / f"{spec.run_id}.safetensors"
-        weights.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(weights, lambda tmp: shutil.copyfile(result.best, tmp))
     hist = result.history
     train_s = sum(h["seconds"] for h in hist)
     record = {
         "schema": SCHEMA, "study": plan.study.id, "run": spec.run_id, "row": spec.row.name, "seed": spec.seed,
         "config": to_dict(spec.cfg), "config_sha256": spec.config_sha256,
         "commit": git_commit(),
-        "checkpoint": {"file": None if weights is None else weights.relative_to(plan.records_dir).as_posix(),
-                       "run_dir": run_dir.as_posix(), "sha256": file_sha256(result.best),
+        # Run outputs stay out of the repository: the record names the evaluated checkpoint (in the run
+        # folder, not committed) and its hash, so a re-check can verify the weights it was given.
+        "checkpoint": {"file": result.best.as_posix(), "sha256": file_sha256(result.best),
                        "best_epoch": ckpt["best"]["epoch"], "select": spec.cfg.train.select},
         "metrics": hist,
         "train": {"epochs": len(hist), "seconds": round(train_s, 1),
