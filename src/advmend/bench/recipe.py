@@ -12,13 +12,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from advmend.bench.throughput import _images_per_s
+from advmend.bench.throughput import _images_per_s, switched_step
 from advmend.config import RunConfig
 from advmend.data.sources import dataset_info
 from advmend.errors import ConfigError
 from advmend.defenses.build import build_model
 from advmend.training.build import build_objective
-from advmend.training.precision import Precision, to_channels_last
 
 
 @dataclass
@@ -37,23 +36,10 @@ def recipe_step(cfg: RunConfig, switch: str, batch_size: int, device: torch.devi
     if info["image_shape"] is None or info["num_classes"] is None:
         raise ConfigError(f"advmend bench --config needs a data set of known image shape, got {cfg.data.name!r}")
     torch.manual_seed(0)
-    model = build_model(cfg, info["num_classes"], tuple(info["image_shape"])).to(device).train()
-    channels_last = switch == "channels_last"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    precision = Precision(switch if switch in ("bf16", "fp16") else "off", device)
-    objective = build_objective(cfg, info["eps"])
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum)
-    x = to_channels_last(torch.rand(batch_size, *info["image_shape"], device=device), channels_last)
-    y = torch.randint(0, info["num_classes"], (batch_size,), device=device)
-
-    def step():
-        with precision.autocast():
-            out = objective(model, x, y)
-        opt.zero_grad(set_to_none=True)
-        precision.backward_and_step(out.loss, opt)
-
-    return step
+    model = build_model(cfg, info["num_classes"], tuple(info["image_shape"]))
+    return switched_step(model, build_objective(cfg, info["eps"]), switch, image_shape=tuple(info["image_shape"]),
+                         num_classes=info["num_classes"], batch_size=batch_size, device=device, lr=cfg.train.lr,
+                         momentum=cfg.train.momentum)  # fmt: skip
 
 
 def bench_recipe(name: str, cfg: RunConfig, switches: list[str], *, batch_size: int | None, iters: int,

@@ -117,17 +117,24 @@ def _at_step(name: str, fsr: bool, switch: str, batch_size: int, device: torch.d
     model = create_model(name, num_classes=10).to(device)
     if fsr:
         model = FSRModel(model, at=fsr_preset(name), num_classes=10, input_shape=(3, image_size, image_size))
+    objective = AdversarialCE(PGD(eps=8 / 255, steps=10, step_size=2 / 255, keep_best=False))
+    return switched_step(model, objective, switch, image_shape=(3, image_size, image_size), num_classes=10,
+                         batch_size=rank_batch or batch_size, device=device, ctx=ctx)  # fmt: skip
+
+
+def switched_step(model: torch.nn.Module, objective, switch: str, *, image_shape, num_classes: int, batch_size: int,
+                  device: torch.device, lr: float = 0.01, momentum: float = 0.9, ctx=None):  # fmt: skip
+    """One training step of `objective` (attack + loss + backward + SGD step) on a random batch, set up as
+    the training loop does for `switch` (training/precision.py, training/distributed.py)."""
     model = model.to(device).train()
     channels_last = switch == "channels_last"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     precision = Precision(switch if switch in ("bf16", "fp16") else "off", device)
     view = training_view(model, ctx or DistContext(), device, compile=switch == "compile")
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    n = rank_batch or batch_size
-    x = to_channels_last(torch.rand(n, 3, image_size, image_size, device=device), channels_last)
-    y = torch.randint(0, 10, (n,), device=device)
-    objective = AdversarialCE(PGD(eps=8 / 255, steps=10, step_size=2 / 255, keep_best=False))
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    x = to_channels_last(torch.rand(batch_size, *image_shape, device=device), channels_last)
+    y = torch.randint(0, num_classes, (batch_size,), device=device)
 
     def step():
         with precision.autocast():

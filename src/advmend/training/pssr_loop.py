@@ -73,15 +73,24 @@ def _classifier(cfg: RunConfig, out_dir: Path, resume: bool, log) -> Path:
         return path
     clf_dir = out_dir / CLASSIFIER_DIR
     clf_cfg = replace(cfg, name=f"{cfg.name}-classifier", pssr=PSSRConfig())
-    if (clf_dir / LAST).exists():
-        _, record = load_checkpoint(clf_dir / LAST)
+    return _trained_classifier(clf_cfg, clf_dir, log, reuse=f"using the classifier already trained in {clf_dir}",
+                               resume=f"resuming the classifier in {clf_dir}",
+                               start=f"no pssr.classifier given: training the classifier first into {clf_dir}")  # fmt: skip
+
+
+def _trained_classifier(cfg: RunConfig, out: Path, log: Callable[[str], None], *, reuse: str, resume: str,
+                        start: str) -> Path:  # fmt: skip
+    """The best checkpoint of classifier `cfg` in `out`: reused when that run is finished (all epochs, or
+    stopped early), resumed when it was interrupted, trained from scratch otherwise."""
+    if (out / LAST).exists():
+        _, record = load_checkpoint(out / LAST)
         if record.get("epoch", 0) >= cfg.train.epochs or (record.get("early_stopping") or {}).get("stopped"):
-            log(f"using the classifier already trained in {clf_dir}")
-            return clf_dir / BEST
-        log(f"resuming the classifier in {clf_dir}")
-        return train(clf_cfg, clf_dir, resume=True, log=log).best
-    log(f"no pssr.classifier given: training the classifier first into {clf_dir}")
-    return train(clf_cfg, clf_dir, resume=False, log=log).best
+            log(reuse)
+            return out / BEST
+        log(resume)
+        return train(cfg, out, resume=True, log=log).best
+    log(start)
+    return train(cfg, out, resume=False, log=log).best
 
 
 def train_pssr(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, log: Callable[[str], None] = print) -> TrainResult:
@@ -221,15 +230,10 @@ def transfer_surrogate(cfg, checkpoint: Path, log=print) -> Path:
     clf_cfg = replace(recipe, name=f"{cfg.name}-transfer-surrogate-seed{seed}", data=cfg.data,
                       train=replace(recipe.train, seed=seed), eval=replace(recipe.eval, after_train=False))  # fmt: skip
     out = checkpoint.parent / SURROGATE_DIR.format(seed=seed)
-    if (out / LAST).exists():
-        _, record = load_checkpoint(out / LAST)
-        if record.get("epoch", 0) >= clf_cfg.train.epochs or (record.get("early_stopping") or {}).get("stopped"):
-            log(f"transfer surrogate: reusing {out / BEST}")
-            return out / BEST
-        log(f"transfer surrogate: resuming {out}")
-        return train(clf_cfg, out, resume=True, log=log).best
-    log(f"transfer surrogate: no pssr.surrogate given, training the classifier's recipe with seed {seed} into {out}")
-    return train(clf_cfg, out, resume=False, log=log).best
+    return _trained_classifier(clf_cfg, out, log, reuse=f"transfer surrogate: reusing {out / BEST}",
+                               resume=f"transfer surrogate: resuming {out}",
+                               start=f"transfer surrogate: no pssr.surrogate given, training the classifier's "
+                                     f"recipe with seed {seed} into {out}")  # fmt: skip
 
 
 def with_transfer_surrogate(cfg: RunConfig, checkpoint: str | Path, meta: dict, log=print) -> tuple[RunConfig, dict]:
