@@ -29,7 +29,7 @@ CONFIG = {
 # End-to-end runs: a few seconds each on an idle 2-core CPU, more under load.
 pytestmark = pytest.mark.slow
 
-VAL_KEYS = {"val_clean_acc", "val_graybox_acc", "val_whitebox_acc", "val_robust_acc"}
+VAL_KEYS = {"val_clean_acc", "val_graybox_acc", "val_whitebox_acc", "val_robust_acc", "val_psnr", "val_ssim"}
 
 
 def _write(folder: Path, cfg: dict) -> Path:
@@ -61,6 +61,7 @@ def test_train_trains_the_classifier_first_then_the_regenerator(run):
     assert [r["epoch"] for r in recs] == [1, 2]
     assert VAL_KEYS <= set(recs[-1]) and {"pix_adv", "ce_adv", "rdrop", "removed"} <= set(recs[-1])
     assert recs[-1]["val_robust_acc"] <= min(recs[-1]["val_graybox_acc"], recs[-1]["val_whitebox_acc"])
+    assert 0 < recs[-1]["val_psnr"] < 100 and -1 <= recs[-1]["val_ssim"] <= 1
     model, cfg, record = load_trained_model(run / "best.safetensors", torch.device("cpu"))
     assert isinstance(model, PSSRModel) and cfg.pssr.enabled
     assert record["classifier"]["path"].endswith("classifier/best.safetensors")

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 import yaml
 
+from advmend.attacks.modes import attack_mode
 from advmend.checkpoint import load_checkpoint
 from advmend.config import PSSRConfig, RunConfig, from_dict, to_dict
 from advmend.data import BatchLoader
@@ -35,6 +36,7 @@ from advmend.defenses.build import build_model
 from advmend.defenses.pssr.objective import PSSRObjective
 from advmend.defenses.pssr.pipeline import PSSRModel, check_pssr_config
 from advmend.errors import CheckpointError, ConfigError
+from advmend.evaluation.image_quality import restoration_quality
 from advmend.evaluation.pssr import GRAYBOX, MASK, evaluate_pssr
 from advmend.evaluation.run import load_trained_model
 from advmend.io import atomic_write_text, file_sha256
@@ -152,6 +154,10 @@ def train_pssr(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, log
     prepare_out_dir(out_dir, resume and has_last)
     remove_stale_temp_files(out_dir, log)
 
+    # G's stage runs on one process with the classifier loop's precision switch (train.amp): the attack on
+    # f, the surgery and both passes through G and f run under autocast. channels_last is left out: it
+    # made the U-Net slower on CPU (python -m advmend.bench.pssr_speed).
+    step_cfg, precision, ctx = replace(cfg, train=schedule), Precision(t.amp, device), DistContext()
     start_epoch, best_value, history = 0, None, []
     select_key = SELECT[t.select] if data.val is not None else "epoch"
     if resume and has_last:
@@ -174,6 +180,7 @@ def train_pssr(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, log
                               f"({saved['pssr'].get('pretrain_epochs', 0)})")
         model.load_state_dict(state)
         optimizer.load_state_dict(record["optimizer_state"])
+        precision.load_state(record.get("scaler"))
         rng = {k.split(".", 1)[1]: v for k, v in record.get("extra_tensors", {}).items() if k.startswith("rng.")}
         if rng:
             restore_rng_state(rng, device)
@@ -186,8 +193,6 @@ def train_pssr(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, log
         "config": to_dict(cfg), "num_classes": info["num_classes"], "image_shape": list(info["image_shape"]),
         **asdict(attack_threat(p.attack, info["eps"])), "classifier": {"path": str(clf_path), "sha256": file_sha256(clf_path)},
     }  # fmt: skip
-    # G's stage runs in fp32 on one process: the classifier loop's speed switches do not apply here.
-    step_cfg, precision, ctx = replace(cfg, train=schedule), Precision("off", device), DistContext()
     for epoch in range(start_epoch, total):
         stage = "pretrain" if epoch < p.pretrain_epochs else "adversarial"
         step_objective = pretrain if stage == "pretrain" else objective
@@ -199,9 +204,10 @@ def train_pssr(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, log
         history.append(rec)
         with open(out_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(rec) + "\n")
-        log(log_line(rec, total) + f" | {stage}" + f" | pix {rec['pix_adv']:.4f} removed {100 * rec['removed']:.1f}%")
+        psnr = f" val psnr {rec['val_psnr']:.2f} dB" if "val_psnr" in rec else ""
+        log(log_line(rec, total) + f" | {stage} | pix {rec['pix_adv']:.4f} removed {100 * rec['removed']:.1f}%{psnr}")
         is_best, best_value, best_epoch = select_best(history, select_key, best_value)
-        record = dict(record_base, epoch=epoch + 1, metrics=rec,
+        record = dict(record_base, epoch=epoch + 1, metrics=rec, scaler=precision.state(),
                       best={"epoch": best_epoch, "metric": select_key, "value": best_value})  # fmt: skip
         if is_best:
             save_or_explain(out_dir / BEST, model, record)
@@ -247,7 +253,10 @@ def with_transfer_surrogate(cfg: RunConfig, checkpoint: str | Path, meta: dict, 
 
 
 def _validate(model: PSSRModel, val_data, attack, cfg: RunConfig, device) -> dict:
-    """Pipeline accuracy on the validation split: clean, gray-box, white-box (mask constant), worst."""
+    """Pipeline accuracy on the validation split (clean, gray-box, white-box with the mask constant, worst)
+    and the PSNR / SSIM of G(PS(x)) against the clean validation images."""
+    with attack_mode(model):  # eval mode (no dropout in G), modes restored afterwards
+        quality = restoration_quality(model.preprocess, val_data, batch_size=cfg.eval.batch_size, device=device)
     ev = evaluate_pssr(model, val_data, [attack], threat_models=(GRAYBOX, MASK), batch_size=cfg.eval.batch_size,
                        device=device, seed=cfg.eval.seed)  # fmt: skip
     return {
@@ -255,5 +264,7 @@ def _validate(model: PSSRModel, val_data, attack, cfg: RunConfig, device) -> dic
         "val_graybox_acc": 100 * ev.threat_accuracy(GRAYBOX),
         "val_whitebox_acc": 100 * ev.threat_accuracy(MASK),
         "val_robust_acc": 100 * ev.result.worst_accuracy,
+        "val_psnr": round(quality["psnr"], 3),
+        "val_ssim": round(quality["ssim"], 4),
         "val_seconds": round(ev.result.seconds, 2),
     }
