@@ -144,3 +144,40 @@ def test_residual_regenerator_is_the_identity_at_initialisation_and_learns_fills
     g.train()
     (g(x, mask) - x).abs().mean().backward()  # gradients reach the head (zero-initialised) and the body
     assert g.head.weight.grad.abs().sum() > 0
+
+
+def test_fill_holes_interpolates_removed_pixels_from_kept_neighbours():
+    """fill_holes: isolated holes in a linear ramp are restored exactly (symmetric 3x3 mean); kept pixels
+    are untouched; a hole with no kept pixel within 9x9 gets the image's mean kept colour, an image with
+    nothing kept 0.5; differentiable in the kept pixels only."""
+    from advmend.defenses.pssr.regenerator import fill_holes
+
+    x = torch.linspace(0, 1, 16).view(1, 1, 1, 16).expand(2, 3, 16, 16).clone()
+    m = torch.zeros(2, 1, 16, 16)
+    m[:, :, 4, 4] = m[:, :, 9, 11] = 1
+    out = fill_holes(x * (1 - m), m)
+    assert torch.allclose(out, x, atol=1e-6)
+    big = torch.ones(1, 1, 16, 16)
+    big[..., 15, 15] = 0  # one kept pixel, far from the top-left corner
+    img = torch.rand(1, 3, 16, 16)
+    filled = fill_holes(img * (1 - big), big)
+    assert torch.equal(filled[..., 15, 15], img[..., 15, 15])
+    assert torch.allclose(filled[..., 0, 0], img[..., 15, 15])  # the mean of the kept pixels
+    assert torch.equal(fill_holes(img, torch.ones(1, 1, 16, 16)), torch.full_like(img, 0.5))
+    xs = (x * (1 - m)).requires_grad_(True)
+    fill_holes(xs, m).sum().backward()
+    assert torch.all(xs.grad[m.expand_as(xs) > 0] == 0) and xs.grad.abs().sum() > 0
+
+
+def test_residual_regenerator_starts_from_the_filled_surgical_image():
+    from advmend.defenses.pssr.regenerator import fill_holes
+
+    torch.manual_seed(0)
+    g = Regenerator(3, (8, 8), width=4, dropout=0.1, residual=True).eval()
+    x = _smooth_images(8)
+    mask = (torch.rand(8, 1, 8, 8) < 0.3).float()
+    xs = x * (1 - mask)
+    with torch.no_grad():
+        out = g(xs, mask)
+    assert torch.allclose(out, fill_holes(xs, mask).clamp(1e-3, 1 - 1e-3), atol=1e-5)
+    assert (out - x).abs().mean() < (xs - x).abs().mean() / 2  # far closer than the holes at 0

@@ -414,3 +414,35 @@ def test_a_config_field_added_since_the_record_takes_its_default(finished, tmp_p
     rec.write_text(json.dumps(data))
     with pytest.raises(RecordError, match="another config"):
         plan_study(path)
+
+
+@pytest.mark.slow
+def test_a_pssr_row_protects_another_rows_classifier_and_is_judged_against_it(tmp_path):
+    """A row with pssr.enabled trains G in front of another run's checkpoint (waiting while it is
+    missing), and its record holds f alone and PSSR on the same examples, every threat model, the
+    restoration quality and the transfer source; the renderer adds the paired PSSR table."""
+    clf = tmp_path / "runs" / "tiny" / "at-s0" / "best.safetensors"
+    pssr = {"name": "pssr_at", "seeds": [0], "overrides": [
+        "pssr.enabled=true", "pssr.width=4", "pssr.epochs=1", "pssr.batch_size=32", "pssr.attack.steps=1",
+        "pssr.residual=true", f"pssr.classifier={clf.as_posix()}"]}  # fmt: skip
+    path = _study(tmp_path, rows=[{"name": "at", "seeds": [0]}, pssr], autoattack_n=8)
+    logs: list[str] = []
+    assert run_study(path, only=["pssr_at"], log=logs.append) == []  # its classifier does not exist yet
+    assert any("waits for its classifier" in line for line in logs)
+    written = run_study(path, log=_quiet)
+    assert [p.name for p in written] == ["at-s0.json", "pssr_at-s0.json"]
+    rec = json.loads(written[1].read_text())
+    ev = rec["eval"]
+    assert ev["kind"] == "pssr" and rec["config"]["pssr"]["classifier"] == clf.as_posix()
+    assert sorted(ev["attacks"]) == sorted(["graybox/PGD-20", "whitebox-bpda-mask/PGD-20", "whitebox-bpda-identity/PGD-20",
+                                            "transfer/PGD-20", "whitebox-bpda-mask/AutoAttack"])  # fmt: skip
+    assert len(ev["classifier_alone"]["clean"]["correct"]) == ev["clean"]["n"] == 48
+    assert len(ev["classifier_alone"]["PGD-20"]["correct"]) == 24 and ev["worst_case"]["n"] == 8
+    assert 0 < ev["restoration"]["psnr"] < 100 and ev["surrogate"]["file"].endswith("best.safetensors")
+    assert "transfer-surrogate-seed1" in ev["surrogate"]["file"]  # the classifier's recipe, next seed
+    # f alone here is the classifier run's own model: its clean bits equal that run's record
+    at = json.loads(written[0].read_text())
+    assert ev["classifier_alone"]["clean"]["correct"] == at["eval"]["clean"]["correct"]
+    assert ev["classifier_alone"]["PGD-20"]["correct"] == at["eval"]["attacks"]["PGD-20"]["correct"]
+    text, _ = render(tmp_path / "rec", plot=False)
+    assert "PSSR against the classifier it protects" in text and "| pssr_at-s0 |" in text

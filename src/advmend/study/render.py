@@ -77,8 +77,14 @@ def _ci(d: tuple[float, float, float]) -> str:
     return f"{d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]"
 
 
-# Column order: the study's attacks from weakest to strongest; any other attack after them.
-ORDER = ("FGSM", "PGD-20", "CW-30", "AutoAttack")
+# Column order: the study's attacks from weakest to strongest; any other attack after them. A PSSR
+# record's attacks are named <threat model>/<attack>: gray-box first, the white box last.
+ORDER = ("FGSM", "PGD-20", "CW-30", "AutoAttack", "graybox/PGD-20", "transfer/PGD-20",
+         "whitebox-bpda-identity/PGD-20", "whitebox-bpda-mask/PGD-20", "whitebox-bpda-mask/AutoAttack")
+
+# The goals the project holds PSSR to (issue 10), against the classifier it protects: clean accuracy
+# within 3 points, PSNR of regenerated clean images >= 28 dB, gray-box PGD-20 >= +20 points.
+GOAL_PSSR_CLEAN_LOSS, GOAL_PSSR_PSNR, GOAL_PSSR_GRAYBOX_GAIN = 3.0, 28.0, 20.0
 
 
 def _metrics(study: Study) -> list[str]:
@@ -114,6 +120,63 @@ def paired(study: Study, row: dict, base: dict, metric: str) -> tuple[int, tuple
 def _best(rec: dict) -> dict:
     best = rec["checkpoint"]["best_epoch"]
     return next((h for h in rec["metrics"] if h.get("epoch") == best), {})
+
+
+def _bits(rec: dict, entry: dict) -> np.ndarray:
+    return np.array(unbits(entry["correct"], rec["run"]))
+
+
+def pssr_against_classifier(rec: dict) -> dict:
+    """A PSSR record against its own classifier alone, paired on the same examples: clean (clean
+    subset) and gray-box PGD-20 against f alone under the same PGD-20 (attack subset), each as
+    (mean, low, high) percentage points with a 95 % bootstrap interval over examples."""
+    ev = rec["eval"]
+    alone = ev["classifier_alone"]
+    clean = _bits(rec, ev["clean"]) - _bits(rec, alone["clean"])
+    gray = _bits(rec, ev["attacks"]["graybox/PGD-20"]) - _bits(rec, alone["PGD-20"])
+    return {"clean": paired_bootstrap(clean[None, :]), "graybox": paired_bootstrap(gray[None, :])}
+
+
+def render_pssr(study: Study) -> list[str]:
+    """The PSSR runs of a study against the classifiers they protect (none: no lines)."""
+    recs = [(run_id, r) for run_id, r in study.records.items() if (r.get("eval") or {}).get("kind") == "pssr"]
+    if not recs:
+        return []
+    head = ["run", "f clean", "PSSR clean", "PSNR dB", "SSIM", "f PGD-20", "gray-box", "white box", "transfer",
+            "worst", "clean Δ [95 % CI]", "gray-box Δ [95 % CI]", "goal"]
+    lines = ["", "PSSR against the classifier it protects (percent; Δ = PSSR − classifier alone, paired on the same "
+             "examples, 95 % bootstrap interval over examples). f PGD-20 and gray-box use the same PGD-20 (crafted on "
+             "f; gray-box then passes the examples through PSSR); white box is the per-example worst of BPDA with the "
+             "mask constant, BPDA through the identity and AutoAttack on the whole pipeline; transfer is crafted on an "
+             "independently trained classifier; worst is over every attack on PSSR.", "",
+             "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]  # fmt: skip
+    for run_id, r in recs:
+        ev = r["eval"]
+        att = ev["attacks"]
+        n_wb = min(a["n"] for k, a in att.items() if k.startswith("whitebox"))
+        wb = np.ones(n_wb, dtype=bool)
+        for k, a in att.items():
+            if k.startswith("whitebox"):
+                wb &= _bits(r, a)[:n_wb].astype(bool)
+        d = pssr_against_classifier(r)
+        q = ev["restoration"]
+        met = (d["clean"][0] >= -GOAL_PSSR_CLEAN_LOSS and q["psnr"] >= GOAL_PSSR_PSNR
+               and d["graybox"][0] >= GOAL_PSSR_GRAYBOX_GAIN)  # fmt: skip
+        cells = [run_id, f"{_pct(_bits(r, ev['classifier_alone']['clean']))}", f"{_acc(r, 'clean'):.2f}",
+                 f"{q['psnr']:.2f}", f"{q['ssim']:.3f}", _pct(_bits(r, ev["classifier_alone"]["PGD-20"])),
+                 f"{_acc(r, 'graybox/PGD-20'):.2f}", f"{100 * wb.mean():.2f} (n={n_wb})",
+                 f"{_acc(r, 'transfer/PGD-20'):.2f}", f"{_acc(r, 'worst'):.2f}", _ci(d["clean"]), _ci(d["graybox"]),
+                 "met" if met else "not met"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Goal (issue 10): clean within {GOAL_PSSR_CLEAN_LOSS:g} points of the classifier alone, PSNR of "
+              f"regenerated clean images >= {GOAL_PSSR_PSNR:g} dB, gray-box at least +{GOAL_PSSR_GRAYBOX_GAIN:g} points "
+              "over the classifier alone (on the means). The white-box column is the number to trust against an "
+              "attacker who knows the defense."]  # fmt: skip
+    return lines
+
+
+def _pct(correct: np.ndarray) -> str:
+    return f"{100.0 * correct.mean():.2f}"
 
 
 def render_tuning(study: Study, lines: list[str]) -> str:
@@ -197,6 +260,7 @@ def render_study(study: Study, png_name: str | None) -> str:
         lines += ["", f"Goal: AutoAttack at least +{GOAL_AA_GAIN:g} points over the baseline with clean accuracy "
                   f"within {GOAL_CLEAN_LOSS:g} point (on the means). An interval that covers 0 means no "
                   "measurable difference at this sample size."]  # fmt: skip
+    lines += render_pssr(study)
     lines += ["", "Per run:", "", "| run | best epoch | train min | train img/s | eval min | load (start/end) | commit |",
               "|---|---:|---:|---:|---:|---|---|"]  # fmt: skip
     for run_id in study.runs:

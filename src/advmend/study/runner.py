@@ -32,10 +32,12 @@ from advmend.evaluation.sanity import run_sanity
 from advmend.study.records import (
     SCHEMA, STUDY_FILE, STUDY_SCHEMA, RecordError, bits, load_record, percent, read_json, record_path, write_json,
 )  # fmt: skip
+from advmend.study.pssr_eval import evaluate_pssr_run
 from advmend.study.spec import RunSpec, StudyConfig, load_study, resolve_runs
 from advmend.training.build import build_data, resolve_device
 from advmend.io import file_sha256, versions
 from advmend.training.loop import LAST, train
+from advmend.training.pssr_loop import train_pssr, with_transfer_surrogate
 
 # The study's attacks on the attack subset: the FSR paper's FGSM, PGD-20 and CW-30 (step eps/10, no
 # random start). PGD-100 is left out: on these models it moves PGD-20 by a fraction of a point and
@@ -161,6 +163,13 @@ def run_study(study_file: str | Path, *, only: list[str] | None = None, max_runs
                 continue
             if record_path(plan.records_dir, spec.run_id).exists():  # finished while we waited
                 continue
+            p = spec.cfg.pssr
+            missing = [(k, v) for k, v in (("classifier", p.classifier), ("surrogate", p.surrogate))
+                       if p.enabled and v is not None and not Path(v).is_file()]  # fmt: skip
+            if missing:  # a PSSR row protects (and is attacked from) other runs' checkpoints
+                k, v = missing[0]
+                log(f"{spec.run_id}: waits for its {k} {v} (run the study that makes it first); skipped")
+                continue
             written.append(run_one(plan, spec, progress=progress, log=log))
     return written
 
@@ -200,6 +209,13 @@ def subset_indices(n_total: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(derive_seed(seed, 7)))
 
 
+def subsets(n_test: int, e) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(clean subset or None for all, attack subset, AutoAttack subset): nested prefixes of the permutation."""
+    perm = subset_indices(n_test, e.seed)
+    clean_idx = None if e.clean_n is None or e.clean_n >= n_test else perm[: e.clean_n]
+    return clean_idx, perm[: min(e.attack_n, n_test)], perm[: min(e.autoattack_n, n_test)]
+
+
 def _attack_entry(res: EvalResult, k: int) -> dict:
     a = res.attacks[k]
     return {"n": res.n, "accuracy": percent(a.correct), "correct": bits(a.correct), "settings": a.settings,
@@ -229,10 +245,8 @@ def evaluate_run(model, test: ArrayDataset, eps: float, study: StudyConfig, devi
     """The study protocol on the best checkpoint: clean, the paper's attacks, AutoAttack, worst case."""
     e = study.eval
     sha = file_sha256(checkpoint)
-    perm = subset_indices(len(test), e.seed)
-    clean_idx = None if e.clean_n is None or e.clean_n >= len(test) else perm[: e.clean_n]
-    n_att, n_aa = min(e.attack_n, len(test)), min(e.autoattack_n, len(test))
-    att_idx = perm[:n_att]
+    clean_idx, att_idx, aa_idx = subsets(len(test), e)
+    n_att, n_aa = len(att_idx), len(aa_idx)
     kw = dict(batch_size=e.batch_size, device=device, seed=e.seed, progress=progress)
 
     def clean_stage() -> dict:
@@ -253,7 +267,7 @@ def evaluate_run(model, test: ArrayDataset, eps: float, study: StudyConfig, devi
         return out
 
     def autoattack_stage() -> dict:
-        res = evaluate(model, take(test, perm[:n_aa]), [AutoAttackSpec(eps=eps, norm="linf", seed=e.seed)],
+        res = evaluate(model, take(test, aa_idx), [AutoAttackSpec(eps=eps, norm="linf", seed=e.seed)],
                        cascade=True, **kw)  # fmt: skip
         return {"entry": _attack_entry(res, 0), "clean_correct": bits(res.clean_correct)}
 
@@ -295,15 +309,23 @@ def run_one(plan: StudyPlan, spec: RunSpec, *, progress: bool = False, log: Call
     log(f"{spec.run_id}: {'resuming' if resume else 'training'} in {run_dir}")
     load_start = hardware()
     t0 = time.perf_counter()
-    result = train(spec.cfg, run_dir, resume=resume, log=lambda s: log(f"  {s}"))
+    pssr = spec.cfg.pssr.enabled
+    sub_log = lambda s: log(f"  {s}")  # noqa: E731
+    result = (train_pssr if pssr else train)(spec.cfg, run_dir, resume=resume, log=sub_log)
     train_wall = time.perf_counter() - t0
     device = resolve_device(spec.cfg.train.device)
-    model, _, ckpt = load_trained_model(result.best, device)
+    model, run_cfg, ckpt = load_trained_model(result.best, device)
     ev = None
     if plan.study.eval.test:  # a tuning study (test: false) never looks at the test split
         test = build_data(spec.cfg.data, need_train=False).test
-        ev = evaluate_run(model, test, float(ckpt["eps"]), plan.study, device, result.best,
-                          run_dir / "study-eval", progress, log)  # fmt: skip
+        if pssr:  # the transfer source: pssr.surrogate, else the classifier's recipe with the next seed
+            run_cfg, _ = with_transfer_surrogate(run_cfg, result.best, {}, log=sub_log)
+            ev = evaluate_pssr_run(model, test, float(ckpt["eps"]), plan.study, device, result.best,
+                                   Path(run_cfg.pssr.surrogate), run_dir / "study-eval", progress, log,
+                                   cached_stage=_cached_stage, indices=subsets(len(test), plan.study.eval))  # fmt: skip
+        else:
+            ev = evaluate_run(model, test, float(ckpt["eps"]), plan.study, device, result.best,
+                              run_dir / "study-eval", progress, log)  # fmt: skip
     hist = result.history
     train_s = sum(h["seconds"] for h in hist)
     record = {
