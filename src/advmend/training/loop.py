@@ -282,14 +282,11 @@ def train(
     device = init_distributed(ctx, device)
     try:
         with _determinism(cfg.train.deterministic):
-            return _train(cfg, out_dir, resume, log if ctx.is_main else (lambda s: None), ctx, device)
+            stage = classifier_stage(cfg, out_dir, ctx, device)
+            return run_stage(stage, out_dir, resume=resume, log=log if ctx.is_main else (lambda s: None))
     finally:
         if owns_group:
             shutdown_distributed(ctx)
-
-
-def _train(cfg: RunConfig, out_dir: Path, resume: bool, log, ctx: DistContext, device: torch.device) -> TrainResult:
-    return run_stage(classifier_stage(cfg, out_dir, ctx, device), out_dir, resume=resume, log=log)
 
 
 def classifier_stage(cfg: RunConfig, out_dir: Path, ctx: DistContext, device: torch.device) -> Stage:
