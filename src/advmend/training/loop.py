@@ -1,4 +1,10 @@
-"""The training loop: the one place that owns `train()`, `zero_grad`, `backward` and `step`.
+"""The training loop: the one place that owns `zero_grad`, `backward` and `step`, and run folders.
+
+`run_stage` trains a `training.stage.Stage` (what to train and how to judge it) into a folder; the
+classifier (`train`, its stage built by `classifier_stage`) and PSSR's regenerator
+(`training.pssr_loop.train_pssr`) are two stages of this one loop: run folder, resume, records and
+checkpoints below are the same code for both; DDP, EMA, early stopping and TensorBoard apply to the
+stages that have them (the classifier's).
 
 Per epoch: a progress bar (train.progress), one log line, one JSONL record (losses, clean and PGD
 accuracy on the held-out validation split, lr, seconds, images/s) and, with train.tensorboard, the
@@ -57,7 +63,8 @@ from advmend.training.distributed import (
 from advmend.training.ema import ModelEMA
 from advmend.training.precision import Precision, check_amp, to_channels_last
 from advmend.training.rng import restore_rng_state, rng_state_tensors
-from advmend.training.schedule import learning_rate
+from advmend.training.schedule import Schedule, learning_rate
+from advmend.training.stage import Phase, Stage
 
 LAST, BEST = "last.safetensors", "best.safetensors"
 # Model selection on the held-out validation split (never the test set): the metric of each choice.
@@ -275,13 +282,16 @@ def train(
     device = init_distributed(ctx, device)
     try:
         with _determinism(cfg.train.deterministic):
-            return _train(cfg, out_dir, resume, log if ctx.is_main else (lambda s: None), ctx, device)
+            stage = classifier_stage(cfg, out_dir, ctx, device)
+            return run_stage(stage, out_dir, resume=resume, log=log if ctx.is_main else (lambda s: None))
     finally:
         if owns_group:
             shutdown_distributed(ctx)
 
 
-def _train(cfg: RunConfig, out_dir: Path, resume: bool, log, ctx: DistContext, device: torch.device) -> TrainResult:
+def classifier_stage(cfg: RunConfig, out_dir: Path, ctx: DistContext, device: torch.device) -> Stage:
+    """The classifier's stage of `cfg`: its model (SyncBatchNorm, channels_last, the DDP / compile view),
+    the objective of `train.method`, SGD on `train.*`'s schedule, EMA, and validation accuracy."""
     t = cfg.train
     torch.manual_seed(t.seed)
     data = build_data(cfg.data, need_test=False)
@@ -305,23 +315,56 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, log, ctx: DistContext, d
     precision = Precision(t.amp, device)
     ema = ModelEMA(model, t.ema) if t.ema is not None else None
     view = training_view(model, ctx, device, compile=t.compile)
-    check_disk_space(out_dir, checkpoint_bytes(model, optimizer, ema is not None))
-    prepare_out_dir(out_dir, resume, ctx.rank, cfg=cfg)
+    validate = None
+    if data.val is not None:
+        validate = lambda m: _validate(m, data.val, val_attack, cfg, device, ctx)  # noqa: E731
+    return Stage(
+        name="epoch", config=cfg, model=model, view=view, phases=(Phase(objective, t.epochs),),
+        optimizer=optimizer, schedule=Schedule.of(t), loader=loader, device=device, precision=precision,
+        validate=validate, val_every=t.val_every,
+        # Without a validation split there is nothing to select on: best is the latest epoch.
+        select_key=SELECT[t.select] if data.val is not None else "epoch",
+        record={
+            "num_classes": info["num_classes"],
+            "image_shape": list(info["image_shape"]),
+            # What the training attack really used (train.attack.eps, or the data set's radius when null):
+            # evaluation reads it back as the checkpoint's threat model.
+            **asdict(attack_threat(t.attack, info["eps"])),
+            "world_size": ctx.world_size,
+        },
+        check_resume=lambda record: check_resume_config(out_dir, record, cfg),
+        checkpoint_bytes=checkpoint_bytes(model, optimizer, ema is not None), out_dir_config=cfg,
+        ema=ema, ctx=ctx, patience=t.patience, early_stopping=True, rng_by_rank=True,
+        channels_last=t.channels_last, progress=t.progress, tensorboard=t.tensorboard, lr_key="train.lr",
+    )  # fmt: skip
+
+
+def run_stage(stage: Stage, out_dir: Path, *, resume: bool, log: Callable[[str], None]) -> TrainResult:
+    """Train `stage` into `out_dir`: the one loop of both stages (see `training.stage` for why).
+
+    It owns the run folder: the disk-space and out-dir checks, --resume (weights, optimizer, GradScaler,
+    EMA, RNG states, early-stopping counters, history and best value), config.yaml and metrics.jsonl,
+    the per-epoch record, log line and TensorBoard scalars, model selection and the atomic `best` /
+    `last` checkpoints. `log` is called on every rank (pass a silent one on ranks other than 0).
+    """
+    model, optimizer, precision, ctx, device = stage.model, stage.optimizer, stage.precision, stage.ctx, stage.device
+    check_disk_space(out_dir, stage.checkpoint_bytes)
+    prepare_out_dir(out_dir, resume, ctx.rank, cfg=stage.out_dir_config)
     if ctx.is_main:
         remove_stale_temp_files(out_dir, log)
     ctx.barrier()
 
     start_epoch, best_value, history, since_best, stopped = 0, None, [], 0, None
-    # Without a validation split there is nothing to select on: best is the latest epoch.
-    select_key = SELECT[t.select] if data.val is not None else "epoch"
+    select_key = stage.select_key
     # config.yaml describes the run's checkpoints: written when a run starts, and on resume only when
-    # missing or when train.epochs was changed to continue the run (the new checkpoints record it too).
-    run_config = to_dict(cfg)
+    # missing or when the stage's resume check returns a changed config (e.g. train.epochs changed to
+    # continue the run: the new checkpoints record it too).
+    run_config = to_dict(stage.config)
     if resume:
         state, record = load_checkpoint(out_dir / LAST)
-        extended = check_resume_config(out_dir, record, cfg)
-        if extended is not None:
-            run_config = extended
+        changed = stage.check_resume(record)
+        if changed is not None:
+            run_config = changed
         elif (out_dir / "config.yaml").is_file():
             run_config = None  # never rewritten: it already describes the checkpoints
         else:
@@ -330,13 +373,14 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, log, ctx: DistContext, d
         optimizer.load_state_dict(record["optimizer_state"])
         extra = record.get("extra_tensors", {})
         precision.load_state(record.get("scaler"))
-        if ema is not None:
+        if stage.ema is not None:
             if any(k.startswith("ema.") for k in extra):
-                ema.load_state_tensors(extra, (record.get("ema") or {}).get("updates", 0))
+                stage.ema.load_state_tensors(extra, (record.get("ema") or {}).get("updates", 0))
             else:
-                ema = ModelEMA(model, t.ema)
+                stage.ema = ModelEMA(model, stage.ema.decay)
                 log("--resume: the checkpoint has no EMA; the average restarts from the current weights")
-        rng = {k.split(".", 2)[2]: v for k, v in extra.items() if k.startswith(f"rng.rank{ctx.rank}.")}
+        prefix = f"rng.rank{ctx.rank}." if stage.rng_by_rank else "rng."
+        rng = {k[len(prefix):]: v for k, v in extra.items() if k.startswith(prefix)}
         if rng:
             restore_rng_state(rng, device)
         else:
@@ -351,27 +395,24 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, log, ctx: DistContext, d
             atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(run_config, sort_keys=False))
         atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     writer = None
-    if t.tensorboard and ctx.is_main:
+    if stage.tensorboard and ctx.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_epoch + 1)
 
-    record_base = {
-        "config": to_dict(cfg),
-        "num_classes": info["num_classes"],
-        "image_shape": list(info["image_shape"]),
-        # What the training attack really used (train.attack.eps, or the data set's radius when null):
-        # evaluation reads it back as the checkpoint's threat model.
-        **asdict(attack_threat(t.attack, info["eps"])),
-        "world_size": ctx.world_size,
-    }
+    record_base = {"config": to_dict(stage.config), **stage.record}
+    epochs = stage.epochs
     try:
-        for epoch in range(start_epoch, t.epochs):
+        for epoch in range(start_epoch, epochs):
             if stopped:
                 break
-            rec = train_epoch(view, model, objective, optimizer, loader, cfg, epoch, device, precision, ema, ctx)
-            if data.val is not None and ((epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs):
-                rec.update(_validate(ema.module if ema else model, data.val, val_attack, cfg, device, ctx))
+            rec = train_epoch(stage, epoch)
+            ema = stage.ema
+            if stage.validate is not None and ((epoch + 1) % stage.val_every == 0 or epoch + 1 == epochs):
+                rec.update(stage.validate(ema.module if ema else model))
+            label = stage.phase(epoch).label
+            if label is not None:
+                rec["stage"] = label
             history.append(rec)
             if ctx.is_main:
                 with open(out_dir / "metrics.jsonl", "a") as f:
@@ -381,22 +422,25 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool, log, ctx: DistContext, d
                         if k != "epoch" and isinstance(v, (int, float)):
                             writer.add_scalar(k, v, rec["epoch"])
                     writer.flush()
-            log(log_line(rec, t.epochs))
+            log(log_line(rec, epochs) + stage.log_suffix(rec))
             is_best, best_value, best_epoch = select_best(history, select_key, best_value)
-            if t.patience is not None and rec.get(select_key) is not None:  # a validated epoch
+            if stage.patience is not None and rec.get(select_key) is not None:  # a validated epoch
                 since_best = 0 if is_best else since_best + 1
-                if since_best >= t.patience:
+                if since_best >= stage.patience:
                     stopped = {"epoch": epoch + 1, "reason": f"early stopping: no new best {select_key} in "
-                               f"{since_best} validations (train.patience={t.patience})"}  # fmt: skip
+                               f"{since_best} validations (train.patience={stage.patience})"}  # fmt: skip
             record = dict(
                 record_base, epoch=epoch + 1, metrics=rec,
                 best={"epoch": best_epoch, "metric": select_key, "value": best_value},
-                ema=None if ema is None else {"decay": ema.decay, "updates": ema.updates, "used_for_selection": True},
-                early_stopping={"patience": t.patience, "metric": select_key,
-                                "validations_since_best": since_best, "stopped": stopped},
                 scaler=precision.state(),
             )  # fmt: skip
-            extra = _gather_rng(ctx, device)
+            if stage.early_stopping:
+                record.update(
+                    ema=None if ema is None else {"decay": ema.decay, "updates": ema.updates, "used_for_selection": True},
+                    early_stopping={"patience": stage.patience, "metric": select_key,
+                                    "validations_since_best": since_best, "stopped": stopped},
+                )  # fmt: skip
+            extra = _gather_rng(ctx, device) if stage.rng_by_rank else _rng(device)
             if ema is not None:
                 extra.update(ema.state_tensors())
             if ctx.is_main:
@@ -458,6 +502,11 @@ def _gather_rng(ctx: DistContext, device: torch.device) -> dict[str, torch.Tenso
     return out
 
 
+def _rng(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's RNG states, named rng.<generator> (a stage with `rng_by_rank` false)."""
+    return {f"rng.{k}": v for k, v in rng_state_tensors(device).items()}
+
+
 def _validate(model, val_data, attack, cfg: RunConfig, device, ctx: DistContext) -> dict:
     """Clean and PGD accuracy on the validation split, computed by rank 0 and shared with all ranks
     (so every rank takes the same early-stopping decision)."""
@@ -470,15 +519,17 @@ def _validate(model, val_data, attack, cfg: RunConfig, device, ctx: DistContext)
     return {"val_clean_acc": clean, "val_robust_acc": robust, "val_seconds": seconds}
 
 
-def train_epoch(view, model, objective, optimizer, loader, cfg: RunConfig, epoch: int, device,
-                precision: Precision, ema: ModelEMA | None, ctx: DistContext, *, desc: str = "epoch",
-                lr_key: str = "train.lr") -> dict:  # fmt: skip
-    """One epoch of `objective` on `loader`: the only place that runs zero_grad, backward and step.
+def train_epoch(stage: Stage, epoch: int) -> dict:
+    """One epoch of `stage` (its objective for `epoch`, on its loader): the only place that runs
+    zero_grad, backward and step.
 
-    `view` is what the objective trains (the model, or its DDP/compile wrapper), `model` the unwrapped
-    module (EMA). The schedule is `cfg.train`'s. Sums stay on the device; the host syncs only for the
-    progress bar every 20 steps. `desc` and `lr_key` name the stage in the progress bar and errors.
+    The objective trains `stage.view` (the model, or its DDP/compile wrapper); the EMA follows
+    `stage.model`, the unwrapped module. Sums stay on the device; the host syncs only for the progress
+    bar every 20 steps. `stage.name` and `stage.lr_key` name the stage in the progress bar and errors.
     """
+    view, model, optimizer, loader = stage.view, stage.model, stage.optimizer, stage.loader
+    device, precision, ema, ctx = stage.device, stage.precision, stage.ema, stage.ctx
+    objective = stage.phase(epoch).objective
     view.train()
     loader.set_epoch(epoch)
     sums: dict[str, torch.Tensor] = {}
@@ -486,12 +537,12 @@ def train_epoch(view, model, objective, optimizer, loader, cfg: RunConfig, epoch
     seen = 0
     t0 = time.perf_counter()
     n_steps = len(loader)
-    show = cfg.train.progress and ctx.is_main
-    bar = tqdm(loader, desc=f"{desc} {epoch + 1}/{cfg.train.epochs}", disable=not show, leave=False)
-    lr = learning_rate(cfg.train, epoch, 0, n_steps)
+    show = stage.progress and ctx.is_main
+    bar = tqdm(loader, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", disable=not show, leave=False)
+    lr = learning_rate(stage.schedule, epoch, 0, n_steps)
     for step, (x, y) in enumerate(bar):
-        x = to_channels_last(x, cfg.train.channels_last)
-        lr = learning_rate(cfg.train, epoch, step, n_steps)
+        x = to_channels_last(x, stage.channels_last)
+        lr = learning_rate(stage.schedule, epoch, step, n_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with precision.autocast():  # the attack and the loss pass both run in it
@@ -509,7 +560,7 @@ def train_epoch(view, model, objective, optimizer, loader, cfg: RunConfig, epoch
             loss_now = float(sums["loss"]) / seen
             if loss_now != loss_now or loss_now in (float("inf"), float("-inf")):
                 raise FloatingPointError(
-                    f"training loss became {loss_now} in epoch {epoch + 1}: lower {lr_key} or check the data"
+                    f"training loss became {loss_now} in epoch {epoch + 1}: lower {stage.lr_key} or check the data"
                 )
             if show:
                 bar.set_postfix(loss=f"{loss_now:.3f}", lr=f"{lr:.3g}")

@@ -1,9 +1,9 @@
 """Training PSSR's regenerator against a frozen classifier (../shared/specs/pssr.md).
 
-`train_pssr(cfg, out_dir)` behaves like the classifier loop (`advmend.training.loop.train`): a
-progress bar, one log line and one metrics.jsonl record per epoch, validation on the held-out split,
-`last` (with optimizer and RNG state, for `--resume`) and `best` checkpoints written atomically. The
-differences are PSSR's:
+`train_pssr(cfg, out_dir)` describes G's training as a `training.stage.Stage` and runs it with the
+classifier's loop (`advmend.training.loop.run_stage`): a progress bar, one log line and one
+metrics.jsonl record per epoch, validation on the held-out split, `last` (with optimizer and RNG state,
+for `--resume`) and `best` checkpoints written atomically, by the same code. The differences are PSSR's:
 
 - the classifier f comes from `pssr.classifier` (a checkpoint) or, when that is null, is trained
   first in the same command by the classifier loop into `<out>/classifier/` with the `train` section;
@@ -20,13 +20,11 @@ classifier's, so `advmend eval` and `load_trained_model` rebuild it unchanged.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 
 from advmend.attacks.modes import attack_mode
 from advmend.checkpoint import load_checkpoint
@@ -39,27 +37,12 @@ from advmend.errors import CheckpointError, ConfigError
 from advmend.evaluation.image_quality import restoration_quality
 from advmend.evaluation.pssr import GRAYBOX, MASK, evaluate_pssr
 from advmend.evaluation.run import load_trained_model
-from advmend.io import atomic_write_text, file_sha256
+from advmend.io import file_sha256
 from advmend.training.build import attack_threat, build_attack, build_data, resolve_device
-from advmend.training.distributed import DistContext
-from advmend.training.loop import (
-    BEST,
-    LAST,
-    SELECT,
-    TrainResult,
-    check_disk_space,
-    check_train_config,
-    log_line,
-    prepare_out_dir,
-    read_history,
-    remove_stale_temp_files,
-    save_or_explain,
-    select_best,
-    train,
-    train_epoch,
-)  # fmt: skip
+from advmend.training.loop import BEST, LAST, SELECT, TrainResult, check_train_config, run_stage, train
 from advmend.training.precision import Precision
-from advmend.training.rng import restore_rng_state, rng_state_tensors
+from advmend.training.schedule import Schedule
+from advmend.training.stage import Phase, Stage
 
 CLASSIFIER_DIR = "classifier"
 # G's architecture and PS settings: a resumed run must use the same ones.
@@ -128,7 +111,17 @@ def train_pssr(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, log
         log(f"pssr.classifier: using the classifier's own model/fsr sections ({f_cfg.model.name}) from {clf_path}")
     # The saved config must rebuild the whole pipeline: f's architecture, this run's pssr section.
     cfg = replace(cfg, model=f_cfg.model, fsr=f_cfg.fsr, pssr=replace(p, classifier=str(clf_path)))
-    torch.manual_seed(cfg.train.seed)
+    stage = _regenerator_stage(cfg, out_dir, data, clf_path, f, device)
+    # Resumed only when the regenerator has a `last`: --resume on a run killed while its classifier was
+    # trained (resumed above) starts the regenerator's training.
+    return run_stage(stage, out_dir, resume=resume and has_last, log=log)
+
+
+def _regenerator_stage(cfg: RunConfig, out_dir: Path, data, clf_path: Path, f, device: torch.device) -> Stage:
+    """G's stage: the pipeline with f frozen, Adam on `pssr.lr` with a cosine decay over the reconstruction
+    pre-training and the adversarial epochs, PSSR's validation, and its resume rules."""
+    p, t, info = cfg.pssr, cfg.train, data.info
+    torch.manual_seed(t.seed)
     model = build_model(cfg, info["num_classes"], info["image_shape"])
     assert isinstance(model, PSSRModel)
     model.classifier.load_state_dict(f.state_dict())
@@ -141,79 +134,61 @@ def train_pssr(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, log
     )  # fmt: skip
     # Reconstruction pre-training (pssr.pretrain_epochs): the first epochs train G to restore clean
     # images through the surgery (L_pix only, no attack), so the adversarial stage starts from a
-    # restorer. One epoch counter over both stages keeps --resume exact.
+    # restorer. One epoch counter over both phases keeps --resume exact.
     pretrain = PSSRObjective(None, lambda_pix=p.lambda_pix or 1.0, lambda_sem=0.0, lambda_feat=0.0, lambda_rd=0.0)
     total = p.pretrain_epochs + p.epochs
-    t = cfg.train
     val_attack = build_attack(t.val_attack, info["eps"], keep_best=True, name=f"PGD-{t.val_attack.steps}")
-    schedule = replace(t, lr=p.lr, epochs=total, schedule="cosine", channels_last=False)  # Adam, cosine (spec)
     loader = BatchLoader(data.train, p.batch_size, shuffle=True, device=device, augment=info["augment"],
                          drop_last=len(data.train) >= 2 * p.batch_size, seed=t.seed)  # fmt: skip
     weights = sum(v.numel() * v.element_size() for v in model.state_dict().values())
-    check_disk_space(out_dir, weights + 2 * sum(q.numel() * q.element_size() for q in trainable))  # Adam: 2 slots
-    prepare_out_dir(out_dir, resume and has_last)
-    remove_stale_temp_files(out_dir, log)
-
+    validate = None
+    if data.val is not None:
+        validate = lambda m: _validate(m, data.val, val_attack, cfg, device)  # noqa: E731
     # G's stage runs on one process with the classifier loop's precision switch (train.amp): the attack on
     # f, the surgery and both passes through G and f run under autocast. channels_last is left out: it
     # made the U-Net slower on CPU (python -m advmend.bench.pssr_speed).
-    step_cfg, precision, ctx = replace(cfg, train=schedule), Precision(t.amp, device), DistContext()
-    start_epoch, best_value, history = 0, None, []
-    select_key = SELECT[t.select] if data.val is not None else "epoch"
-    if resume and has_last:
-        state, record = load_checkpoint(out_dir / LAST)
-        saved = record["config"]
-        # A regenerator is built for one image shape and sits in front of one label space: pairing it
-        # with a classifier (and data) of another one would fail deep inside load_state_dict.
-        if (record.get("num_classes"), tuple(record.get("image_shape") or ())) != (info["num_classes"], tuple(info["image_shape"])):
-            raise ConfigError(
-                f"--resume: the regenerator in {out_dir} was trained for {record.get('num_classes')} classes of shape "
-                f"{tuple(record.get('image_shape') or ())}, but classifier {str(clf_path)!r} and data {cfg.data.name!r} "
-                f"have {info['num_classes']} of {tuple(info['image_shape'])}"
-            )
-        if saved["model"] != to_dict(cfg)["model"] or any(saved["pssr"].get(k) != getattr(p, k) for k in _ARCH_KEYS):
-            raise ConfigError(f"--resume: the classifier or the pssr architecture differs from the run in {out_dir}")
-        if saved["pssr"].get("residual", False) != p.residual:  # another architecture of G
-            raise ConfigError(f"--resume: pssr.residual={p.residual} differs from the run in {out_dir}")
-        if saved["pssr"].get("pretrain_epochs", 0) != p.pretrain_epochs:  # would shift every epoch's objective
-            raise ConfigError(f"--resume: pssr.pretrain_epochs={p.pretrain_epochs} differs from the run in {out_dir} "
-                              f"({saved['pssr'].get('pretrain_epochs', 0)})")
-        model.load_state_dict(state)
-        optimizer.load_state_dict(record["optimizer_state"])
-        precision.load_state(record.get("scaler"))
-        rng = {k.split(".", 1)[1]: v for k, v in record.get("extra_tensors", {}).items() if k.startswith("rng.")}
-        if rng:
-            restore_rng_state(rng, device)
-        start_epoch, best_value = record["epoch"], record["best"]["value"]
-        history = read_history(out_dir / "metrics.jsonl", start_epoch)
-        log(f"resuming {out_dir} after epoch {start_epoch}")
-    atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-    record_base = {
-        "config": to_dict(cfg), "num_classes": info["num_classes"], "image_shape": list(info["image_shape"]),
-        **asdict(attack_threat(p.attack, info["eps"])), "classifier": {"path": str(clf_path), "sha256": file_sha256(clf_path)},
-    }  # fmt: skip
-    for epoch in range(start_epoch, total):
-        stage = "pretrain" if epoch < p.pretrain_epochs else "adversarial"
-        step_objective = pretrain if stage == "pretrain" else objective
-        rec = train_epoch(model, model, step_objective, optimizer, loader, step_cfg, epoch, device, precision, None,
-                          ctx, desc="pssr epoch", lr_key="pssr.lr")  # fmt: skip
-        if data.val is not None and ((epoch + 1) % t.val_every == 0 or epoch + 1 == total):
-            rec.update(_validate(model, data.val, val_attack, cfg, device))
-        rec["stage"] = stage
-        history.append(rec)
-        with open(out_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(rec) + "\n")
-        psnr = f" val psnr {rec['val_psnr']:.2f} dB" if "val_psnr" in rec else ""
-        log(log_line(rec, total) + f" | {stage} | pix {rec['pix_adv']:.4f} removed {100 * rec['removed']:.1f}%{psnr}")
-        is_best, best_value, best_epoch = select_best(history, select_key, best_value)
-        record = dict(record_base, epoch=epoch + 1, metrics=rec, scaler=precision.state(),
-                      best={"epoch": best_epoch, "metric": select_key, "value": best_value})  # fmt: skip
-        if is_best:
-            save_or_explain(out_dir / BEST, model, record)
-        extra = {f"rng.{k}": v for k, v in rng_state_tensors(device).items()}
-        save_or_explain(out_dir / LAST, model, record, optimizer, extra)
-    return TrainResult(out_dir, out_dir / LAST, out_dir / BEST, history)
+    return Stage(
+        name="pssr epoch", config=cfg, model=model, view=model,
+        phases=(Phase(pretrain, p.pretrain_epochs, "pretrain"), Phase(objective, p.epochs, "adversarial")),
+        optimizer=optimizer, schedule=Schedule(lr=p.lr, epochs=total, kind="cosine"),  # Adam, cosine (spec)
+        loader=loader, device=device, precision=Precision(t.amp, device),
+        validate=validate, val_every=t.val_every, select_key=SELECT[t.select] if data.val is not None else "epoch",
+        record={
+            "num_classes": info["num_classes"], "image_shape": list(info["image_shape"]),
+            **asdict(attack_threat(p.attack, info["eps"])),
+            "classifier": {"path": str(clf_path), "sha256": file_sha256(clf_path)},
+        },
+        check_resume=lambda record: _check_resume(out_dir, record, cfg, info, clf_path),
+        checkpoint_bytes=weights + 2 * sum(q.numel() * q.element_size() for q in trainable),  # Adam: 2 slots
+        progress=t.progress, rng_by_rank=False, lr_key="pssr.lr", log_suffix=_log_suffix,
+    )  # fmt: skip
+
+
+def _check_resume(out_dir: Path, record: dict, cfg: RunConfig, info: dict, clf_path: Path) -> dict:
+    """ConfigError when the regenerator in `out_dir` cannot continue with `cfg`; else the config its
+    continued checkpoints record (config.yaml is rewritten with it: pssr.epochs may change)."""
+    p, saved = cfg.pssr, record["config"]
+    # A regenerator is built for one image shape and sits in front of one label space: pairing it
+    # with a classifier (and data) of another one would fail deep inside load_state_dict.
+    if (record.get("num_classes"), tuple(record.get("image_shape") or ())) != (info["num_classes"], tuple(info["image_shape"])):
+        raise ConfigError(
+            f"--resume: the regenerator in {out_dir} was trained for {record.get('num_classes')} classes of shape "
+            f"{tuple(record.get('image_shape') or ())}, but classifier {str(clf_path)!r} and data {cfg.data.name!r} "
+            f"have {info['num_classes']} of {tuple(info['image_shape'])}"
+        )
+    if saved["model"] != to_dict(cfg)["model"] or any(saved["pssr"].get(k) != getattr(p, k) for k in _ARCH_KEYS):
+        raise ConfigError(f"--resume: the classifier or the pssr architecture differs from the run in {out_dir}")
+    if saved["pssr"].get("residual", False) != p.residual:  # another architecture of G
+        raise ConfigError(f"--resume: pssr.residual={p.residual} differs from the run in {out_dir}")
+    if saved["pssr"].get("pretrain_epochs", 0) != p.pretrain_epochs:  # would shift every epoch's objective
+        raise ConfigError(f"--resume: pssr.pretrain_epochs={p.pretrain_epochs} differs from the run in {out_dir} "
+                          f"({saved['pssr'].get('pretrain_epochs', 0)})")
+    return to_dict(cfg)
+
+
+def _log_suffix(rec: dict) -> str:
+    psnr = f" val psnr {rec['val_psnr']:.2f} dB" if "val_psnr" in rec else ""
+    return f" | {rec['stage']} | pix {rec['pix_adv']:.4f} removed {100 * rec['removed']:.1f}%{psnr}"
 
 
 SURROGATE_DIR = "transfer-surrogate-seed{seed}"

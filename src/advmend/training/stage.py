@@ -1,0 +1,114 @@
+"""What one training stage is: the description `advmend.training.loop.run_stage` trains.
+
+Why a description rather than a second loop: the classifier (`loop.train`) and PSSR's regenerator
+(`pssr_loop.train_pssr`) differ in what they train and how they judge it (model, objective, optimizer,
+schedule, validation, record fields, resume rules), never in how a run folder is kept. Describing
+those differences as data lets one loop own the folder: out-dir checks, resume, config.yaml,
+metrics.jsonl, model selection, atomic checkpoints, and exact resume for both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from advmend.config import RunConfig
+from advmend.data import BatchLoader
+from advmend.training.distributed import DistContext
+from advmend.training.ema import ModelEMA
+from advmend.training.precision import Precision
+from advmend.training.schedule import Schedule
+
+
+@dataclass(frozen=True)
+class Phase:
+    """`epochs` consecutive epochs trained with one objective; a `label` is recorded as the epochs' "stage"
+    in metrics.jsonl (PSSR: "pretrain", then "adversarial"; the classifier's one phase has none)."""
+
+    objective: Callable
+    epochs: int
+    label: str | None = None
+
+
+def _no_suffix(rec: dict) -> str:
+    return ""
+
+
+@dataclass
+class Stage:
+    """One stage of training, as `run_stage` trains it (see the module docstring for why).
+
+    Attributes:
+        name: names the epochs in the progress bar ("epoch", "pssr epoch").
+        config: the run's config: config.yaml and every checkpoint record's "config".
+        model: the unwrapped module: checkpointed, averaged (EMA), validated.
+        view: what the objective trains: `model`, or its DDP / torch.compile wrapper.
+        phases: the objectives, in epoch order; the stage trains sum(phase.epochs) epochs in one counter.
+        optimizer, schedule: the optimizer and its learning rate, a pure function of (epoch, step).
+        loader: the training batches (re-seeded per epoch, so resume needs no loader state).
+        device, precision: where and in which precision (train.amp) the steps run.
+        validate: the val_* metrics of a module (the EMA copy when there is one), or None: nothing to
+            validate on, and the best checkpoint is the latest epoch (select_key "epoch").
+        val_every: validate every this many epochs, and after the last.
+        select_key: the metric the best checkpoint maximises (a key of the epoch record).
+        record: the stage's own checkpoint record fields (num_classes, image_shape, threat model, ...).
+        check_resume: called with the record of the `last` checkpoint being resumed; raises when the
+            run cannot continue with this stage, else returns the config the continued run records when
+            it differs from the run's (then config.yaml is rewritten), or None.
+        checkpoint_bytes: the size of one `last` checkpoint, for the disk-space check.
+        out_dir_config: with a config, a new run may start over in a folder that holds only what a run
+            of that config writes before its first checkpoint (`loop.prepare_out_dir`); PSSR's folder
+            also holds its classifier's run, so it gives none.
+        ema, ctx: the weight average and the distributed context, where they apply.
+        patience: early stopping after this many validations without a new best (None: off).
+        early_stopping: whether records carry "ema" and "early_stopping" (the classifier's do; PSSR's
+            checkpoints have neither key).
+        rng_by_rank: RNG states named rng.rank<r>.<generator>, gathered from every rank; else
+            rng.<generator> (PSSR's single-process checkpoints).
+        channels_last, progress, tensorboard: the speed and display switches that apply to the stage.
+        lr_key: the setting a non-finite loss error tells the user to lower.
+        log_suffix: what the stage adds to an epoch's log line.
+    """
+
+    name: str
+    config: RunConfig
+    model: nn.Module
+    view: nn.Module
+    phases: tuple[Phase, ...]
+    optimizer: torch.optim.Optimizer
+    schedule: Schedule
+    loader: BatchLoader
+    device: torch.device
+    precision: Precision
+    validate: Callable[[nn.Module], dict] | None
+    val_every: int
+    select_key: str
+    record: dict
+    check_resume: Callable[[dict], dict | None]
+    checkpoint_bytes: int
+    out_dir_config: RunConfig | None = None
+    ema: ModelEMA | None = None
+    ctx: DistContext = field(default_factory=DistContext)
+    patience: int | None = None
+    early_stopping: bool = False
+    rng_by_rank: bool = True
+    channels_last: bool = False
+    progress: bool = True
+    tensorboard: bool = False
+    lr_key: str = "train.lr"
+    log_suffix: Callable[[dict], str] = _no_suffix
+
+    @property
+    def epochs(self) -> int:
+        return sum(p.epochs for p in self.phases)
+
+    def phase(self, epoch: int) -> Phase:
+        """The phase that trains `epoch` (0-based)."""
+        for p in self.phases:
+            if epoch < p.epochs:
+                return p
+            epoch -= p.epochs
+        return self.phases[-1]
