@@ -67,7 +67,7 @@ def test_a_threat_model_without_attacks_is_not_run_never_clean_accuracy():
     assert ev.threat_models == [GRAYBOX, MASK, "whitebox-bpda-identity", TRANSFER]  # always listed
     assert not ev.ran(TRANSFER) and ev.threat_accuracy(TRANSFER) is None and "surrogate" in ev.not_run[TRANSFER]
     assert ev.headline_threat != TRANSFER
-    rep = report_dict(ev, {})
+    rep = report_dict(ev)
     assert rep["threat_models"][TRANSFER]["status"] == "not run"
     assert rep["threat_models"][TRANSFER]["robust_accuracy"] is None
     assert rep["threat_models"][GRAYBOX]["status"] == "run"
@@ -79,7 +79,7 @@ def test_a_threat_model_without_attacks_is_not_run_never_clean_accuracy():
     # an empty protocol: every threat model "not run", no headline at clean accuracy
     ev = evaluate_pssr(model, ds, [], batch_size=8)
     assert all(not ev.ran(t) for t in ev.threat_models) and ev.headline_threat is None
-    assert "headline" not in report_dict(ev, {})
+    assert "headline" not in report_dict(ev)
 
 
 def test_transfer_runs_without_a_user_surrogate_and_the_surrogate_is_cached(run, tmp_path, capsys):
