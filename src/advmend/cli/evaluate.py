@@ -69,7 +69,10 @@ def _first_missing(path: Path) -> Path | None:
 def check_output(out_dir: Path, save_adv: str | None = None) -> None:
     """ConfigError, before any work, when the report folder (or --save-adv file) cannot be written."""
     from advmend.errors import ConfigError
+    from advmend.evaluation.run import ADV_SUFFIXES
 
+    if save_adv and Path(save_adv).suffix not in ADV_SUFFIXES:  # before a PSSR transfer surrogate is trained
+        raise ConfigError(f"--save-adv needs a file ending in one of {ADV_SUFFIXES}, got {Path(save_adv).name!r}")
     targets = [("--out", Path(out_dir), True)] + ([("--save-adv", Path(save_adv), False)] if save_adv else [])
     for flag, path, is_folder in targets:
         if is_folder and path.exists() and not path.is_dir():

@@ -12,7 +12,7 @@ to Adversarial Example Defenses", NeurIPS 2020). ../shared/specs/pssr.md and eva
    - "whitebox-bpda-identity": forward through PS and G, backward as if G(PS(x)) = x
      (`advmend.attacks.BPDA` with the identity stand-in);
 3. transfer: examples crafted on an independently trained surrogate (a user checkpoint, or another
-   seed of the classifier's own recipe trained and cached by `run_pssr_protocol`).
+   seed of the classifier's own recipe, trained and cached by the commands: `cli.evaluate`).
 
 Every threat model is always listed: one that ran no attack (no surrogate; white box left out by the
 caller) is marked "not run" with the reason, never shown at clean accuracy. The headline is the
