@@ -217,11 +217,7 @@ def evaluate_checkpoint(
     from advmend.data.sources import dataset_info
     from advmend.evaluation.pssr import console_text
     from advmend.evaluation.report import format_table
-    from advmend.evaluation.run import (
-        evaluation_threat,
-        load_trained_model,
-        run_protocol,
-    )
+    from advmend.evaluation.run import evaluation_threat, load_trained_model, run_protocol
     from advmend.training.build import build_data
     from advmend.training.pssr_loop import with_transfer_surrogate
     from advmend.validate import check_data_fits_model

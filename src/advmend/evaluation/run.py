@@ -23,7 +23,7 @@ from advmend.errors import CheckpointError, ConfigError
 from advmend.evaluation.evaluate import EvalResult, accuracy_curve, evaluate
 from advmend.evaluation.plots import accuracy_vs_eps_png
 from advmend.evaluation.pssr import (
-    WHITEBOX,
+    MASK,
     PSSREvalResult,
     check_surrogate,
     evaluate_pssr,
@@ -126,7 +126,7 @@ def run_protocol(
         if extra_attacks:
             raise ConfigError("a PSSR model's transfer source is pssr.surrogate (--transfer-from), not an extra attack")
         threats, meta = _evaluate_pssr(model, ds, cfg, attacks, device, meta, progress, cascade, save_adv is not None)
-        result, attacked = threats.result, threats.attacks_of(WHITEBOX[0])  # the sanity suite: mask constant
+        result, attacked = threats.result, threats.attacks_of(MASK)  # the sanity suite: mask constant
     else:
         result = evaluate(model, ds, attacks, batch_size=ev.batch_size, device=device, seed=ev.seed,
                           progress=progress, cascade=cascade, keep_adv=save_adv is not None)  # fmt: skip
