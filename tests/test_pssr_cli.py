@@ -152,3 +152,121 @@ def test_bad_pssr_inputs_are_one_line_errors_and_write_nothing(run, tmp_path, ca
         assert main(["train", str(cfg), "--out", str(out), *extra]) == 2, extra
         assert needle in _error_line(capsys)
         assert not (out / "last.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- one evaluation front (issue 10)
+
+CARD_KEYS = {"meta", "versions", "n_examples", "clean_accuracy", "attacks", "worst_case", "cascade", "seconds",
+             "per_example", "sanity"}  # fmt: skip
+THREAT_KEYS = {"threat_models", "whitebox", "headline", "undefended_classifier", "restoration"}
+
+
+def _headings(md: str) -> list[str]:
+    """The card's title (without the run's name) and its sections."""
+    lines = md.splitlines()
+    return [lines[0].partition(":")[0]] + [line for line in lines if line.startswith("## ")]
+
+
+def test_pssr_eval_runs_the_sanity_suite_on_the_whole_pipeline(run, tmp_path, monkeypatch):
+    import advmend.evaluation.run as run_module
+
+    calls, real = [], run_module.run_sanity
+
+    def spy(model, ds, result, *args, **kwargs):
+        calls.append((model, [a.name for a in result.attacks]))
+        return real(model, ds, result, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "run_sanity", spy)
+    out = tmp_path / "ev"
+    assert main(["eval", str(run / "best.safetensors"), "--protocol", "quick", "--n-examples", "4", "--sanity-full",
+                 "--no-plot", "--out", str(out), "--quiet"]) == 0  # fmt: skip
+    [(model, names)] = calls  # the pipeline, white box with the mask constant: the model being defended
+    assert isinstance(model, PSSRModel) and names == ["whitebox-bpda-mask/FGSM", "whitebox-bpda-mask/PGD-20"]
+    rep = json.loads((out / "report.json").read_text())
+    status = {c["code"]: c["status"] for c in rep["sanity"]["checks"]}
+    assert len(status) == 12 and rep["meta"]["sanity_full"] is True
+    assert all(status[code] != "skip" for code in ("S01-eps-sweep", "S02-unbounded", "S03-convergence", "S04-restarts"))
+    assert "## Sanity checks" in (out / "report.md").read_text()
+
+
+def test_no_plot_on_a_pssr_checkpoint_writes_no_png(run, tmp_path):
+    out = tmp_path / "ev"
+    assert main(["eval", str(run / "best.safetensors"), "--protocol", "quick", "--n-examples", "4", "--no-plot",
+                 "--out", str(out), "--quiet"]) == 0  # fmt: skip
+    assert not list(out.glob("*.png"))
+    meta = json.loads((out / "report.json").read_text())["meta"]
+    assert "plot" not in meta and "accuracy_vs_eps" not in meta
+
+
+def test_save_adv_on_a_pssr_checkpoint_writes_the_adversarial_examples(run, tmp_path):
+    from safetensors.torch import load_file
+
+    from advmend.data import subset
+    from advmend.training.build import build_data
+
+    adv_file, out = tmp_path / "adv.safetensors", tmp_path / "ev"
+    assert main(["eval", str(run / "best.safetensors"), "--protocol", "quick", "--n-examples", "8", "--no-plot",
+                 "--save-adv", str(adv_file), "--out", str(out), "--quiet"]) == 0  # fmt: skip
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["meta"]["adv_file"] == str(adv_file) and "adv_complete" in rep["meta"]["adv_layout"]
+    saved = load_file(adv_file)
+    model, cfg, _ = load_trained_model(run / "best.safetensors", torch.device("cpu"))
+    ds = subset(build_data(cfg.data, need_train=False).test, 8, cfg.eval.seed)  # the evaluated examples
+    x, adv = ds.images.float() / 255, saved["adv_complete"]
+    assert adv.shape == x.shape and torch.equal(saved["labels"], ds.labels)
+    assert float((adv - x).abs().max()) <= rep["meta"]["eps"] + 1e-6
+    # the headline's fooled examples are stored adversarial (misclassified by PSSR), the others clean
+    fooled = torch.tensor(rep["per_example"]["clean"], dtype=torch.bool) & ~torch.tensor(
+        rep["per_example"]["worst_case"], dtype=torch.bool)
+    assert torch.equal(adv[~fooled], x[~fooled])
+    with torch.no_grad():
+        assert (model(adv[fooled]).argmax(1) != ds.labels[fooled]).all()
+
+
+def test_the_pssr_report_has_the_restoration_of_clean_images(run, tmp_path):
+    from advmend.attacks.modes import attack_mode
+    from advmend.data import subset
+    from advmend.evaluation.image_quality import restoration_quality
+    from advmend.training.build import build_data
+
+    rep = json.loads((run / "eval-pssr-quick" / "report.json").read_text())
+    q = rep["restoration"]
+    assert q["n_examples"] == rep["n_examples"] == 16 and 0 < q["psnr"] < 100 and -1 <= q["ssim"] <= 1
+    model, cfg, _ = load_trained_model(run / "best.safetensors", torch.device("cpu"))
+    ds = subset(build_data(cfg.data, need_train=False).test, 16, cfg.eval.seed)
+    with attack_mode(model):
+        expected = restoration_quality(model.preprocess, ds, batch_size=cfg.eval.batch_size)
+    assert q["psnr"] == pytest.approx(expected["psnr"]) and q["ssim"] == pytest.approx(expected["ssim"])
+    md = (run / "eval-pssr-quick" / "report.md").read_text()
+    assert "## Restoration of clean images" in md and f"PSNR {q['psnr']:.2f} dB" in md
+
+
+def test_both_train_paths_go_through_the_one_after_training_evaluation(run, tmp_path, monkeypatch, capsys):
+    import advmend.cli.evaluate as cli_evaluate
+
+    calls, real = [], cli_evaluate.evaluate_after_training
+
+    def spy(cfg, best, out_dir):
+        calls.append(cfg.pssr.enabled)
+        return real(cfg, best, out_dir)
+
+    monkeypatch.setattr(cli_evaluate, "evaluate_after_training", spy)
+    classifier = {k: v for k, v in CONFIG.items() if k != "pssr"}
+    cfg_file = _write(tmp_path, dict(classifier, name="classifier-card", train=dict(CONFIG["train"], epochs=1)))
+    assert main(["train", str(cfg_file), "--out", str(tmp_path / "clf")]) == 0
+    pssr_run = tmp_path / "pssr"  # a finished PSSR run resumed: nothing to train, the evaluation only
+    shutil.copytree(run, pssr_run)
+    shutil.rmtree(pssr_run / "eval-pssr-quick")
+    assert main(["train", str(_write(tmp_path, CONFIG)), "--out", str(pssr_run), "--resume"]) == 0
+    assert calls == [False, True]
+    # the same card: the classifier's sections, keys and plot, PSSR's threat models and restoration added
+    clf_dir, pssr_dir = tmp_path / "clf" / "eval-quick", pssr_run / "eval-pssr-quick"
+    clf, pssr = (json.loads((d / "report.json").read_text()) for d in (clf_dir, pssr_dir))
+    assert CARD_KEYS <= set(clf) and set(pssr) == set(clf) | THREAT_KEYS
+    clf_md, pssr_md = ((d / "report.md").read_text() for d in (clf_dir, pssr_dir))
+    assert _headings(clf_md) == ["# advmend evaluation", "## Sanity checks"]
+    assert _headings(pssr_md) == ["# advmend evaluation", "## Threat models", "## Restoration of clean images",
+                                  "## Sanity checks"]  # fmt: skip
+    assert (clf_dir / "accuracy_vs_eps.png").is_file() and (pssr_dir / "accuracy_vs_eps.png").is_file()
+    out = capsys.readouterr().out
+    assert out.count("best checkpoint (epoch") == 2 and "headline (worst over all threat models)" in out

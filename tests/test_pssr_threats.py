@@ -16,7 +16,7 @@ from advmend.attacks.pgd import PGD
 from advmend.cli import main
 from advmend.data import ArrayDataset
 from advmend.defenses.pssr import PSSRModel, Regenerator
-from advmend.evaluation.pssr import GRAYBOX, MASK, TRANSFER, evaluate_pssr, markdown, not_run_text, report_dict
+from advmend.evaluation.pssr import GRAYBOX, IDENTITY, MASK, TRANSFER, evaluate_pssr, markdown, not_run_text, report_dict
 from advmend.models import create_model
 
 pytestmark = pytest.mark.slow
@@ -67,7 +67,7 @@ def test_a_threat_model_without_attacks_is_not_run_never_clean_accuracy():
     assert ev.threat_models == [GRAYBOX, MASK, "whitebox-bpda-identity", TRANSFER]  # always listed
     assert not ev.ran(TRANSFER) and ev.threat_accuracy(TRANSFER) is None and "surrogate" in ev.not_run[TRANSFER]
     assert ev.headline_threat != TRANSFER
-    rep = report_dict(ev, {})
+    rep = report_dict(ev)
     assert rep["threat_models"][TRANSFER]["status"] == "not run"
     assert rep["threat_models"][TRANSFER]["robust_accuracy"] is None
     assert rep["threat_models"][GRAYBOX]["status"] == "run"
@@ -79,7 +79,7 @@ def test_a_threat_model_without_attacks_is_not_run_never_clean_accuracy():
     # an empty protocol: every threat model "not run", no headline at clean accuracy
     ev = evaluate_pssr(model, ds, [], batch_size=8)
     assert all(not ev.ran(t) for t in ev.threat_models) and ev.headline_threat is None
-    assert "headline" not in report_dict(ev, {})
+    assert "headline" not in report_dict(ev)
 
 
 def test_transfer_runs_without_a_user_surrogate_and_the_surrogate_is_cached(run, tmp_path, capsys):
@@ -130,3 +130,52 @@ def test_a_regenerator_paired_with_a_classifier_of_another_shape_is_a_one_line_e
                  "--set", "data.options.image_size=8", "--set", "pssr.epochs=2"])  # fmt: skip
     assert code == 2
     assert "regenerator" in _error_line(capsys)
+
+
+def _foolable_pssr() -> tuple[PSSRModel, ArrayDataset]:
+    """A PSSR pipeline (residual G: the identity on kept pixels at initialisation) and 16 images labelled
+    with its own clean predictions, so that every example is clean-correct and small attacks fool most."""
+    torch.manual_seed(0)
+    model = PSSRModel(create_model("small_cnn", num_classes=10, in_channels=3, width=4),
+                      Regenerator(3, (16, 16), width=4, residual=True)).eval()  # fmt: skip
+    images = (torch.rand(16, 3, 16, 16) * 255).round().to(torch.uint8)
+    with torch.no_grad():
+        y = model(images.float() / 255).argmax(1)
+    return model, ArrayDataset(images, y, tuple(str(i) for i in range(10)))
+
+
+@pytest.mark.parametrize("threats", [(GRAYBOX, MASK, IDENTITY, TRANSFER), (GRAYBOX,), (TRANSFER,)])
+def test_keep_adv_keeps_an_adversarial_example_of_any_threat_model_per_fooled_example(threats):
+    model, ds = _foolable_pssr()
+    surrogate = create_model("small_cnn", num_classes=10, in_channels=3, width=4).eval()
+    eps = 0.02
+    ev = evaluate_pssr(model, ds, [PGD(eps=eps, steps=5, name="PGD-5")], surrogate=surrogate, threat_models=threats,
+                       batch_size=8, keep_adv=True)  # fmt: skip
+    r = ev.result
+    x = ds.images.float() / 255
+    fooled = r.clean_correct & ~r.worst_correct  # the headline's fooled examples
+    assert fooled.any() and (~fooled).any()
+    assert r.adv.shape == x.shape and torch.equal(r.labels, ds.labels)
+    assert torch.equal(r.adv[~fooled], x[~fooled])  # never fooled: the clean image
+    assert float((r.adv - x).abs().max()) <= eps + 1e-6 and 0 <= float(r.adv.min()) and float(r.adv.max()) <= 1
+    with torch.no_grad():
+        pred = model(r.adv[fooled]).argmax(1)
+    assert (pred != ds.labels[fooled]).all()  # each kept example really fools PSSR
+    no_adv = evaluate_pssr(model, ds, [PGD(eps=eps, steps=1, name="PGD-1")], threat_models=threats[:1], batch_size=8)
+    assert no_adv.result.adv is None
+
+
+def test_restoration_is_measured_in_eval_mode_and_restores_the_modes():
+    from advmend.evaluation.image_quality import restoration_quality
+    from advmend.evaluation.pssr import restoration
+
+    torch.manual_seed(0)
+    model = PSSRModel(create_model("small_cnn", num_classes=10, in_channels=3, width=4),
+                      Regenerator(3, (16, 16), width=4, dropout=0.5))  # fmt: skip
+    _, ds = _foolable_pssr()
+    model.train()  # e.g. straight from training: dropout in G would change every number
+    q = restoration(model, ds, batch_size=8)
+    assert model.regenerator.training  # modes restored
+    model.eval()
+    assert q == restoration_quality(model.preprocess, ds, batch_size=8)
+    assert q["n_examples"] == 16 and 0 < q["psnr"] < 100 and -1 <= q["ssim"] <= 1

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,36 +25,17 @@ import torch
 
 def train_pssr_command(cfg, out_dir: Path, *, resume: bool) -> int:
     """`advmend train` on a config with pssr.enabled: train G (and f first when needed), then, with
-    eval.after_train, the three-threat-model evaluation of the best checkpoint."""
-    from advmend.attacks.presets import PROTOCOLS
-    from advmend.evaluation.pssr import not_run_text, run_pssr_protocol
-    from advmend.evaluation.report import format_table
-    from advmend.evaluation.run import load_trained_model
-    from advmend.training.build import build_data, resolve_device
-    from advmend.training.pssr_loop import train_pssr, with_transfer_surrogate
+    eval.after_train, the evaluation every `advmend train` runs (`cli.evaluate.evaluate_after_training`:
+    the three threat models, the sanity suite, the restoration quality, the one report card)."""
+    from advmend.cli.evaluate import check_before_training, evaluate_after_training
+    from advmend.training.pssr_loop import train_pssr
 
-    if cfg.eval.after_train:  # fail on a bad protocol or missing test split now, not after training
-        PROTOCOLS.get(cfg.eval.protocol)
-        build_data(cfg.data, need_train=False)
+    check_before_training(cfg)  # with eval.after_train: a bad protocol or missing test split fails now
     print(f"advmend train (PSSR): {cfg.name} -> {out_dir}")
     result = train_pssr(cfg, out_dir, resume=resume)
     print(f"checkpoints: {result.last} (last), {result.best} (best by train.select={cfg.train.select})")
     if cfg.eval.after_train:
-        device = resolve_device(cfg.train.device)
-        model, run_cfg, record = load_trained_model(result.best, device)
-        run_cfg = replace(run_cfg, eval=cfg.eval, data=cfg.data)
-        test = build_data(cfg.data, need_train=False).test
-        eval_dir = out_dir / f"eval-pssr-{cfg.eval.protocol}"
-        meta = {"title": cfg.name, "checkpoint": str(result.best), "best_epoch": record["best"]["epoch"]}
-        run_cfg, meta = with_transfer_surrogate(run_cfg, result.best, meta)  # transfer always runs
-        ev = run_pssr_protocol(model, test, run_cfg, record["eps"], device, eval_dir, meta,
-                               progress=cfg.train.progress)  # fmt: skip
-        print(format_table(ev.result, f"\n{cfg.name}: PSSR best checkpoint, {cfg.eval.protocol} protocol, test set, "
-                                      "rows labelled <threat model>/<attack>"))  # fmt: skip
-        print(not_run_text(ev), end="")
-        print(f"headline (worst over all threat models): {100 * ev.result.worst_accuracy:.2f}% "
-              f"(weakest: {ev.headline_threat})")  # fmt: skip
-        print(f"report: {eval_dir / 'report.md'}, {eval_dir / 'report.json'}")
+        evaluate_after_training(cfg, result.best, out_dir)
     return 0
 
 

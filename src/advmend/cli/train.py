@@ -22,26 +22,17 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from advmend.cli.evaluate import undo_on_failure
+    from advmend.cli.evaluate import check_before_training, evaluate_after_training
     from advmend.config import load_run_config
-    from advmend.data import dataset_info
-    from advmend.evaluation.report import format_table
-    from advmend.evaluation.run import evaluation_threat, load_trained_model, run_protocol
-    from advmend.training.build import build_data, resolve_device
     from advmend.training.loop import train
 
     cfg = load_run_config(args.config, args.overrides)
     out_dir = Path(args.out or cfg.out_dir or Path("runs") / cfg.name)
-    if cfg.pssr.enabled:  # PSSR dispatch: its own loop and three-threat-model evaluation (cli/pssr.py)
+    if cfg.pssr.enabled:  # PSSR dispatch: its own training loop, the same evaluation (cli/pssr.py)
         from advmend.cli.pssr import train_pssr_command
 
         return train_pssr_command(cfg, out_dir, resume=args.resume)
-    if cfg.eval.after_train:
-        # Fail on a bad protocol or missing test split now, not after hours of training.
-        from advmend.attacks.presets import PROTOCOLS
-
-        PROTOCOLS.get(cfg.eval.protocol)
-        build_data(cfg.data)  # the test split exists and matches the training split
+    check_before_training(cfg)  # with eval.after_train: a bad protocol or missing test split fails now
     main_rank = os.environ.get("RANK", "0") == "0"
     if main_rank:
         print(f"advmend train: {cfg.name} -> {out_dir}")
@@ -50,16 +41,5 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"checkpoints: {result.last} (last), {result.best} (best by train.select={cfg.train.select})")
     if cfg.eval.after_train:
-        device = resolve_device(cfg.train.device)
-        model, _, record = load_trained_model(result.best, device)
-        test = build_data(cfg.data, need_train=False).test
-        eval_dir = out_dir / f"eval-{cfg.eval.protocol}"
-        with undo_on_failure(eval_dir):  # a failed evaluation leaves no half-written report
-            eps = evaluation_threat(record, cfg.eval.norm, dataset_info(cfg.data.name)["eps"]).eps
-            res = run_protocol(model, test, cfg, eps, device, eval_dir,
-                               {"title": cfg.name, "checkpoint": str(result.best), "best_epoch": record["best"]["epoch"]},
-                               progress=cfg.train.progress)  # fmt: skip
-        print(format_table(res, f"\n{cfg.name}: best checkpoint (epoch {record['best']['epoch']}), "
-                                f"{cfg.eval.protocol} protocol, test set"))  # fmt: skip
-        print(f"report: {eval_dir / 'report.md'}, {eval_dir / 'report.json'}")
+        evaluate_after_training(cfg, result.best, out_dir)
     return 0

@@ -75,6 +75,7 @@ class EvalResult:
     adv: torch.Tensor | None = None  # (N, C, H, W) worst-case adversarial examples when kept
     labels: torch.Tensor | None = None  # (N,) true labels, kept with `adv`
     sanity: Any = None  # the SanityReport, when the sanity suite ran (evaluation.run.run_protocol)
+    threats: Any = None  # a PSSR model's PSSREvalResult (threat models, restoration), from run_protocol
 
     @property
     def n(self) -> int:

@@ -12,7 +12,7 @@ to Adversarial Example Defenses", NeurIPS 2020). ../shared/specs/pssr.md and eva
    - "whitebox-bpda-identity": forward through PS and G, backward as if G(PS(x)) = x
      (`advmend.attacks.BPDA` with the identity stand-in);
 3. transfer: examples crafted on an independently trained surrogate (a user checkpoint, or another
-   seed of the classifier's own recipe trained and cached by `run_pssr_protocol`).
+   seed of the classifier's own recipe, trained and cached by the commands: `cli.evaluate`).
 
 Every threat model is always listed: one that ran no attack (no surrogate; white box left out by the
 caller) is marked "not run" with the reason, never shown at clean accuracy. The headline is the
@@ -20,13 +20,17 @@ per-example worst case over every attack that ran.
 
 In eval mode the pipeline is deterministic (no dropout, eval-mode scorer), so EOT is not needed
 (eot = 1). Every adversarial example is checked to lie in the ball and in [0, 1].
+
+A PSSR checkpoint goes through the same evaluation as every other model (`evaluation.run.run_protocol`:
+the sanity suite on the whole pipeline, the plot, `--save-adv`, the one report card); this module adds
+the threat-model section of that card (`report_dict`, `markdown`) and the restoration quality of
+clean images (`restoration`).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,15 +39,12 @@ from tqdm.auto import tqdm
 from advmend.attacks.adaptive import BPDA
 from advmend.attacks.modes import attack_mode
 from advmend.attacks.pgd import PGD
-from advmend.attacks.presets import protocol_attacks
 from advmend.attacks.transfer import Transfer
-from advmend.data import ArrayDataset, BatchLoader, subset
+from advmend.data import ArrayDataset, BatchLoader
 from advmend.defenses.pssr.pipeline import PSSRModel, PSSRPreprocess
 from advmend.errors import ConfigError
 from advmend.evaluation.evaluate import AttackResult, EvalResult, check_bound, evaluate
-from advmend.evaluation.report import result_to_dict, settings_text, write_report_files
-from advmend.evaluation.run import load_trained_model
-from advmend.io import file_sha256, versions
+from advmend.evaluation.image_quality import restoration_quality
 from advmend.validate import check_data_fits_model
 
 GRAYBOX, MASK, IDENTITY, TRANSFER = "graybox", "whitebox-bpda-mask", "whitebox-bpda-identity", "transfer"
@@ -55,6 +56,28 @@ THREAT_MODELS = {
 }
 WHITEBOX = (MASK, IDENTITY)  # the white-box threat model is the per-example worst of its BPDA variants
 NOT_RUN = "not run"
+
+
+class AdvStore:
+    """Per example, the first adversarial example (over every threat model) that fooled PSSR; the clean
+    image where none did: the worst-case examples `--save-adv` writes (`EvalResult.adv`)."""
+
+    def __init__(self, ds: ArrayDataset):
+        self.adv = ds.images.float().div(255)
+        self.labels = ds.labels.clone()
+        self.filled = torch.zeros(len(ds), dtype=torch.bool)
+
+    def put(self, idx: torch.Tensor, x_adv: torch.Tensor, fooled: torch.Tensor) -> None:
+        """Examples `idx` (dataset positions) with their `x_adv`; keep those `fooled` not kept before."""
+        idx, fooled = idx.cpu(), fooled.cpu()
+        new = fooled & ~self.filled[idx]
+        self.adv[idx[new]] = x_adv[new.to(x_adv.device)].detach().float().cpu()
+        self.filled[idx[new]] = True
+
+    def put_result(self, result: EvalResult) -> None:
+        """The examples of an `evaluate(..., keep_adv=True)` that one of its attacks fooled."""
+        fooled = result.clean_correct & ~result.worst_correct
+        self.put(torch.arange(result.n), result.adv, fooled)
 
 
 def transfer_attack(
@@ -69,11 +92,13 @@ def transfer_attack(
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
     progress: bool = False,
+    store: AdvStore | None = None,
 ) -> tuple[AttackResult, torch.Tensor]:
     """Craft `attack` on `source`, score on `target`: (target's result, source's per-example correctness).
 
     Only the examples `target` classifies correctly when clean are attacked (as in `evaluate`). The
     crafted example is PGD's last iterate (the highest loss on the source), the usual transfer choice.
+    With `store`, the crafted examples that fool `target` are kept there (`--save-adv`).
     """
     device = torch.device(device)
     craft = Transfer(source, attack)  # crafts with the last iterate, advmend's one transfer rule
@@ -89,6 +114,8 @@ def transfer_attack(
             run = craft.run(target, x[idx], y[idx], device=device, batch_size=batch_size, generator=generator)
             check_bound(run.x_adv, x[idx], attack)
             robust[idx] = ~run.fooled
+            if store is not None:
+                store.put(idx.cpu() + offset - x.shape[0], run.x_adv, run.fooled)
             with torch.no_grad(), attack_mode(source):  # context: does the example still fool f itself?
                 src_ok[idx] = source(run.x_adv).argmax(1) == y[idx]
         correct.append(robust.cpu())
@@ -113,6 +140,15 @@ class PSSREvalResult:
     classifier_clean: torch.Tensor | None = None
     classifier_graybox: dict[str, torch.Tensor] = field(default_factory=dict)
     not_run: dict[str, str] = field(default_factory=dict)  # threat model -> why it ran no attack
+    restoration: dict | None = None  # PSNR / SSIM of G(PS(x)) against clean x (`restoration`)
+
+    def attacks_of(self, label: str | tuple[str, ...]) -> EvalResult:
+        """The attacks of one threat model (or several) with the clean correctness, as an `EvalResult`:
+        e.g. the white-box (mask constant) attacks the sanity suite reads next to the pipeline itself."""
+        labels = (label,) if isinstance(label, str) else tuple(label)
+        r = self.result
+        return EvalResult(r.clean_correct, [a for a in r.attacks if a.settings.get("threat_model") in labels],
+                          cascade=r.cascade)  # fmt: skip
 
     def ran(self, label: str) -> bool:
         return any(a.settings.get("threat_model") == label for a in self.result.attacks)
@@ -147,6 +183,8 @@ def evaluate_pssr(
     device: torch.device | str = "cpu",
     seed: int = 0,
     progress: bool = False,
+    cascade: bool = False,
+    keep_adv: bool = False,
 ) -> PSSREvalResult:
     """Evaluate `model` under each threat model with each attack; see the module docstring.
 
@@ -154,6 +192,10 @@ def evaluate_pssr(
     run". Gray-box and transfer use the PGD attacks of `attacks` (a protocol without one, such as
     AutoAttack alone, crafts with PGD-20 at its radius and norm, so gray-box and transfer still run);
     external attacks (AutoAttack) run under the two white-box threat models.
+
+    `cascade` runs each white-box attack only on the examples still robust to the earlier attacks of
+    its own threat model (the protocol's choice, `eval.cascade`); gray-box and transfer attack every
+    clean-correct example. `keep_adv` keeps the worst-case adversarial examples in `result.adv`.
     """
     start = time.perf_counter()
     device = torch.device(device)
@@ -162,16 +204,20 @@ def evaluate_pssr(
     if not crafters and attacks:
         ref = attacks[0]
         crafters = [PGD(eps=ref.eps, steps=20, step_size=2.5 * ref.eps / 20, norm=ref.norm, name="PGD-20")]
-    base = evaluate(model, ds, attacks if MASK in labels else [], batch_size=batch_size, device=device,
-                    seed=seed, progress=progress)  # fmt: skip
+    store = AdvStore(ds) if keep_adv else None
+    whitebox = {"batch_size": batch_size, "device": device, "seed": seed, "progress": progress,
+                "cascade": cascade, "keep_adv": keep_adv}  # fmt: skip
+    base = evaluate(model, ds, attacks if MASK in labels else [], **whitebox)
     clean = base.clean_correct
     results = _relabel(base, MASK)
+    if store is not None:
+        store.put_result(base)
     if IDENTITY in labels:
-        bpda = BPDA(PSSRPreprocess(model), model.classifier)
-        results += _relabel(
-            evaluate(bpda, ds, attacks, batch_size=batch_size, device=device, seed=seed, progress=progress), IDENTITY
-        )
-    out = PSSREvalResult(EvalResult(clean), labels)
+        identity = evaluate(BPDA(PSSRPreprocess(model), model.classifier), ds, attacks, **whitebox)
+        results += _relabel(identity, IDENTITY)
+        if store is not None:
+            store.put_result(identity)
+    out = PSSREvalResult(EvalResult(clean, cascade=cascade), labels)
     if TRANSFER in labels and surrogate is None:
         out.not_run[TRANSFER] = "no surrogate was given"
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -181,7 +227,7 @@ def evaluate_pssr(
         # Crafting on a source model needs the PGD core; external attacks (AutoAttack) run white-box only.
         for attack in crafters:
             res, src_ok = transfer_attack(source, model, ds, attack, clean, label=label, batch_size=batch_size,
-                                          device=device, generator=generator, progress=progress)  # fmt: skip
+                                          device=device, generator=generator, progress=progress, store=store)  # fmt: skip
             results.append(res)
             if label == GRAYBOX:
                 out.classifier_graybox[attack.describe()["name"]] = src_ok
@@ -190,6 +236,8 @@ def evaluate_pssr(
         with torch.no_grad(), attack_mode(model.classifier):
             out.classifier_clean = torch.cat([(model.classifier(x).argmax(1) == y).cpu() for x, y in loader])
     out.result.attacks = results
+    if store is not None:
+        out.result.adv, out.result.labels = store.adv, store.labels
     for t in labels:
         if not out.ran(t):
             out.not_run.setdefault(t, "no attack in the protocol")
@@ -202,10 +250,51 @@ def not_run_text(ev: PSSREvalResult) -> str:
     return "".join(f"{t}: {NOT_RUN} ({ev.not_run.get(t, '')})\n" for t in ev.threat_models if not ev.ran(t))
 
 
-def report_dict(ev: PSSREvalResult, meta: dict) -> dict:
-    """report.json: every number with its threat model, the headline and the per-example data."""
+def restoration(model: PSSRModel, ds: ArrayDataset, *, batch_size: int = 256,
+                device: torch.device | str = "cpu") -> dict:
+    """PSNR (dB) and SSIM of G(PS(x)) against the clean images of `ds`, the pipeline in eval mode
+    (`advmend.evaluation.image_quality.restoration_quality`; modes restored afterwards)."""
+    with attack_mode(model):
+        return restoration_quality(model.preprocess, ds, batch_size=batch_size, device=device)
+
+
+def check_surrogate(model: PSSRModel, surrogate: nn.Module, record: dict, ds: ArrayDataset, source: str,
+                    device: torch.device | str = "cpu") -> None:  # fmt: skip
+    """ConfigError unless `surrogate` (loaded from checkpoint `source`, with its `record`) can be the
+    transfer source of `model` on `ds`: a classifier, of the same image shape and class count."""
+    if record.get("config", {}).get("pssr", {}).get("enabled"):
+        raise ConfigError(f"transfer surrogate {source!r} is a PSSR checkpoint; give a classifier's checkpoint")
+    # A surrogate of another data set would fail mid-attack (or, worse, "transfer" nonsense).
+    check_data_fits_model(ds, image_shape=record.get("image_shape"), num_classes=record.get("num_classes"),
+                          source=f"the transfer surrogate {source!r}",
+                          hint="give a surrogate trained on the same data set (pssr.surrogate, --transfer-from)")  # fmt: skip
+    if len(ds):  # same image shape but another label space (e.g. CIFAR-100 vs CIFAR-10): also refused
+        x = ds.images[:2].to(device).float().div_(255.0)
+        with torch.no_grad(), attack_mode(model), attack_mode(surrogate):
+            k_model, k_source = model(x).shape[1], surrogate(x).shape[1]
+        if k_model != k_source:
+            raise ConfigError(f"transfer surrogate {source!r} predicts {k_source} classes but the PSSR model "
+                              f"{k_model}: give a surrogate trained on the same data set")  # fmt: skip
+
+
+def console_text(ev: PSSREvalResult) -> str:
+    """The console lines under the attack table: threat models not run, the headline, the restoration."""
+    text = not_run_text(ev)  # threat models without an attack: listed, never at clean accuracy
+    if ev.result.attacks:
+        text += (f"headline (worst over all threat models): {100 * ev.result.worst_accuracy:.2f}% "
+                 f"(weakest: {ev.headline_threat})\n")  # fmt: skip
+    if ev.restoration is not None:
+        q = ev.restoration
+        text += f"restoration of clean images: PSNR {q['psnr']:.2f} dB, SSIM {q['ssim']:.4f} ({q['n_examples']} images)\n"
+    return text
+
+
+def report_dict(ev: PSSREvalResult) -> dict:
+    """The threat-model section of report.json (beside the card's keys): every threat model with its
+    status and per-example worst case, the white-box and headline numbers, the undefended classifier's
+    context and the restoration quality of clean images."""
     r = ev.result
-    payload = {"meta": meta, "versions": versions(), **result_to_dict(r)}
+    payload = {}
     payload["threat_models"] = {
         t: {"description": THREAT_MODELS[t], "status": "run", "robust_accuracy": _pct(ev.threat_accuracy(t)),
             "attacks": [a.name for a in r.attacks if a.settings.get("threat_model") == t]}
@@ -232,6 +321,9 @@ def report_dict(ev: PSSREvalResult, meta: dict) -> dict:
             "graybox_examples_accuracy": {k: 100 * float(v.float().mean()) for k, v in ev.classifier_graybox.items()},
             "note": "accuracy of f alone on the gray-box examples (crafted only on examples PSSR gets right)",
         }
+    if ev.restoration is not None:
+        payload["restoration"] = dict(ev.restoration, definition="G(PS(x)) against the clean test image x, "
+                                      "pipeline in eval mode; PSNR (dB, data range 1) and SSIM per image, averaged")  # fmt: skip
     return payload
 
 
@@ -239,30 +331,25 @@ def _pct(value: float | None) -> float | None:
     return None if value is None else 100 * value
 
 
-def markdown(ev: PSSREvalResult, meta: dict) -> str:
-    """report.md: one row per (threat model, attack), the per-threat-model worst case and the headline."""
-    r = ev.result
-    lines = [f"# PSSR evaluation: {meta.get('title', '')}".rstrip(), ""]
-    lines += ["| threat model | attack | accuracy (%) | settings | seconds |", "|---|---|---:|---|---:|"]
-    lines.append(f"| none | clean | {100 * r.clean_accuracy:.2f} | | |")
+def markdown(ev: PSSREvalResult, meta: dict | None = None) -> str:
+    """The threat-model section of report.md (its attacks are the card's `<threat model>/<attack>` rows):
+    each threat model's per-example worst case, or "not run" with the reason; the white-box worst case;
+    the headline; the transfer source and the restoration of clean images."""
+    r, meta = ev.result, meta or {}
+    lines = ["## Threat models", "", "| threat model | attacks | robust accuracy (%) | what it is, or why not run |",
+             "|---|---|---:|---|"]  # fmt: skip
     for t in ev.threat_models:
         if not ev.ran(t):
-            lines.append(f"| {t} | {NOT_RUN} | {NOT_RUN} | {ev.not_run.get(t, '')} | |")
+            lines.append(f"| {t} | {NOT_RUN} | {NOT_RUN} | {ev.not_run.get(t, '')} |")
             continue
-        for a in r.attacks:
-            if a.settings.get("threat_model") != t:
-                continue
-            s = a.settings
-            lines.append(f"| {t} | {s['name'].split('/', 1)[1]} | {100 * a.accuracy:.2f} | {settings_text(s)} "
-                         f"| {a.seconds:.1f} |")  # fmt: skip
-        lines.append(f"| {t} | worst case | {100 * ev.threat_accuracy(t):.2f} | per example | |")
+        names = ", ".join(a.name.split("/", 1)[1] for a in r.attacks if a.settings.get("threat_model") == t)
+        lines.append(f"| {t} | {names} | {100 * ev.threat_accuracy(t):.2f} | {THREAT_MODELS[t]} |")
     wb = ev.threat_accuracy(WHITEBOX)
     if wb is not None and sum(ev.ran(t) for t in WHITEBOX) > 1:
-        lines.append(f"| whitebox | worst of the BPDA variants | {100 * wb:.2f} | per example | |")
+        lines.append(f"| whitebox | worst of the BPDA variants | {100 * wb:.2f} | per example |")
     if r.attacks:
         lines.append(f"| **all** | **headline (worst case)** | **{100 * r.worst_accuracy:.2f}** | "
-                     f"weakest: {ev.headline_threat} | |")  # fmt: skip
-    lines += ["", "Threat models:"] + [f"- `{t}`: {THREAT_MODELS[t]}" for t in ev.threat_models]
+                     f"per example, over every attack; weakest: {ev.headline_threat} |")  # fmt: skip
     if ev.classifier_clean is not None:
         lines += ["", f"Undefended classifier f alone: clean {100 * float(ev.classifier_clean.float().mean()):.2f}%"
                   + "".join(f"; {k} gray-box examples {100 * float(v.float().mean()):.2f}%"
@@ -270,66 +357,17 @@ def markdown(ev: PSSREvalResult, meta: dict) -> str:
                   + " (gray-box examples exist only for the examples PSSR classifies correctly)."]  # fmt: skip
     lines += [
         "",
-        f"Examples: {r.n} ({meta.get('split', 'test')} split). Total time: {r.seconds:.1f} s on {meta.get('device', '?')}."
-        " Robust accuracy counts an example only if PSSR classifies it correctly clean and under the attack;"
-        " each worst case counts it only if every attack in its group fails. The pipeline is deterministic in"
-        " eval mode (EOT not needed). Every adversarial example was checked to lie in the eps-ball and in [0, 1].",
+        "Robust accuracy counts an example only if PSSR classifies it correctly clean and under the attack;"
+        " each worst case counts it only if every attack in its group fails; the headline is the card's"
+        " worst case. The pipeline is deterministic in eval mode (EOT not needed). The sanity suite and the"
+        " plot's sweep attack the whole pipeline (white box, mask constant).",
     ]
     if meta.get("surrogate"):
         lines += ["", f"Transfer source: `{meta['surrogate']}` ({meta.get('surrogate_origin') or 'user'}; "
                   "an independently trained classifier: the same recipe with another seed when advmend trained it)."]
-    if meta.get("checkpoint"):
-        lines += ["", f"Checkpoint: `{meta['checkpoint']}` (sha256 `{meta.get('checkpoint_sha256', '')}`)"]
+    if ev.restoration is not None:
+        q = ev.restoration
+        lines += ["", "## Restoration of clean images", "",
+                  f"G(PS(x)) against the clean image x, pipeline in eval mode, over {q['n_examples']} evaluated "
+                  f"test images: PSNR {q['psnr']:.2f} dB, SSIM {q['ssim']:.4f} (per image, averaged; torchmetrics)."]  # fmt: skip
     return "\n".join(lines) + "\n"
-
-
-def write_pssr_report(out_dir: str | Path, ev: PSSREvalResult, meta: dict) -> tuple[Path, Path]:
-    """Write report.json and report.md atomically into `out_dir`."""
-    return write_report_files(out_dir, report_dict(ev, meta), markdown(ev, meta))
-
-
-def run_pssr_protocol(
-    model: PSSRModel,
-    test: ArrayDataset,
-    cfg,
-    eps: float,
-    device: torch.device,
-    out_dir: Path,
-    meta: dict,
-    progress: bool = True,
-) -> PSSREvalResult:
-    """The three-threat-model evaluation of a PSSR run on its test set (or the seeded
-    `eval.n_examples` subset) with the `eval.protocol` attacks; writes report.json/.md to `out_dir`."""
-    n = cfg.eval.n_examples
-    if n is not None and n < 1:
-        raise ConfigError(f"eval.n_examples must be >= 1, got {n}")
-    ds = subset(test, n, cfg.eval.seed) if n is not None and n < len(test) else test
-    # The commands fill pssr.surrogate with a trained-and-cached one when the user gave none
-    # (`advmend.training.pssr_loop.transfer_surrogate`); without any, transfer is listed as "not run".
-    source = Path(cfg.pssr.surrogate) if cfg.pssr.surrogate else None
-    surrogate = None
-    if source is not None:
-        surrogate, _, s_record = load_trained_model(source, device)
-        if s_record.get("config", {}).get("pssr", {}).get("enabled"):
-            raise ConfigError(f"transfer surrogate {str(source)!r} is a PSSR checkpoint; give a classifier's checkpoint")
-        # A surrogate of another data set would fail mid-attack (or, worse, "transfer" nonsense).
-        check_data_fits_model(ds, image_shape=s_record.get("image_shape"), num_classes=s_record.get("num_classes"),
-                              source=f"the transfer surrogate {str(source)!r}",
-                              hint="give a surrogate trained on the same data set (pssr.surrogate, --transfer-from)")  # fmt: skip
-        if len(ds):  # same image shape but another label space (e.g. CIFAR-100 vs CIFAR-10): also refused
-            x = ds.images[:2].to(device).float().div_(255.0)
-            with torch.no_grad(), attack_mode(model), attack_mode(surrogate):
-                k_model, k_source = model(x).shape[1], surrogate(x).shape[1]
-            if k_model != k_source:
-                raise ConfigError(f"transfer surrogate {str(source)!r} predicts {k_source} classes but the PSSR model "
-                                  f"{k_model}: give a surrogate trained on the same data set")  # fmt: skip
-    ev = evaluate_pssr(model, ds, protocol_attacks(cfg.eval.protocol, eps, cfg.eval.norm), surrogate=surrogate,
-                       batch_size=cfg.eval.batch_size, device=device, seed=cfg.eval.seed, progress=progress)  # fmt: skip
-    meta = dict(meta, protocol=cfg.eval.protocol, eps=eps, norm=cfg.eval.norm, device=str(device), split="test",
-                subset_seed=cfg.eval.seed if ds is not test else None,
-                surrogate=str(source) if source is not None else None,
-                surrogate_origin=meta.get("surrogate_origin", "user") if source is not None else None)  # fmt: skip
-    if meta.get("checkpoint"):
-        meta["checkpoint_sha256"] = file_sha256(meta["checkpoint"])
-    write_pssr_report(out_dir, ev, meta)
-    return ev

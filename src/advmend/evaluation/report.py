@@ -79,7 +79,9 @@ def table_rows(result: EvalResult, sanity: SanityReport | None = None) -> list[t
     if result.attacks:
         note = "per example, over all attacks above"
         if result.cascade:
-            note += "; [cascade]: each attack ran only on examples robust to all attacks above it"
+            labelled = any("threat_model" in a.settings for a in result.attacks)
+            note += ("; [cascade]: each attack ran only on examples robust to all attacks above it"
+                     + (" in its threat model" if labelled else ""))  # fmt: skip
         if sanity is not None and sanity.warnings:
             note += "; SANITY WARNINGS: " + ", ".join(c.code for c in sanity.warnings) + " (see below)"
         rows.append(("worst case", f"{100 * result.worst_accuracy:.2f}", note))
@@ -129,8 +131,11 @@ def _short(v: Any) -> str:
     return str(v)
 
 
-def markdown_report(result: EvalResult, meta: dict[str, Any], sanity: SanityReport | None = None) -> str:
-    """report.md: the table a person reads first, the sanity table next to it, then where it came from."""
+def markdown_report(
+    result: EvalResult, meta: dict[str, Any], sanity: SanityReport | None = None, section: str = ""
+) -> str:
+    """report.md: the table a person reads first, then a model's own `section` (PSSR's threat models and
+    restoration), the sanity table, then where it came from."""
     lines = [f"# advmend evaluation: {meta.get('title', '')}".rstrip(), ""]
     if sanity is not None and sanity.warnings:
         lines += [f"**{len(sanity.warnings)} sanity warning(s): {', '.join(c.code for c in sanity.warnings)}.** "
@@ -140,6 +145,8 @@ def markdown_report(result: EvalResult, meta: dict[str, Any], sanity: SanityRepo
     speed = {a.name: f"{a.attacked / a.seconds:.1f}" for a in result.attacks if a.seconds > 0}
     for name, acc, settings in table_rows(result, sanity):
         lines.append(f"| {name} | {acc} | {settings} | {times.get(name, '')} | {speed.get(name, '')} |")
+    if section:
+        lines += [""] + section.rstrip("\n").split("\n")
     if sanity is not None:
         lines += [""] + sanity_markdown(sanity)
     notes = [n for a in result.attacks for n in a.notes]
@@ -169,18 +176,32 @@ def markdown_report(result: EvalResult, meta: dict[str, Any], sanity: SanityRepo
 
 
 def write_report(
-    out_dir: str | Path, result: EvalResult, meta: dict[str, Any], sanity: SanityReport | None = None
+    out_dir: str | Path,
+    result: EvalResult,
+    meta: dict[str, Any],
+    sanity: SanityReport | None = None,
+    *,
+    section: tuple[dict[str, Any], str] | None = None,
 ) -> tuple[Path, Path]:
-    """Write report.json and report.md atomically into `out_dir`."""
+    """Write report.json and report.md atomically into `out_dir`: the one report card of every model.
+
+    `section` is a model's own part of the card, (report.json keys, report.md text): PSSR's threat
+    models and restoration (`evaluation.pssr.report_dict`, `markdown`). Its keys add to the card's,
+    never replace one."""
     payload = {"meta": meta, "versions": _versions(), **result_to_dict(result)}
     if sanity is not None:
         payload["sanity"] = sanity.to_dict()
-    return write_report_files(out_dir, payload, markdown_report(result, meta, sanity))
+    extra, text = section if section is not None else ({}, "")
+    clash = sorted(set(extra) & set(payload))
+    if clash:
+        raise ValueError(f"a report section may not replace the card's keys {clash}")
+    payload.update(extra)
+    return write_report_files(out_dir, payload, markdown_report(result, meta, sanity, text))
 
 
 def write_report_files(out_dir: str | Path, payload: dict[str, Any], markdown: str) -> tuple[Path, Path]:
     """report.json (`payload`) and report.md (`markdown`) in `out_dir`, each written atomically: the one
-    writer of every evaluation report (a checkpoint's protocol, PSSR's threat models)."""
+    writer of every evaluation report (`write_report`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "report.json", out / "report.md"

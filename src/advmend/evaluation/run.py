@@ -1,4 +1,7 @@
-"""Evaluate a trained model under a named protocol and write its report (shared by `train` and `eval`)."""
+"""Evaluate a trained model under a named protocol and write its report (shared by `train` and `eval`).
+
+Every model goes through `run_protocol`: a classifier, an FSR model, a user's model, and a PSSR
+pipeline (its three labelled threat models, `evaluation.pssr`, as a section of the same card)."""
 
 from __future__ import annotations
 
@@ -15,9 +18,19 @@ from advmend.checkpoint import load_checkpoint
 from advmend.config import RunConfig, check_config, from_dict
 from advmend.data import ArrayDataset, subset
 from advmend.defenses.build import build_model
+from advmend.defenses.pssr.pipeline import PSSRModel
 from advmend.errors import CheckpointError, ConfigError
 from advmend.evaluation.evaluate import EvalResult, accuracy_curve, evaluate
 from advmend.evaluation.plots import accuracy_vs_eps_png
+from advmend.evaluation.pssr import (
+    MASK,
+    PSSREvalResult,
+    check_surrogate,
+    evaluate_pssr,
+    markdown,
+    report_dict,
+    restoration,
+)
 from advmend.evaluation.report import write_report
 from advmend.evaluation.sanity import run_sanity
 from advmend.io import atomic_write_bytes, file_sha256
@@ -90,7 +103,14 @@ def run_protocol(
     save_adv: str | Path | None = None,
 ) -> EvalResult:
     """Evaluate on the test set (or its seeded `eval.n_examples` subset), run the sanity suite, and write
-    report.json, report.md and accuracy_vs_eps.png (and the adversarial examples with `save_adv`)."""
+    report.json, report.md and accuracy_vs_eps.png (and the adversarial examples with `save_adv`).
+
+    A `PSSRModel` is evaluated under its labelled threat models (`evaluation.pssr.evaluate_pssr`; the
+    transfer source is `cfg.pssr.surrogate`, "not run" without one): the card's attack rows are
+    `<threat model>/<attack>` and its worst case is the headline; the sanity suite and the plot's sweep
+    attack the whole pipeline (white box, mask constant); the card adds the threat-model table and the
+    restoration quality of the clean images (`result.threats` holds them). `extra_attacks` are for
+    other models (a PSSR transfer source is `pssr.surrogate`)."""
     ev = cfg.eval
     check_config(ev)  # the rules of loading, for a config built or changed in Python
     n = ev.n_examples
@@ -101,10 +121,18 @@ def run_protocol(
     cascade = options.get("cascade", False) if ev.cascade is None else ev.cascade
     costly = options.get("sanity_full", False) if ev.sanity_full is None else ev.sanity_full
     attacks = protocol_attacks(ev.protocol, eps, ev.norm) + list(extra_attacks)
-    result = evaluate(model, ds, attacks, batch_size=ev.batch_size, device=device, seed=ev.seed,
-                      progress=progress, cascade=cascade, keep_adv=save_adv is not None)  # fmt: skip
+    threats = None
+    if isinstance(model, PSSRModel):
+        if extra_attacks:
+            raise ConfigError("a PSSR model's transfer source is pssr.surrogate (--transfer-from), not an extra attack")
+        threats, meta = _evaluate_pssr(model, ds, cfg, attacks, device, meta, progress, cascade, save_adv is not None)
+        result, attacked = threats.result, threats.attacks_of(MASK)  # the sanity suite: mask constant
+    else:
+        result = evaluate(model, ds, attacks, batch_size=ev.batch_size, device=device, seed=ev.seed,
+                          progress=progress, cascade=cascade, keep_adv=save_adv is not None)  # fmt: skip
+        attacked = result
     t0 = time.perf_counter()
-    sanity = run_sanity(model, ds, result, eps, ev.norm, costly=costly, batch_size=ev.batch_size,
+    sanity = run_sanity(model, ds, attacked, eps, ev.norm, costly=costly, batch_size=ev.batch_size,
                         device=device, seed=ev.seed)  # fmt: skip
     sanity_seconds = time.perf_counter() - t0
     # The picture's curve is its own cheap PGD sweep (a few eps on a seeded subset), recorded in
@@ -135,6 +163,28 @@ def run_protocol(
     if save_adv is not None:
         meta["adv_layout"] = save_adversarial(save_adv, result)
         meta["adv_file"] = str(save_adv)
-    write_report(out_dir, result, meta, sanity)
-    result.sanity = sanity
+    section = (report_dict(threats), markdown(threats, meta)) if threats is not None else None
+    write_report(out_dir, result, meta, sanity, section=section)
+    result.sanity, result.threats = sanity, threats
     return result
+
+
+def _evaluate_pssr(model: PSSRModel, ds: ArrayDataset, cfg: RunConfig, attacks: list, device: torch.device,
+                   meta: dict, progress: bool, cascade: bool, keep_adv: bool) -> tuple[PSSREvalResult, dict]:  # fmt: skip
+    """PSSR's threat models on `ds` with the transfer source `cfg.pssr.surrogate` (checked to fit), and
+    the restoration quality of its clean images; `meta` gains the surrogate's provenance."""
+    ev = cfg.eval
+    # The commands fill pssr.surrogate with a trained-and-cached one when the user gave none
+    # (`advmend.training.pssr_loop.with_transfer_surrogate`); without any, transfer is listed as "not run".
+    source = str(cfg.pssr.surrogate) if cfg.pssr.surrogate else None
+    surrogate = None
+    if source is not None:
+        surrogate, _, s_record = load_trained_model(source, device)
+        check_surrogate(model, surrogate, s_record, ds, source, device)
+    threats = evaluate_pssr(model, ds, attacks, surrogate=surrogate, batch_size=ev.batch_size, device=device,
+                            seed=ev.seed, progress=progress, cascade=cascade, keep_adv=keep_adv)  # fmt: skip
+    t0 = time.perf_counter()
+    threats.restoration = dict(restoration(model, ds, batch_size=ev.batch_size, device=device),
+                               seconds=round(time.perf_counter() - t0, 3))  # fmt: skip
+    meta = dict(meta, surrogate=source, surrogate_origin=meta.get("surrogate_origin", "user") if source else None)
+    return threats, meta
