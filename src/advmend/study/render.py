@@ -198,6 +198,27 @@ def render_tuning(study: Study, lines: list[str]) -> str:
     return "\n".join(lines + [""])
 
 
+def _is_pssr(study: Study, run_id: str) -> bool:
+    return bool(((study.runs[run_id].get("config") or {}).get("pssr") or {}).get("enabled"))
+
+
+def _protocol(study: Study, e: dict) -> str:
+    clean = "all" if e.get("clean_n") is None else e.get("clean_n")
+    common = (" The subsets are prefixes of one seeded permutation of the test split (seed "
+              f"{e.get('seed')}), the same for every run. L-inf, eps of the training attack.")  # fmt: skip
+    if study.runs and all(_is_pssr(study, r) for r in study.runs):
+        return (f"Protocol (PSSR): the classifier alone and PSSR in front of it, clean, on {clean} test images, with "
+                f"the PSNR and SSIM of G(PS(x)) against x; PGD-20 (FSR paper settings: step eps/10, no random start) "
+                f"on {e.get('attack_n')} test images, on f alone and on PSSR under four threat models (gray-box: "
+                "crafted on f; white box: BPDA with the mask constant, BPDA through the identity; transfer: crafted "
+                f"on an independently trained classifier); AutoAttack standard on the whole pipeline on "
+                f"{e.get('autoattack_n')}; worst case per example over every attack on PSSR on the smallest subset."
+                + common)  # fmt: skip
+    return (f"Protocol: clean accuracy on {clean} test images; FGSM, PGD-20 and CW-30 (FSR paper settings: step "
+            f"eps/10, no random start, CW kappa 50) on {e.get('attack_n')} test images; AutoAttack standard on "
+            f"{e.get('autoattack_n')}; worst case per example over all attacks on the smallest subset." + common)  # fmt: skip
+
+
 def render_study(study: Study, png_name: str | None) -> str:
     d = study.definition
     e = d.get("eval", {})
@@ -213,11 +234,7 @@ def render_study(study: Study, png_name: str | None) -> str:
         f"{len(study.records)} of {planned} runs finished"
         + (f"; still missing: {', '.join(missing)}." if missing else "."),
         "",
-        f"Protocol: clean accuracy on {'all' if e.get('clean_n') is None else e.get('clean_n')} test images; "
-        f"FGSM, PGD-20 and CW-30 (FSR paper settings: step eps/10, no random start, CW kappa 50) on "
-        f"{e.get('attack_n')} test images; AutoAttack standard on {e.get('autoattack_n')}; worst case per example "
-        "over all attacks on the smallest subset. The subsets are prefixes of one seeded permutation of the "
-        f"test split (seed {e.get('seed')}), the same for every run. L-inf, eps of the training attack.",
+        _protocol(study, e),
         "",
     ]
     if not study.records:
