@@ -11,7 +11,10 @@ salient mask M_s from the score map of x + delta, it measures f's accuracy on
 plus f on the surgical image PS(x + delta) ("PS only") and, for a PSSR checkpoint, the whole
 pipeline on x + delta (gray-box). If random masks do as well as the salient mask, the table says so.
 It writes finding.json, finding.md, finding.png (bar chart) and grid.png (x, x_adv, delta, mask,
-surgical, regenerated for a few examples).
+surgical, regenerated for a few examples; none with --grid 0). finding.json is a record the results page
+renders (`advmend.study.finding`, schema advmend.pssr.finding/1): per-example correctness of every row as
+0/1 strings, both paired tests and verdicts, the command, the checkpoint's SHA-256, timings, hardware,
+versions and commit; it is written last, so a folder holding one is complete.
 """
 
 from __future__ import annotations
