@@ -11,13 +11,17 @@ salient mask M_s from the score map of x + delta, it measures f's accuracy on
 plus f on the surgical image PS(x + delta) ("PS only") and, for a PSSR checkpoint, the whole
 pipeline on x + delta (gray-box). If random masks do as well as the salient mask, the table says so.
 It writes finding.json, finding.md, finding.png (bar chart) and grid.png (x, x_adv, delta, mask,
-surgical, regenerated for a few examples).
+surgical, regenerated for a few examples; none with --grid 0). finding.json is a record the results page
+renders (`advmend.study.finding`, schema advmend.pssr.finding/1): per-example correctness of every row as
+0/1 strings, both paired tests and verdicts, the command, the checkpoint's SHA-256, timings, hardware,
+versions and commit; it is written last, so a folder holding one is complete.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -49,7 +53,7 @@ def add_parser(sub) -> None:
     p.add_argument("--rho", type=float, help="removal ratio of the ratio mask")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--grid", type=int, default=8, help="examples in the image grid")
+    p.add_argument("--grid", type=int, default=8, help="examples in the image grid (0: no grid.png)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a data setting, e.g. --set data.root=DIR (repeatable)")
@@ -66,46 +70,33 @@ def random_mask_like(mask: torch.Tensor, generator: torch.Generator | None = Non
     return (ranks < k).to(mask.dtype).view_as(mask)
 
 
-ROWS = (
-    ("clean", "x"),
-    ("adversarial", "x + delta"),
-    ("salient removed", "x + (1 - M_s) delta"),
-    ("salient only", "x + M_s delta"),
-    ("random removed", "x + (1 - M_r) delta"),
-    ("random only", "x + M_r delta"),
-    ("PS only", "f(PS(x + delta))"),
-    ("PSSR (gray-box)", "f(G(PS(x + delta)))"),
-)
+def paired_difference(a, b, *, seed: int = 0) -> dict:
+    """`advmend.study.finding.paired_difference`: a - b in points with its 95 % paired bootstrap interval."""
+    from advmend.study.finding import paired_difference as impl
+
+    return impl(a, b, seed=seed)
 
 
-def paired_difference(a: torch.Tensor, b: torch.Tensor, *, seed: int = 0) -> dict:
-    """Accuracy difference a - b (percentage points) of two per-example correctness vectors over the
-    SAME examples, with the 95 % bootstrap interval over examples (`advmend.study.stats.paired_bootstrap`).
+def finding_verdict(salient_removed, random_removed, *, seed: int = 0) -> tuple[str, dict]:
+    """`advmend.study.finding.finding_verdict`: the paired verdict salient removed - random removed."""
+    from advmend.study.finding import finding_verdict as impl
 
-    Pairing matters: the two accuracies share their examples, so their difference is far less noisy
-    than two independent accuracies, and a gap inside the interval is not a finding."""
-    import numpy as np
-
-    from advmend.study.stats import paired_bootstrap
-
-    if a.shape != b.shape or a.dim() != 1:
-        raise ValueError(f"paired_difference needs two per-example vectors of one length, got {tuple(a.shape)}, {tuple(b.shape)}")
-    diff = (a.to(torch.int64) - b.to(torch.int64)).numpy().astype(np.float64)[None, :]
-    mean, low, high = paired_bootstrap(diff, seed=seed)
-    return {"difference": mean, "ci95": [low, high], "n_examples": int(a.numel()), "covers_zero": low <= 0 <= high}
+    return impl(salient_removed, random_removed, seed=seed)
 
 
-def finding_verdict(salient_removed: torch.Tensor, random_removed: torch.Tensor, *, seed: int = 0) -> tuple[str, dict]:
-    """The verdict on "removing the salient part helps more than removing a random part of the same
-    size", from the paired difference of f's per-example correctness (salient removed - random removed)."""
-    d = paired_difference(salient_removed, random_removed, seed=seed)
-    lo, hi = d["ci95"]
-    gap = f"{d['difference']:+.2f} points, 95% CI [{lo:+.2f}, {hi:+.2f}] over {d['n_examples']} paired examples"
-    if d["covers_zero"]:
-        return f"no measurable difference between removing the salient part and a random part of the same size ({gap})", d
-    if lo > 0:
-        return f"removing the salient part helps more than removing a random part of the same size ({gap})", d
-    return (f"random masks remove the attack better than the salient mask: the finding is NOT reproduced here ({gap})", d)
+def command_line(args: argparse.Namespace, out: Path) -> str:
+    """The command that reproduces this finding (every option that changes a number)."""
+    import shlex
+
+    parts = ["advmend", "pssr-analysis", str(args.checkpoint), "--n-examples", str(args.n_examples), "--steps",
+             str(args.steps), "--seed", str(args.seed), "--batch-size", str(args.batch_size)]  # fmt: skip
+    for flag, value in (("--mask", args.mask), ("--alpha", args.alpha), ("--rho", args.rho)):
+        if value is not None:
+            parts += [flag, str(value)]
+    for item in args.overrides:
+        parts += ["--set", item]
+    parts += ["--grid", str(args.grid), "--out", str(out)]
+    return shlex.join(parts)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -119,18 +110,22 @@ def run(args: argparse.Namespace) -> int:
     from advmend.evaluation.run import load_trained_model
     from advmend.training.build import build_data, resolve_device
     from advmend.plotting import pyplot, save_png
-    from advmend.io import atomic_write_text, file_sha256
+    from advmend.io import atomic_write_text, file_sha256, versions
+    from advmend.study.finding import FINDING_SCHEMA, ONLY_TEST, REMOVED_TEST, ROWS, only_verdict
+    from advmend.study.records import bits, percent
+    from advmend.study.runner import git_commit, hardware
 
     for item in args.overrides:
         if not item.split("=", 1)[0].strip().startswith("data."):
             raise ConfigError(f"advmend pssr-analysis --set only changes data.* settings, got {item!r}")
     for key, value, ok in (("--n-examples", args.n_examples, args.n_examples >= 1), ("--steps", args.steps, args.steps >= 1),
-                           ("--batch-size", args.batch_size, args.batch_size >= 1), ("--grid", args.grid, args.grid >= 1),
+                           ("--batch-size", args.batch_size, args.batch_size >= 1), ("--grid", args.grid, args.grid >= 0),
                            ("--alpha", args.alpha, args.alpha is None or args.alpha > 0),
                            ("--rho", args.rho, args.rho is None or 0 <= args.rho <= 1)):  # fmt: skip
         if not ok:
             raise ConfigError(f"{key}: invalid value {value!r}")
     plt = pyplot("pssr-analysis")  # before any work: a missing matplotlib is an error up front
+    started, at_start = time.perf_counter(), hardware()
     device = resolve_device(args.device, "--device")
     model, cfg, record = load_trained_model(args.checkpoint, device)
     cfg = from_dict(RunConfig, apply_overrides(to_dict(cfg), args.overrides))
@@ -147,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
     gen = torch.Generator(device=device).manual_seed(args.seed)
     correct = {name: [] for name, _ in ROWS if pipeline or name != "PSSR (gray-box)"}
     removed, grid = [], None
+    loop_started = time.perf_counter()
     for x, y in BatchLoader(ds, args.batch_size, shuffle=False, device=device):
         x_adv = pgd(f, x, y, attack, generator=gen, validate=False)
         delta = x_adv - x
@@ -166,30 +162,37 @@ def run(args: argparse.Namespace) -> int:
             with attack_mode(pipeline), torch.no_grad():  # the pipeline's own surgery when the flags change it
                 x_hat = pipeline.regenerate(x_s, m_s, x_adv) if same_surgery else pipeline.preprocess(x_adv)
                 correct["PSSR (gray-box)"].append((pipeline.classifier(x_hat).argmax(1) == y).cpu())
-        if grid is None:
+        if grid is None and args.grid > 0:
             k = min(args.grid, x.shape[0])
             grid = [t[:k].cpu() for t in (x, x_adv, (0.5 + delta / (2 * eps)).clamp(0, 1), m_s, x_s)]
             grid.append(x_hat[:k].cpu() if x_hat is not None else None)
-    acc = {name: 100 * float(torch.cat(v).float().mean()) for name, v in correct.items()}
-    ratio = 100 * float(torch.cat(removed).mean())
+    loop_seconds = time.perf_counter() - loop_started
     per_example = {name: torch.cat(v) for name, v in correct.items()}
-    # The verdict rests on a paired test over the same examples, never on the raw gap of two accuracies.
+    acc = {name: percent(v) for name, v in per_example.items()}  # exactly as the results page recomputes it
+    ratio = 100 * float(torch.cat(removed).mean())
+    # The verdicts rest on paired tests over the same examples, never on the raw gap of two accuracies.
     verdict, removed_test = finding_verdict(per_example["salient removed"], per_example["random removed"], seed=args.seed)
-    only_test = paired_difference(per_example["salient only"], per_example["random only"], seed=args.seed)
+    verdict_only, only_test = only_verdict(per_example["salient only"], per_example["random only"], seed=args.seed)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "pssr-analysis"
     out.mkdir(parents=True, exist_ok=True)
     payload = {
+        "schema": FINDING_SCHEMA, "command": command_line(args, out),
         "checkpoint": str(args.checkpoint), "checkpoint_sha256": file_sha256(args.checkpoint),
-        "n_examples": len(ds), "subset_seed": args.seed, "attack": attack.describe(), "mask": rule,
+        "method": cfg.train.method,
+        "data": cfg.data.name, "n_examples": len(ds), "subset_seed": args.seed,
+        "subset": "advmend.data.subset(test split, n_examples, subset_seed) (all of it when n_examples >= its size)",
+        "attack": attack.describe(), "eps": eps, "mask": rule,
         "alpha": alpha, "rho": rho, "fill": base.fill, "removed_pixel_ratio": ratio,
-        "accuracy": {name: {"definition": d, "accuracy": acc[name]} for name, d in ROWS if name in acc},
-        "verdict": verdict, "device": str(device),
+        "accuracy": {name: {"definition": d, "accuracy": acc[name], "correct": bits(per_example[name])}
+                     for name, d in ROWS if name in acc},
+        "verdict": verdict, "verdict_only": verdict_only, "bootstrap_seed": args.seed,
         "paired_tests": {
-            "salient removed - random removed": removed_test, "salient only - random only": only_test,
+            REMOVED_TEST: removed_test, ONLY_TEST: only_test,
             "method": "95% bootstrap interval over the same examples (advmend.study.stats.paired_bootstrap)",
         },
+        "device": str(device), "seconds": {"examples": round(loop_seconds, 2)},
+        "hardware": {"at_start": at_start}, "versions": versions(), "commit": git_commit(),
     }  # fmt: skip
-    atomic_write_text(out / "finding.json", json.dumps(payload, indent=2) + "\n")
     lines = [f"# PSSR finding: {args.checkpoint}", "", "| input to f | definition | accuracy (%) |", "|---|---|---:|"]
     lines += [f"| {name} | `{d}` | {acc[name]:.2f} |" for name, d in ROWS if name in acc]
     mask_desc = f"alpha={alpha:g}" if rule == "alpha" else f"rho={rho:g}"
@@ -198,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
               f"M_r: a uniformly random mask with the same count per image. {len(ds)} test examples (seed {args.seed}).",
               "", f"Salient only - random only: {only_test['difference']:+.2f} points, 95% CI "
               f"[{only_test['ci95'][0]:+.2f}, {only_test['ci95'][1]:+.2f}] (negative: the salient part alone keeps more of the attack).",
-              "", f"Verdict: {verdict}."]  # fmt: skip
+              "", f"Verdict: {verdict}.", "", f"Verdict (salient only): {verdict_only}."]  # fmt: skip
     atomic_write_text(out / "finding.md", "\n".join(lines) + "\n")
 
     names = [n for n, _ in ROWS if n in acc]
@@ -210,6 +213,21 @@ def run(args: argparse.Namespace) -> int:
     ax.set_title(f"salient vs trivial perturbation ({rule} {mask_desc}, {ratio:.1f}% removed)", fontsize=9)
     fig.tight_layout()
     save_png(fig, out / "finding.png", dpi=110)
+
+    if grid is not None:
+        write_grid(plt, grid, out / "grid.png")
+    payload["seconds"]["total"] = round(time.perf_counter() - started, 2)
+    payload["hardware"]["at_end"] = hardware()
+    # finding.json last: a folder with a finding.json is complete (the results page checks its picture)
+    atomic_write_text(out / "finding.json", json.dumps(payload, indent=1) + "\n")
+    print("\n".join(lines[2:]))
+    print(f"wrote {out / 'finding.md'}, finding.json, finding.png" + (", grid.png" if grid is not None else ""))
+    return 0
+
+
+def write_grid(plt, grid: list, path: Path) -> None:
+    """x, x_adv, delta, mask, surgical (and regenerated) for a few examples, one row each."""
+    from advmend.plotting import save_png
 
     cols = [("x", grid[0]), ("x_adv", grid[1]), ("delta", grid[2]), ("mask", grid[3]), ("surgical", grid[4])]
     if grid[5] is not None:
@@ -223,7 +241,4 @@ def run(args: argparse.Namespace) -> int:
             axes[i][j].axis("off")
         axes[0][j].set_title(title, fontsize=8)
     fig.tight_layout()
-    save_png(fig, out / "grid.png", dpi=110)
-    print("\n".join(lines[2:]))
-    print(f"wrote {out / 'finding.md'}, finding.json, finding.png, grid.png")
-    return 0
+    save_png(fig, path, dpi=110)

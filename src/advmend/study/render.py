@@ -14,6 +14,9 @@ import numpy as np
 from advmend.study.records import (
     STUDY_FILE, STUDY_SCHEMA, RecordError, load_record, read_json, record_config_digest, unbits,
 )  # fmt: skip
+from advmend.study.finding import (
+    FINDING_PNG, FINDINGS_DIR, ONLY_TEST, OPTIONAL_ROWS, REMOVED_TEST, ROWS, attack_kept, finding_folders, load_finding,
+)  # fmt: skip
 from advmend.study.stats import mean_std, paired_bootstrap
 
 # The goal the project holds FSR to (issue 9): >= 2 AutoAttack points over its baseline with clean
@@ -326,13 +329,107 @@ def plot_study(study: Study, path: Path) -> None:
     save_png(fig, path)
 
 
+FINDING_TITLE = "PSSR's finding on the CPU study's classifiers"
+
+
+def _study_checkpoints(studies: list[Study]) -> dict[str, tuple[str, str, str]]:
+    """checkpoint SHA-256 -> (study id, run id, checkpoint file as the record names it)."""
+    out = {}
+    for study in studies:
+        for run_id, rec in study.records.items():
+            ck = rec.get("checkpoint") or {}
+            if isinstance(ck.get("sha256"), str):
+                out[ck["sha256"]] = (study.id, run_id, str(ck.get("file", "?")))
+    return out
+
+
+def _255(v) -> str:
+    return f"{255 * v:.3g}/255" if isinstance(v, (int, float)) else "?"
+
+
+def render_findings(root: Path, studies: list[Study]) -> str:
+    """The section of PSSR's finding: one column per finding folder under ROOT/pssr_finding/, every number
+    recomputed from the per-example bits (`load_finding` refuses a folder whose files disagree)."""
+    folders = finding_folders(root)
+    if not folders:
+        return ""
+    recs = {p.name: load_finding(p) for p in folders}
+    names = list(recs)
+    known = _study_checkpoints(studies)
+    rows = [(n, d) for n, d in ROWS if n not in OPTIONAL_ROWS or any(n in r["acc"] for r in recs.values())]
+    lines = [f"## {FINDING_TITLE}", "",
+             "Fu et al. (PSSR) split an adversarial perturbation delta into a salient part (the pixels with the "
+             "largest score, the input gradient of f's top-1 probability at x + delta: the mask M_s) that carries "
+             "the attack, and a trivial rest. `advmend pssr-analysis` tests this on a classifier f: delta from "
+             "PGD on f, then f's accuracy with the salient part of delta removed or kept alone, against a "
+             "uniformly random mask M_r of the same size per image. Each column is one finding folder in "
+             f"`{root.name}/{FINDINGS_DIR}/`, each accuracy is recomputed from its per-example results; the "
+             "verdicts rest on paired differences over the same examples (95 % bootstrap interval over "
+             "examples): an interval that covers 0 is no measurable difference.", "",
+             "| input to f | definition | " + " | ".join(names) + " |",
+             "|---|---|" + "---:|" * len(names)]  # fmt: skip
+    for row, definition in rows:
+        cells = [f"{recs[k]['acc'][row]:.2f}" if row in recs[k]["acc"] else "—" for k in names]
+        lines.append(f"| {row} | `{definition}` | " + " | ".join(cells) + " |")
+    kept = []
+    for row in ("salient only", "random only"):
+        cells = []
+        for k in names:
+            a = recs[k]["acc"]
+            share = attack_kept(a["clean"], a["adversarial"], a[row])
+            cells.append("—" if share is None else f"{share:.1f}")
+        kept.append(f"| attack kept by {row.split()[0]} only | `(clean - {row}) / (clean - adversarial)` | "
+                    + " | ".join(cells) + " |")  # fmt: skip
+    lines += kept
+    lines.append("| removed pixels (mean) | `mean(M_s)` | "
+                 + " | ".join(f"{recs[k]['removed_pixel_ratio']:.2f}" for k in names) + " |")  # fmt: skip
+    lines += ["", "Accuracy of f in percent on the same examples in every row; attack kept: the share of the "
+              "attack's effect (clean − adversarial accuracy) left when only that part of delta is applied.", "",
+              "Paired differences (percentage points, 95 % bootstrap interval over the same examples):", "",
+              "| classifier | salient removed − random removed | salient only − random only | n |",
+              "|---|---:|---:|---:|"]  # fmt: skip
+    for k in names:
+        t = recs[k]["tests"]
+        cell = [f"{t[x]['difference']:+.2f} [{t[x]['ci95'][0]:+.2f}, {t[x]['ci95'][1]:+.2f}]" for x in (REMOVED_TEST, ONLY_TEST)]
+        lines.append(f"| {k} | {cell[0]} | {cell[1]} | {recs[k]['n_examples']} |")
+    lines += ["", "Verdicts:", ""]
+    for k in names:
+        r = recs[k]
+        lines += [f"- **{k}**, removing: {r['verdict']}.", f"- **{k}**, keeping only: {r['verdict_only']}."]
+    lines += ["", "How each finding was made:", ""]
+    for k in names:
+        r = recs[k]
+        sha = r["checkpoint_sha256"]
+        study = known.get(sha)
+        origin = (f"the checkpoint of run `{study[1]}` of study `{study[0]}` (`{study[2]}`, the same SHA-256 as its "
+                  "record)" if study else f"`{r['checkpoint']}` (not the checkpoint of a committed study record)")  # fmt: skip
+        att = r.get("attack") or {}
+        hw = (r.get("hardware") or {}).get("at_start") or {}
+        v = r.get("versions") or {}
+        commit = ((r.get("commit") or {}).get("sha") or "unknown")[:10] + (" (dirty)" if (r.get("commit") or {}).get("dirty") else "")
+        mask = f"alpha {r.get('alpha')}" if r.get("mask") == "alpha" else f"rho {r.get('rho')}"
+        secs = r.get("seconds") or {}
+        lines.append(f"- **{k}**: {origin}, SHA-256 `{sha[:16]}…`. {r['n_examples']} test examples of {r.get('data', '?')} "
+                     f"(`advmend.data.subset`, seed {r.get('subset_seed')}; not the study's own subsets); delta: "
+                     f"{att.get('name', '?')} ({att.get('norm', '?')}, eps {_255(r.get('eps'))}, step {_255(att.get('step_size'))}, "
+                     f"{'random start' if att.get('random_start') else 'no random start'}, last iterate); mask {r.get('mask')} ({mask}), fill {r.get('fill')}; {secs.get('total', '?')} s in "
+                     f"all on {hw.get('cpu', '?')} ({hw.get('cpu_count', '?')} cores, {hw.get('torch_threads', '?')} "
+                     f"torch threads, load {hw.get('load_average_1m', '?')}, GPU: {hw.get('gpu') or 'none'}), torch "
+                     f"{v.get('torch', '?')}, Python {v.get('python', '?')}, commit {commit}. "
+                     f"Command: `{r['command']}`.")  # fmt: skip
+    lines.append("")
+    for k in names:
+        lines += [f"![{FINDINGS_DIR}/{k}]({root.name}/{FINDINGS_DIR}/{k}/{FINDING_PNG})", ""]
+    return "\n".join(lines)
+
+
 def render(root: str | Path, *, plot: bool = True) -> tuple[str, list[Path]]:
     """The text of results.md for every study folder under `root`, and the PNGs written."""
     root = Path(root)
     if not root.is_dir():
         raise RecordError(f"{root}: no such records folder (run `advmend study STUDY.yaml` first)")
     folders = sorted(p.parent for p in root.glob(f"*/{STUDY_FILE}"))
-    if not folders:
+    if not folders and not finding_folders(root):
         raise RecordError(f"{root}: no study folders (each holds a {STUDY_FILE} written by `advmend study`)")
     # Paths on the page are relative to the page (ROOT.md sits next to ROOT), so that the text does not
     # depend on the folder the command was run from.
@@ -342,9 +439,10 @@ def render(root: str | Path, *, plot: bool = True) -> tuple[str, list[Path]]:
              "results docs/results --check` from the repository root, verifies it). Each record is written by "
              "`advmend study STUDY.yaml`, which trains, evaluates and records every run of a study (with the "
              "SHA-256 of the evaluated checkpoint); rerun it to reproduce a run.", ""]  # fmt: skip
-    pngs = []
+    pngs, studies = [], []
     for folder in folders:
         study = load_study_records(folder)
+        studies.append(study)
         png = None
         if plot and study.records and study.definition.get("eval", {}).get("test") is not False:
             plot_study(study, root / f"{study.id}.png")
@@ -352,4 +450,6 @@ def render(root: str | Path, *, plot: bool = True) -> tuple[str, list[Path]]:
         if study.records and study.definition.get("eval", {}).get("test") is not False:
             png = f"{root.name}/{study.id}.png"  # relative to ROOT.md, which sits next to ROOT
         parts.append(render_study(study, png))
+    if findings := render_findings(root, studies):
+        parts.append(findings)
     return "\n".join(parts).rstrip() + "\n", pngs
