@@ -51,3 +51,13 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> nn.Mo
         opt.step()
     opt.zero_grad(set_to_none=True)
     return model.eval()
+
+
+def error_line(capsys) -> str:
+    """The one line a command printed on stderr when it refused its input: `advmend: error: ...`, no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("advmend: error:"), err
+    return lines[0]

@@ -17,6 +17,7 @@ import yaml
 from advmend.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from advmend.cli import main
 from advmend.models import MODELS
+from conftest import error_line as _error_line
 
 CONFIG = {
     "name": "cli-test",
@@ -50,12 +51,6 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("advmend: error:"), err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from advmend.errors import ConfigError, DataError
 from advmend.models import MODELS
 from advmend.models.registry import model_options
 from advmend.training.build import build_data
+from conftest import error_line as _error_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,13 +45,6 @@ CONFIG = {
 }  # fmt: skip
 
 
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("advmend: error:"), err
-    return lines[0]
 
 
 def _config(folder: Path, cfg: dict = CONFIG) -> Path:

@@ -21,6 +21,7 @@ import advmend.checkpoint as ckpt_mod
 import advmend.evaluation.report as report_mod
 import advmend.training.build as build_mod
 from advmend.cli import main
+from conftest import error_line as _error_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,12 +35,6 @@ CONFIG = {
 }  # fmt: skip
 
 
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("advmend: error:"), err
-    return lines[0]
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[str, int]]:

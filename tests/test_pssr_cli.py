@@ -17,6 +17,7 @@ from advmend.config import load_run_config
 from advmend.defenses.pssr import PSSRModel
 from advmend.evaluation.run import load_trained_model
 from advmend.training.pssr_loop import train_pssr
+from conftest import error_line as _error_line
 
 CONFIG = {
     "name": "pssr-cli-test",
@@ -42,10 +43,6 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def _error_line(capsys) -> str:
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("advmend: error:"), lines
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from advmend.data import ArrayDataset
 from advmend.defenses.pssr import PSSRModel, Regenerator
 from advmend.evaluation.pssr import GRAYBOX, IDENTITY, MASK, TRANSFER, evaluate_pssr, markdown, not_run_text, report_dict
 from advmend.models import create_model
+from conftest import error_line as _error_line
 
 pytestmark = pytest.mark.slow
 
@@ -38,10 +39,6 @@ def _write(folder: Path, cfg: dict) -> Path:
     return path
 
 
-def _error_line(capsys) -> str:
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("advmend: error:"), lines
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ target is `pipeline_minus_g <= 4`, where
 all measured per batch in eval mode (inference as deployed: outer `torch.no_grad`; PS enables
 gradients for its own input gradient). Training: images/s of one full regenerator step (gray-box
 PGD-10 on f, PS + G + f on the adversarial and clean batch, backward, Adam step), and of the same
-step without the attack.
+step without the attack; `--amp bf16` runs the step under autocast as PSSR's training stage does with
+`train.amp: bf16`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from advmend.defenses.pssr.objective import PSSRObjective
 from advmend.defenses.pssr.pipeline import PSSRModel
 from advmend.defenses.pssr.regenerator import Regenerator
 from advmend.models import create_model
+from advmend.training.precision import Precision
 
 
 def _time(fn, repeats: int, device: torch.device) -> float:
@@ -44,7 +46,7 @@ def _time(fn, repeats: int, device: torch.device) -> float:
 
 
 def bench_model(name: str, batch_size: int = 64, width: int = 32, repeats: int = 5, train_steps: int = 2,
-                device: str = "cpu") -> dict:  # fmt: skip
+                device: str = "cpu", amp: str = "off") -> dict:  # fmt: skip
     dev = torch.device(device)
     torch.manual_seed(0)
     f = create_model(name, num_classes=10).to(dev)
@@ -62,16 +64,18 @@ def bench_model(name: str, batch_size: int = 64, width: int = 32, repeats: int =
            "classifier_ms_per_image": 1e3 * t_f / batch_size, "pipeline_x": t_p / t_f,
            "regenerator_x": t_g / t_f, "pipeline_minus_g": (t_p - t_g) / t_f}  # fmt: skip
     opt = torch.optim.Adam(g.parameters(), lr=1e-3)
+    precision = Precision(amp, dev)
+    out["amp"] = amp
     for label, attack in (("train_ips_pgd10", PGD(eps=8 / 255, steps=10, step_size=2 / 255, keep_best=False)),
                           ("train_ips_no_attack", None)):  # fmt: skip
         objective = PSSRObjective(attack)
 
         def step():
             model.train()
-            loss = objective(model, x, y).loss
+            with precision.autocast():
+                loss = objective(model, x, y).loss
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            precision.backward_and_step(loss, opt)
 
         out[label] = batch_size / _time(step, train_steps, dev)
     return out
@@ -85,11 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--train-steps", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", default="off", help="precision of the training step: off, bf16 (or fp16 on CUDA)")
     args = p.parse_args(argv)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, batch {args.batch_size}, 32x32")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, batch {args.batch_size}, 32x32, regenerator width {args.width}, training amp {args.amp}")
     print("model       f ms/img  pipeline/f  G/f    pipeline-G (target <= 4)  train img/s (PGD-10)  train img/s (no attack)")
     for name in args.models.split(","):
-        r = bench_model(name.strip(), args.batch_size, args.width, args.repeats, args.train_steps, args.device)
+        r = bench_model(name.strip(), args.batch_size, args.width, args.repeats, args.train_steps, args.device, args.amp)
         print(f"{r['model']:<11} {r['classifier_ms_per_image']:8.3f}  {r['pipeline_x']:10.2f}  {r['regenerator_x']:5.2f}"
               f"  {r['pipeline_minus_g']:24.2f}  {r['train_ips_pgd10']:20.1f}  {r['train_ips_no_attack']:23.1f}")  # fmt: skip
     return 0

@@ -11,23 +11,20 @@ the pipeline. Each stage is cached next to the checkpoint like the classifier pr
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from advmend.attacks.autoattack import AutoAttackSpec
-from advmend.attacks.modes import attack_mode
 from advmend.attacks.presets import protocol_attacks
 from advmend.data import ArrayDataset, take
-from advmend.evaluation.evaluate import AttackResult, EvalResult, evaluate
-from advmend.evaluation.image_quality import restoration_quality
-from advmend.evaluation.pssr import GRAYBOX, IDENTITY, MASK, THREAT_MODELS, TRANSFER, evaluate_pssr
+from advmend.evaluation.evaluate import AttackResult, evaluate
+from advmend.evaluation.pssr import GRAYBOX, IDENTITY, MASK, THREAT_MODELS, TRANSFER, evaluate_pssr, restoration
 from advmend.evaluation.run import load_trained_model
 from advmend.evaluation.sanity import run_sanity
 from advmend.io import file_sha256
-from advmend.study.records import bits, percent
+from advmend.study.records import bits, cached_stage, percent
 
 PGD20 = "PGD-20"  # the study's PGD (FSR paper settings), the one attack every threat model runs
 
@@ -38,9 +35,9 @@ def _entry(a: AttackResult, n: int) -> dict:
 
 
 def evaluate_pssr_run(model, test: ArrayDataset, eps: float, study, device, checkpoint: Path, surrogate: Path,
-                      cache_dir: Path, progress: bool, log: Callable[[str], None], *, cached_stage, indices) -> dict:  # fmt: skip
+                      cache_dir: Path, progress: bool, log: Callable[[str], None], *, indices) -> dict:  # fmt: skip
     """The PSSR study protocol (module docstring) on the best checkpoint; `surrogate` is the transfer source,
-    `indices` the (clean or None, attack, AutoAttack) subsets of the test split, `cached_stage` the runner's."""
+    `indices` the (clean or None, attack, AutoAttack) subsets of the test split."""
     e = study.eval
     sha = file_sha256(checkpoint)
     clean_idx, att_idx, aa_idx = indices
@@ -51,8 +48,7 @@ def evaluate_pssr_run(model, test: ArrayDataset, eps: float, study, device, chec
     def clean_stage() -> dict:
         ds = test if clean_idx is None else take(test, clean_idx)
         pssr, alone = evaluate(model, ds, [], **kw), evaluate(f, ds, [], **kw)
-        with attack_mode(model):  # eval mode: G's dropout off
-            quality = restoration_quality(model.preprocess, ds, batch_size=e.batch_size, device=device)
+        quality = restoration(model, ds, batch_size=e.batch_size, device=device)
         return {"n": pssr.n, "accuracy": percent(pssr.clean_correct), "correct": bits(pssr.clean_correct),
                 "seconds": round(pssr.seconds, 2), "indices": None if clean_idx is None else clean_idx.tolist(),
                 "classifier_alone": {"accuracy": percent(alone.clean_correct), "correct": bits(alone.clean_correct)},
@@ -68,9 +64,7 @@ def evaluate_pssr_run(model, test: ArrayDataset, eps: float, study, device, chec
                "attacks": {a.name: _entry(a, ev.result.n) for a in ev.result.attacks},
                "classifier_alone": {"clean_correct": bits(alone.clean_correct), PGD20: _entry(alone.attacks[0], alone.n)}}  # fmt: skip
         if e.sanity:  # on the defended model under white-box PGD-20 (mask constant): the attack that reaches G
-            mask = [a for a in ev.result.attacks if a.settings.get("threat_model") == MASK]
-            res = EvalResult(ev.result.clean_correct, [replace_name(a) for a in mask])
-            rep = run_sanity(model, ds, res, eps, "linf", costly=False, batch_size=e.batch_size, device=device, seed=e.seed)
+            rep = run_sanity(model, ds, ev.attacks_of(MASK), eps, "linf", costly=False, batch_size=e.batch_size, device=device, seed=e.seed)
             out["sanity"] = [{"code": c.code, "status": c.status, "detail": c.detail} for c in rep.checks]
         return out
 
@@ -110,7 +104,3 @@ def evaluate_pssr_run(model, test: ArrayDataset, eps: float, study, device, chec
         "seconds": round(sum(s["stage_seconds"] for s in (clean, att, aa) if s is not None), 2),
     }
 
-
-def replace_name(a: AttackResult) -> AttackResult:
-    """The white-box PGD-20 under its own name again, for the sanity suite (it looks attacks up by name)."""
-    return replace(a, settings=dict(a.settings, name=a.name.split("/", 1)[-1]))

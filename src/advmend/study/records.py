@@ -10,8 +10,9 @@ a record whose stored accuracy disagrees with its bits is refused.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -123,3 +124,21 @@ def load_record(path: Path, study_id: str, config_sha256: str | None = None) -> 
         _check_result(res, f"{where}: eval.attacks.{name}")
     _check_result(_need(ev, "worst_case", dict, where), f"{where}: eval.worst_case")
     return rec
+
+
+def cached_stage(path: Path, checkpoint_sha: str, compute: Callable[[], dict], log) -> dict:
+    """A stage of the evaluation, cached next to the checkpoint it evaluated (atomic JSON)."""
+    if path.is_file():
+        try:
+            cached = json.loads(path.read_text())
+            if cached.get("checkpoint_sha256") == checkpoint_sha:
+                log(f"  {path.stem}: cached")
+                return cached
+        except (OSError, json.JSONDecodeError):
+            pass  # an unreadable cache is recomputed
+    t0 = time.perf_counter()
+    out = dict(compute(), checkpoint_sha256=checkpoint_sha)
+    out["stage_seconds"] = round(time.perf_counter() - t0, 2)
+    write_json(path, out)
+    log(f"  {path.stem}: {out['stage_seconds']:.0f} s")
+    return out

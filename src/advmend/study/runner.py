@@ -10,7 +10,6 @@ record exists are skipped after checking that the record still matches the run's
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import shutil
@@ -30,7 +29,7 @@ from advmend.evaluation.evaluate import EvalResult, evaluate
 from advmend.evaluation.run import load_trained_model
 from advmend.evaluation.sanity import run_sanity
 from advmend.study.records import (
-    SCHEMA, STUDY_FILE, STUDY_SCHEMA, RecordError, bits, load_record, percent, read_json, record_path, write_json,
+    SCHEMA, cached_stage, STUDY_FILE, STUDY_SCHEMA, RecordError, bits, load_record, percent, read_json, record_path, write_json,
 )  # fmt: skip
 from advmend.study.pssr_eval import evaluate_pssr_run
 from advmend.study.spec import RunSpec, StudyConfig, load_study, resolve_runs
@@ -222,24 +221,6 @@ def _attack_entry(res: EvalResult, k: int) -> dict:
             "seconds": round(a.seconds, 2), **({"stages": a.stages} if a.stages else {})}  # fmt: skip
 
 
-def _cached_stage(path: Path, checkpoint_sha: str, compute: Callable[[], dict], log) -> dict:
-    """A stage of the evaluation, cached next to the checkpoint it evaluated (atomic JSON)."""
-    if path.is_file():
-        try:
-            cached = json.loads(path.read_text())
-            if cached.get("checkpoint_sha256") == checkpoint_sha:
-                log(f"  {path.stem}: cached")
-                return cached
-        except (OSError, json.JSONDecodeError):
-            pass  # an unreadable cache is recomputed
-    t0 = time.perf_counter()
-    out = dict(compute(), checkpoint_sha256=checkpoint_sha)
-    out["stage_seconds"] = round(time.perf_counter() - t0, 2)
-    write_json(path, out)
-    log(f"  {path.stem}: {out['stage_seconds']:.0f} s")
-    return out
-
-
 def evaluate_run(model, test: ArrayDataset, eps: float, study: StudyConfig, device, checkpoint: Path,
                  cache_dir: Path, progress: bool, log) -> dict:  # fmt: skip
     """The study protocol on the best checkpoint: clean, the paper's attacks, AutoAttack, worst case."""
@@ -272,12 +253,12 @@ def evaluate_run(model, test: ArrayDataset, eps: float, study: StudyConfig, devi
         return {"entry": _attack_entry(res, 0), "clean_correct": bits(res.clean_correct)}
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    clean = _cached_stage(cache_dir / "clean.json", sha, clean_stage, log)
-    att = _cached_stage(cache_dir / "attacks.json", sha, attack_stage, log)
+    clean = cached_stage(cache_dir / "clean.json", sha, clean_stage, log)
+    att = cached_stage(cache_dir / "attacks.json", sha, attack_stage, log)
     attacks = dict(att["attacks"])
     aa = None
     if n_aa > 0:
-        aa = _cached_stage(cache_dir / "autoattack.json", sha, autoattack_stage, log)
+        aa = cached_stage(cache_dir / "autoattack.json", sha, autoattack_stage, log)
         attacks["AutoAttack"] = aa["entry"]
     # Worst case per example on the smallest subset every attack ran on (a prefix of the others).
     n_w = n_aa if n_aa > 0 else n_att
@@ -322,7 +303,7 @@ def run_one(plan: StudyPlan, spec: RunSpec, *, progress: bool = False, log: Call
             run_cfg, _ = with_transfer_surrogate(run_cfg, result.best, {}, log=sub_log)
             ev = evaluate_pssr_run(model, test, float(ckpt["eps"]), plan.study, device, result.best,
                                    Path(run_cfg.pssr.surrogate), run_dir / "study-eval", progress, log,
-                                   cached_stage=_cached_stage, indices=subsets(len(test), plan.study.eval))  # fmt: skip
+                                   indices=subsets(len(test), plan.study.eval))  # fmt: skip
         else:
             ev = evaluate_run(model, test, float(ckpt["eps"]), plan.study, device, result.best,
                               run_dir / "study-eval", progress, log)  # fmt: skip

@@ -26,7 +26,6 @@ from typing import Callable
 
 import torch
 
-from advmend.attacks.modes import attack_mode
 from advmend.checkpoint import load_checkpoint
 from advmend.config import PSSRConfig, RunConfig, from_dict, to_dict
 from advmend.data import BatchLoader
@@ -34,8 +33,7 @@ from advmend.defenses.build import build_model
 from advmend.defenses.pssr.objective import PSSRObjective
 from advmend.defenses.pssr.pipeline import PSSRModel, check_pssr_config
 from advmend.errors import CheckpointError, ConfigError
-from advmend.evaluation.image_quality import restoration_quality
-from advmend.evaluation.pssr import GRAYBOX, MASK, evaluate_pssr
+from advmend.evaluation.pssr import GRAYBOX, MASK, evaluate_pssr, restoration
 from advmend.evaluation.run import load_trained_model
 from advmend.io import file_sha256
 from advmend.training.build import attack_threat, build_attack, build_data, resolve_device
@@ -145,8 +143,8 @@ def _regenerator_stage(cfg: RunConfig, out_dir: Path, data, clf_path: Path, f, d
     if data.val is not None:
         validate = lambda m: _validate(m, data.val, val_attack, cfg, device)  # noqa: E731
     # G's stage runs on one process with the classifier loop's precision switch (train.amp): the attack on
-    # f, the surgery and both passes through G and f run under autocast. channels_last is left out: it
-    # made the U-Net slower on CPU (python -m advmend.bench.pssr_speed).
+    # f, the surgery and both passes through G and f run under autocast. channels_last is left out: a quick
+    # check on CPU found it slower for the U-Net (bf16's gain: python -m advmend.bench.pssr_speed --amp bf16).
     return Stage(
         name="pssr epoch", config=cfg, model=model, view=model,
         phases=(Phase(pretrain, p.pretrain_epochs, "pretrain"), Phase(objective, p.epochs, "adversarial")),
@@ -222,7 +220,7 @@ def transfer_surrogate(cfg, checkpoint: Path, log=print) -> Path:
 
 
 def with_transfer_surrogate(cfg: RunConfig, checkpoint: str | Path, meta: dict, log=print) -> tuple[RunConfig, dict]:
-    """(cfg, meta) for `run_pssr_protocol`: the user's pssr.surrogate when set, else the default one of
+    """(cfg, meta) for `evaluation.run.run_protocol`: the user's pssr.surrogate when set, else the default one of
     `transfer_surrogate`, so that every PSSR evaluation has its transfer threat model."""
     if cfg.pssr.surrogate:
         return cfg, dict(meta, surrogate_origin="user")
@@ -234,8 +232,7 @@ def with_transfer_surrogate(cfg: RunConfig, checkpoint: str | Path, meta: dict, 
 def _validate(model: PSSRModel, val_data, attack, cfg: RunConfig, device) -> dict:
     """Pipeline accuracy on the validation split (clean, gray-box, white-box with the mask constant, worst)
     and the PSNR / SSIM of G(PS(x)) against the clean validation images."""
-    with attack_mode(model):  # eval mode (no dropout in G), modes restored afterwards
-        quality = restoration_quality(model.preprocess, val_data, batch_size=cfg.eval.batch_size, device=device)
+    quality = restoration(model, val_data, batch_size=cfg.eval.batch_size, device=device)  # G in eval mode
     ev = evaluate_pssr(model, val_data, [attack], threat_models=(GRAYBOX, MASK), batch_size=cfg.eval.batch_size,
                        device=device, seed=cfg.eval.seed)  # fmt: skip
     return {
