@@ -130,6 +130,21 @@ def test_fraction_in_yaml_file(tmp_path):
     assert load_run_config(str(p)).train.attack.eps == pytest.approx(8 / 255, rel=1e-12)
 
 
+@pytest.mark.parametrize("word", ["off", "on", "yes", "no"])
+def test_yaml_1_1_boolean_words_stay_strings_in_files_and_overrides(tmp_path, cfg_file, word):
+    # `train.amp: off` is a string setting; YAML 1.1 would read it as False and the run was refused.
+    assert load_run_config(str(cfg_file), [f"name={word}"]).name == word
+    p = tmp_path / "w.yaml"
+    p.write_text(MINIMAL.replace("name: t", f"name: {word}") + "train: {amp: off}\n")
+    cfg = load_run_config(str(p))
+    assert cfg.name == word and cfg.train.amp == "off"
+    assert load_run_config(str(cfg_file), ["train.amp=off"]).train.amp == "off"
+    # true/false are still booleans, and a boolean where a string belongs is still refused
+    assert load_run_config(str(cfg_file), ["fsr.enabled=true"]).fsr.enabled is True
+    with pytest.raises(ConfigError, match=r"train\.amp: expected a string"):
+        load_run_config(str(cfg_file), ["train.amp=false"])
+
+
 def test_bad_fraction_is_config_error(cfg_file):
     with pytest.raises(ConfigError, match=r"train\.attack\.eps"):
         load_run_config(str(cfg_file), ["train.attack.eps=8/0"])

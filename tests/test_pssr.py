@@ -20,7 +20,7 @@ from advmend.defenses.pssr import (
     salient_mask,
     score_map,
 )  # fmt: skip
-from advmend.defenses.pssr.objective import PSSRObjective, classifier_head, symmetric_kl
+from advmend.defenses.pssr.objective import PSSRObjective, classifier_head, penultimate_features, symmetric_kl
 from advmend.errors import ConfigError, InputError
 from advmend.evaluation.pssr import GRAYBOX, IDENTITY, MASK, evaluate_pssr
 from advmend.models import create_model
@@ -235,6 +235,21 @@ def test_objective_with_only_ce_is_the_cross_entropy_of_both_paths(data):
     model = _pipeline(dropout=0.0).train()
     out = PSSRObjective(None, lambda_pix=0.0, lambda_sem=1.0, lambda_feat=0.0, lambda_rd=0.0)(model, x, y)
     torch.testing.assert_close(out.loss, 2 * F.cross_entropy(model(x), y))
+
+
+def test_lambda_ce_weighs_only_the_cross_entropy_and_zero_leaves_the_feature_loss(data):
+    x, y = data
+    model = _pipeline(dropout=0.0).train()
+    out = PSSRObjective(None, lambda_pix=0.0, lambda_sem=1.0, lambda_ce=2.5, lambda_feat=0.0, lambda_rd=0.0)(model, x, y)
+    torch.testing.assert_close(out.loss, 2 * 2.5 * F.cross_entropy(model(x), y))
+    # HGD's feature-guided loss alone: the mean squared distance of f's penultimate features
+    out = PSSRObjective(None, lambda_pix=0.0, lambda_sem=1.0, lambda_ce=0.0, lambda_feat=1.0, lambda_rd=0.0)(model, x, y)
+    with penultimate_features(model.classifier) as store:
+        model.classifier(model.preprocess(x))
+        model.classifier(x)
+    ref = (store[0].flatten(1) - store[1].flatten(1)).pow(2).mean()
+    torch.testing.assert_close(out.loss, 2 * ref)
+    assert out.metrics["ce_adv"] > 0  # still reported, but carries no weight
 
 
 def test_rdrop_is_zero_when_both_paths_coincide_and_positive_otherwise(data):

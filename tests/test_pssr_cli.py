@@ -119,6 +119,15 @@ def test_resume_continues_and_a_second_run_is_refused(run, tmp_path, capsys):
     assert main(["train", str(cfg), "--out", str(copy), "--resume", "--set", "pssr.width=8",
                  "--set", "pssr.epochs=4"]) == 2  # fmt: skip
     assert "differs" in _error_line(capsys)
+    # any setting of the recipe, not only G's architecture: a changed lr or loss weight is another run
+    for change in ("pssr.lr=0.5", "pssr.lambda_pix=3", "train.amp=bf16"):
+        assert main(["train", str(cfg), "--out", str(copy), "--resume", "--set", change,
+                     "--set", "pssr.epochs=4"]) == 2  # fmt: skip
+        assert f"at {change.split('=')[0]} (" in _error_line(capsys)
+    # fewer epochs than already trained: nothing to train
+    assert main(["train", str(cfg), "--out", str(copy), "--resume", "--set", "pssr.epochs=1"]) == 2
+    assert "already trained 3 epochs" in _error_line(capsys)
+    assert [r["epoch"] for r in _metrics(copy)] == [1, 2, 3]  # refused before anything was written
 
 
 def test_two_step_training_from_a_given_classifier(run, tmp_path):

@@ -127,6 +127,15 @@ def test_a_regenerator_paired_with_a_classifier_of_another_shape_is_a_one_line_e
                  "--set", "data.options.image_size=8", "--set", "pssr.epochs=2"])  # fmt: skip
     assert code == 2
     assert "regenerator" in _error_line(capsys)
+    # a classifier of the same shape, but not the one G was trained in front of (another seed)
+    twin = {k: v for k, v in CONFIG.items() if k != "pssr"}
+    twin = dict(twin, name="twin", train=dict(twin["train"], seed=1))
+    assert main(["train", str(_write(tmp_path / "twin", twin)), "--out", str(tmp_path / "twin" / "run")]) == 0
+    capsys.readouterr()
+    code = main(["train", str(cfg), "--out", str(tmp_path / "b"), "--resume", "--set", "pssr.epochs=2",
+                 "--set", f"pssr.classifier={tmp_path / 'twin' / 'run' / 'best.safetensors'}"])  # fmt: skip
+    assert code == 2
+    assert "is not the one the regenerator" in _error_line(capsys)
 
 
 def _foolable_pssr() -> tuple[PSSRModel, ArrayDataset]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,6 +249,7 @@ class PSSRConfig:
     residual: bool = False  # G predicts a correction of the surgical image (identity at initialisation)
     lambda_pix: float = 1.0
     lambda_sem: float = 1.0
+    lambda_ce: float = 1.0  # weight of f's cross-entropy inside L_sem; 0: feature-guided only (HGD)
     lambda_feat: float = 1.0
     lambda_rd: float = 1.0
     rdrop: str = "cross"  # cross: adversarial vs clean path | literal: two dropout draws of the adversarial path
@@ -275,6 +277,7 @@ class PSSRConfig:
             ("dropout", self.dropout, 0 <= self.dropout < 1),
             ("lambda_pix", self.lambda_pix, self.lambda_pix >= 0),
             ("lambda_sem", self.lambda_sem, self.lambda_sem >= 0),
+            ("lambda_ce", self.lambda_ce, self.lambda_ce >= 0),
             ("lambda_feat", self.lambda_feat, self.lambda_feat >= 0),
             ("lambda_rd", self.lambda_rd, self.lambda_rd >= 0),
             ("epochs", self.epochs, self.epochs >= 1),
@@ -334,6 +337,25 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 Override = tuple[str, Any]  # a dotted key and its value, parsed
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true/false. YAML 1.1 also reads on/off/yes/no
+    as booleans, so `train.amp: off` (a string setting) arrived as False and was refused."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse one YAML document (a config file, a saved config.yaml or a --set value) safely."""
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
 def parse_overrides(overrides: list[str], sections: tuple[str, ...] | None = None) -> list[Override]:
     """``key.sub=value`` strings as (key, value) pairs, values parsed as YAML scalars/lists. With
     `sections`, a key outside them (e.g. `train.lr` for `advmend eval`) is a ConfigError."""
@@ -349,7 +371,7 @@ def parse_overrides(overrides: list[str], sections: tuple[str, ...] | None = Non
             shown = " and ".join(f"{s}.*" for s in sections)
             raise ConfigError(f"override {item!r}: only {shown} settings can be changed here")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = parse_yaml(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
         pairs.append((key, value))
@@ -387,7 +409,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} not found (see `advmend list` for bundled configs)")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = parse_yaml(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
     except UnicodeDecodeError as e:  # a binary file given as the config

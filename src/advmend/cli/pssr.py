@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
     ax.set_ylabel("accuracy of f (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"salient vs trivial perturbation ({rule} {mask_desc}, {ratio:.1f}% removed)", fontsize=9)
+    ax.set_title(f"salient vs trivial perturbation ({mask_desc}, {ratio:.1f}% removed)", fontsize=9)
     fig.tight_layout()
     save_png(fig, out / "finding.png", dpi=110)
 

@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from advmend.checkpoint import load_checkpoint, save_checkpoint
-from advmend.config import RunConfig, check_config, from_dict, to_dict
+from advmend.config import RunConfig, check_config, from_dict, parse_yaml, to_dict
 from advmend.data import BatchLoader
 from advmend.defenses.build import build_model
 from advmend.errors import CheckpointError, ConfigError
@@ -158,7 +158,7 @@ def config_changes(saved: dict, cfg: RunConfig) -> dict[str, tuple[object, objec
     }
 
 
-def _describe_changes(changes: dict[str, tuple[object, object]]) -> str:
+def describe_changes(changes: dict[str, tuple[object, object]]) -> str:
     return ", ".join(f"{k} ({a!r} in the run, {b!r} now)" for k, (a, b) in changes.items())
 
 
@@ -167,7 +167,7 @@ def _is_started_run_of(out_dir: Path, entries: list[Path], cfg: RunConfig) -> bo
     if not all(p.name in STARTED_RUN_FILES for p in entries) or not (out_dir / "config.yaml").is_file():
         return False
     try:
-        saved = yaml.safe_load((out_dir / "config.yaml").read_text())
+        saved = parse_yaml((out_dir / "config.yaml").read_text())
         return isinstance(saved, dict) and not config_changes(saved, cfg)
     except (OSError, yaml.YAMLError, ValueError, TypeError):
         return False
@@ -222,7 +222,7 @@ def check_resume_config(out_dir: Path, record: dict, cfg: RunConfig) -> dict | N
     epochs = changes.pop("train.epochs", None)
     if changes:
         raise ConfigError(
-            f"--resume: the config differs from the run in {out_dir} at {_describe_changes(changes)}; resume "
+            f"--resume: the config differs from the run in {out_dir} at {describe_changes(changes)}; resume "
             "with the run's settings (its config.yaml), or start a new run with another --out"
         )
     if epochs is None:

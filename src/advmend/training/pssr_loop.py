@@ -37,14 +37,14 @@ from advmend.evaluation.pssr import GRAYBOX, MASK, evaluate_pssr, restoration
 from advmend.evaluation.run import load_trained_model
 from advmend.io import file_sha256
 from advmend.training.build import attack_threat, build_attack, build_data, resolve_device
-from advmend.training.loop import BEST, LAST, SELECT, TrainResult, check_train_config, run_stage, train
+from advmend.training.loop import (
+    BEST, LAST, SELECT, TrainResult, check_train_config, config_changes, describe_changes, run_stage, train,
+)
 from advmend.training.precision import Precision
 from advmend.training.schedule import Schedule
 from advmend.training.stage import Phase, Stage
 
 CLASSIFIER_DIR = "classifier"
-# G's architecture and PS settings: a resumed run must use the same ones.
-_ARCH_KEYS = ("mask", "alpha", "rho", "fill", "surgery", "mode", "width", "depth", "dropout", "finetune_classifier")
 
 
 def _classifier(cfg: RunConfig, out_dir: Path, resume: bool, log) -> Path:
@@ -128,7 +128,7 @@ def _regenerator_stage(cfg: RunConfig, out_dir: Path, data, clf_path: Path, f, d
     optimizer = torch.optim.Adam(trainable, lr=p.lr)
     objective = PSSRObjective(
         build_attack(p.attack, info["eps"], keep_best=False), threat=p.threat, lambda_pix=p.lambda_pix,
-        lambda_sem=p.lambda_sem, lambda_feat=p.lambda_feat, lambda_rd=p.lambda_rd, rdrop=p.rdrop,
+        lambda_sem=p.lambda_sem, lambda_ce=p.lambda_ce, lambda_feat=p.lambda_feat, lambda_rd=p.lambda_rd, rdrop=p.rdrop,
     )  # fmt: skip
     # Reconstruction pre-training (pssr.pretrain_epochs): the first epochs train G to restore clean
     # images through the surgery (L_pix only, no attack), so the adversarial stage starts from a
@@ -174,13 +174,32 @@ def _check_resume(out_dir: Path, record: dict, cfg: RunConfig, info: dict, clf_p
             f"{tuple(record.get('image_shape') or ())}, but classifier {str(clf_path)!r} and data {cfg.data.name!r} "
             f"have {info['num_classes']} of {tuple(info['image_shape'])}"
         )
-    if saved["model"] != to_dict(cfg)["model"] or any(saved["pssr"].get(k) != getattr(p, k) for k in _ARCH_KEYS):
-        raise ConfigError(f"--resume: the classifier or the pssr architecture differs from the run in {out_dir}")
-    if saved["pssr"].get("residual", False) != p.residual:  # another architecture of G
-        raise ConfigError(f"--resume: pssr.residual={p.residual} differs from the run in {out_dir}")
-    if saved["pssr"].get("pretrain_epochs", 0) != p.pretrain_epochs:  # would shift every epoch's objective
-        raise ConfigError(f"--resume: pssr.pretrain_epochs={p.pretrain_epochs} differs from the run in {out_dir} "
-                          f"({saved['pssr'].get('pretrain_epochs', 0)})")
+    # Every other setting as for a classifier run (loop.config_changes: all keys but where the run is
+    # written and how it is shown): a changed lr, loss weight or attack would continue another recipe.
+    # pssr.epochs may change to train further, as train.epochs may for a classifier.
+    try:
+        changes = config_changes(saved, cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"--resume: {out_dir / LAST} records a config this advmend cannot read ({e})") from None
+    epochs = changes.pop("pssr.epochs", None)
+    # The classifier is the same file content, wherever it lies now (a run folder that holds its own
+    # classifier may have been moved): compared by the SHA-256 the run recorded.
+    changes.pop("pssr.classifier", None)
+    recorded = (record.get("classifier") or {}).get("sha256")
+    if recorded is not None and recorded != file_sha256(clf_path):
+        raise ConfigError(f"--resume: classifier {str(clf_path)!r} is not the one the regenerator in {out_dir} was "
+                          "trained in front of (another SHA-256); resume with that classifier, or start a new run")
+    if changes:
+        raise ConfigError(
+            f"--resume: the config differs from the run in {out_dir} at {describe_changes(changes)}; resume "
+            "with the run's settings (its config.yaml), or start a new run with another --out"
+        )
+    if epochs is not None and p.pretrain_epochs + p.epochs <= record["epoch"]:
+        raise ConfigError(
+            f"--resume: pssr.epochs={p.epochs} ({epochs[0]} in the run), but the regenerator in {out_dir} has "
+            f"already trained {record['epoch']} epochs: nothing would be trained; keep pssr.epochs as it was, "
+            "or start a new run with another --out"
+        )
     return to_dict(cfg)
 
 
