@@ -20,8 +20,9 @@ import yaml
 from advmend.cli import main
 from advmend.study.records import SCHEMA, STUDY_FILE, RecordError, load_record
 from advmend.study.render import render
-from advmend.study.runner import plan_study, run_study, subset_indices
+from advmend.study.runner import plan_study, run_study, still_training, subset_indices
 from advmend.study.stats import mean_std, paired_bootstrap
+from advmend.training import loop as loop_mod
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -414,6 +415,31 @@ def test_a_config_field_added_since_the_record_takes_its_default(finished, tmp_p
     rec.write_text(json.dumps(data))
     with pytest.raises(RecordError, match="another config"):
         plan_study(path)
+
+
+def test_a_pssr_row_waits_while_its_classifier_is_still_training(tmp_path, monkeypatch):
+    """best.safetensors exists from the first epoch on: a PSSR row must not protect a half-trained model."""
+    clf = tmp_path / "runs" / "tiny" / "at-s0" / "best.safetensors"
+    pssr = {"name": "pssr_at", "seeds": [0], "overrides": ["pssr.enabled=true", f"pssr.classifier={clf.as_posix()}"]}
+    path = _study(tmp_path, rows=[{"name": "at", "seeds": [0]}, pssr])
+    real, calls = loop_mod.train_epoch, []
+
+    def stop_in_second_epoch(stage, epoch):
+        calls.append(epoch)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # a stop (a kill, the end of a session) in the middle of the run
+        return real(stage, epoch)
+
+    monkeypatch.setattr(loop_mod, "train_epoch", stop_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(path, only=["at"], log=_quiet)
+    assert clf.is_file() and still_training(clf)
+    logs: list[str] = []
+    assert run_study(path, only=["pssr_at"], log=logs.append) == []
+    assert any("waits for its classifier" in line and "still training" in line for line in logs)
+    monkeypatch.setattr(loop_mod, "train_epoch", real)
+    assert [p.name for p in run_study(path, only=["at"], log=_quiet)] == ["at-s0.json"]
+    assert not still_training(clf)
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ import torch
 
 from advmend.attacks.autoattack import AutoAttackSpec
 from advmend.attacks.presets import protocol_attacks
+from advmend.checkpoint import load_checkpoint
 from advmend.config import to_dict
 from advmend.data import ArrayDataset, derive_seed, take
 from advmend.evaluation.evaluate import EvalResult, evaluate
@@ -140,6 +141,17 @@ def write_study_file(plan: StudyPlan) -> None:
     })  # fmt: skip
 
 
+def still_training(checkpoint: Path) -> bool:
+    """Whether `checkpoint` lies in the folder of a training run that has epochs left: its `last`
+    checkpoint records fewer epochs than its config asks for, and the run did not stop early."""
+    last = checkpoint.parent / LAST
+    if not last.is_file():
+        return False  # a checkpoint on its own, not a run folder: taken as it is
+    _, record = load_checkpoint(last)
+    stopped = (record.get("early_stopping") or {}).get("stopped")
+    return not stopped and record.get("epoch", 0) < record["config"]["train"]["epochs"]
+
+
 def run_study(study_file: str | Path, *, only: list[str] | None = None, max_runs: int | None = None,
               progress: bool = False, log: Callable[[str], None] = print) -> list[Path]:  # fmt: skip
     """Run every pending run of the study (or of the rows in `only`); returns the records written."""
@@ -163,11 +175,15 @@ def run_study(study_file: str | Path, *, only: list[str] | None = None, max_runs
             if record_path(plan.records_dir, spec.run_id).exists():  # finished while we waited
                 continue
             p = spec.cfg.pssr
-            missing = [(k, v) for k, v in (("classifier", p.classifier), ("surrogate", p.surrogate))
-                       if p.enabled and v is not None and not Path(v).is_file()]  # fmt: skip
-            if missing:  # a PSSR row protects (and is attacked from) other runs' checkpoints
-                k, v = missing[0]
-                log(f"{spec.run_id}: waits for its {k} {v} (run the study that makes it first); skipped")
+            # A PSSR row protects (and is attacked from) other runs' checkpoints: it waits until they exist
+            # and their runs have finished training (best.safetensors is written from the first epoch on).
+            needs = [(k, Path(v)) for k, v in (("classifier", p.classifier), ("surrogate", p.surrogate))
+                     if p.enabled and v is not None]  # fmt: skip
+            waiting = [(k, v, "run the study that makes it first") for k, v in needs if not v.is_file()]
+            waiting += [(k, v, "its run is still training") for k, v in needs if v.is_file() and still_training(v)]
+            if waiting:
+                k, v, why = waiting[0]
+                log(f"{spec.run_id}: waits for its {k} {v} ({why}); skipped")
                 continue
             written.append(run_one(plan, spec, progress=progress, log=log))
     return written
