@@ -230,6 +230,17 @@ def test_objective_with_only_pixel_weight_is_the_l1_reconstruction(data):
     torch.testing.assert_close(out.loss, ref)
 
 
+def test_lambda_pix_clean_weighs_the_clean_path_alone(data):
+    x, y = data
+    model = _pipeline(dropout=0.0).train()
+    attack = PGD(eps=8 / 255, steps=3, random_start=False, keep_best=False)
+    out = PSSRObjective(attack, lambda_pix=0.0, lambda_pix_clean=3.0, lambda_sem=0.0, lambda_rd=0.0)(model, x, y)
+    torch.testing.assert_close(out.loss, 3.0 * (model.preprocess(x) - x).abs().mean())
+    x_adv = pgd(model.classifier, x, y, attack)
+    out = PSSRObjective(attack, lambda_pix=2.0, lambda_pix_clean=0.0, lambda_sem=0.0, lambda_rd=0.0)(model, x, y)
+    torch.testing.assert_close(out.loss, 2.0 * (model.preprocess(x_adv) - x).abs().mean())
+
+
 def test_objective_with_only_ce_is_the_cross_entropy_of_both_paths(data):
     x, y = data
     model = _pipeline(dropout=0.0).train()

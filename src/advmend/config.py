@@ -248,6 +248,7 @@ class PSSRConfig:
     dropout: float = 0.1
     residual: bool = False  # G predicts a correction of the surgical image (identity at initialisation)
     lambda_pix: float = 1.0
+    lambda_pix_clean: float | None = None  # weight of the clean path's L_pix; None: lambda_pix
     lambda_sem: float = 1.0
     lambda_ce: float = 1.0  # weight of f's cross-entropy inside L_sem; 0: feature-guided only (HGD)
     lambda_feat: float = 1.0
@@ -276,6 +277,7 @@ class PSSRConfig:
             ("depth", self.depth, self.depth is None or self.depth >= 1),
             ("dropout", self.dropout, 0 <= self.dropout < 1),
             ("lambda_pix", self.lambda_pix, self.lambda_pix >= 0),
+            ("lambda_pix_clean", self.lambda_pix_clean, self.lambda_pix_clean is None or self.lambda_pix_clean >= 0),
             ("lambda_sem", self.lambda_sem, self.lambda_sem >= 0),
             ("lambda_ce", self.lambda_ce, self.lambda_ce >= 0),
             ("lambda_feat", self.lambda_feat, self.lambda_feat >= 0),

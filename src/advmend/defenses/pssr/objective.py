@@ -6,7 +6,7 @@ consistency", and "a self-augmentation regularizer with adversarial R-drop" bala
 accuracy. R-Drop: Liang et al., "R-Drop: Regularized Dropout for Neural Networks", NeurIPS 2021.
 Our reading (../shared/specs/pssr.md):
 
-    L = l_pix (L_pix(adv) + L_pix(cln)) + l_sem (L_sem(adv) + L_sem(cln)) + l_rd L_rd
+    L = l_pix L_pix(adv) + l_pix_cln L_pix(cln) + l_sem (L_sem(adv) + L_sem(cln)) + l_rd L_rd   (l_pix_cln: l_pix unless set)
     L_pix(v)  = mean | x_hat_v - x |                                   (L1 to the clean image)
     L_sem(v)  = l_ce CE(f(x_hat_v), y) + l_feat mean (phi(x_hat_v) - phi(x))^2   (phi: f's penultimate features)
     L_rd      = 1/2 [KL(P_a || P_b) + KL(P_b || P_a)]                   (R-Drop's symmetric KL)
@@ -84,7 +84,9 @@ class PSSRObjective:
         attack: PGD settings for the on-the-fly adversarial examples; None trains on clean images
             only (the adversarial path is then the clean image).
         threat: "graybox" (PGD on f alone) or "adaptive" (PGD on the whole pipeline).
-        lambda_pix, lambda_sem, lambda_ce, lambda_feat, lambda_rd: the weights of the objective above;
+        lambda_pix, lambda_pix_clean, lambda_sem, lambda_ce, lambda_feat, lambda_rd: the weights of the
+            objective above; lambda_pix_clean (None: lambda_pix) weighs the clean path's pixel loss on its
+            own, so that G can be held to leave clean images intact while it learns to denoise adversarial ones;
             lambda_ce = 0 leaves the feature loss alone in L_sem, the high-level representation guided
             denoiser of Liao et al., CVPR 2018 (HGD), which does not push G towards any class.
         rdrop: "cross" (adversarial vs clean path) or "literal" (two dropout draws of the adversarial path).
@@ -93,6 +95,7 @@ class PSSRObjective:
     attack: PGD | None = None
     threat: str = "graybox"
     lambda_pix: float = 1.0
+    lambda_pix_clean: float | None = None
     lambda_sem: float = 1.0
     lambda_ce: float = 1.0
     lambda_feat: float = 1.0
@@ -142,7 +145,8 @@ class PSSRObjective:
             other = logits[b : 2 * b]  # literal: the second adversarial draw; cross: the clean path
             rd = symmetric_kl(logits[:b], other)
         loss = (
-            self.lambda_pix * (pix_adv + pix_cln)
+            self.lambda_pix * pix_adv
+            + (self.lambda_pix if self.lambda_pix_clean is None else self.lambda_pix_clean) * pix_cln
             + self.lambda_sem * (self.lambda_ce * (ce_adv + ce_cln) + self.lambda_feat * (feat_adv + feat_cln))
             + self.lambda_rd * rd
         )
