@@ -30,7 +30,7 @@ from advmend.evaluation.evaluate import EvalResult, evaluate
 from advmend.evaluation.run import load_trained_model
 from advmend.evaluation.sanity import run_sanity
 from advmend.study.records import (
-    SCHEMA, cached_stage, STUDY_FILE, STUDY_SCHEMA, RecordError, bits, load_record, percent, read_json, record_path, write_json,
+    SCHEMA, STUDY_FILE, STUDY_SCHEMA, RecordError, bits, cached_stage, load_record, percent, read_json, record_path, write_json,
 )  # fmt: skip
 from advmend.study.pssr_eval import evaluate_pssr_run
 from advmend.study.spec import RunSpec, StudyConfig, load_study, resolve_runs

@@ -158,7 +158,7 @@ def config_changes(saved: dict, cfg: RunConfig) -> dict[str, tuple[object, objec
     }
 
 
-def describe_changes(changes: dict[str, tuple[object, object]]) -> str:
+def _describe_changes(changes: dict[str, tuple[object, object]]) -> str:
     return ", ".join(f"{k} ({a!r} in the run, {b!r} now)" for k, (a, b) in changes.items())
 
 
@@ -208,6 +208,23 @@ def prepare_out_dir(out_dir: Path, resume: bool, rank: int = 0, *, cfg: RunConfi
         raise ConfigError(f"output folder {out_dir} is not writable ({e.strerror}); choose another --out") from None
 
 
+def unchanged_except(out_dir: Path, record: dict, cfg: RunConfig, may_change: tuple[str, ...]) -> dict[str, tuple]:
+    """The rule of every resumed stage: ConfigError naming each dotted key (other than `may_change` and
+    RESUME_FREE_KEYS) where `cfg` differs from the run's recorded config; returns the changes among
+    `may_change` as {key: (in the run, now)}, for the stage to judge."""
+    try:
+        changes = config_changes(record["config"], cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"--resume: {out_dir / LAST} records a config this advmend cannot read ({e})") from None
+    allowed = {k: changes.pop(k) for k in may_change if k in changes}
+    if changes:
+        raise ConfigError(
+            f"--resume: the config differs from the run in {out_dir} at {_describe_changes(changes)}; resume "
+            "with the run's settings (its config.yaml), or start a new run with another --out"
+        )
+    return allowed
+
+
 def check_resume_config(out_dir: Path, record: dict, cfg: RunConfig) -> dict | None:
     """ConfigError naming every dotted key where `cfg` differs from the run being resumed.
 
@@ -215,16 +232,7 @@ def check_resume_config(out_dir: Path, record: dict, cfg: RunConfig) -> dict | N
     be trained: otherwise nothing would be trained and the changed value would describe no checkpoint.
     Returns the run's config (as recorded) with the new train.epochs when it changed, else None.
     """
-    try:
-        changes = config_changes(record["config"], cfg)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"--resume: {out_dir / LAST} records a config this advmend cannot read ({e})") from None
-    epochs = changes.pop("train.epochs", None)
-    if changes:
-        raise ConfigError(
-            f"--resume: the config differs from the run in {out_dir} at {describe_changes(changes)}; resume "
-            "with the run's settings (its config.yaml), or start a new run with another --out"
-        )
+    epochs = unchanged_except(out_dir, record, cfg, ("train.epochs",)).get("train.epochs")
     if epochs is None:
         return None
     done, stopped = record["epoch"], (record.get("early_stopping") or {}).get("stopped")

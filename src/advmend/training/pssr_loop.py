@@ -38,7 +38,7 @@ from advmend.evaluation.run import load_trained_model
 from advmend.io import file_sha256
 from advmend.training.build import attack_threat, build_attack, build_data, resolve_device
 from advmend.training.loop import (
-    BEST, LAST, SELECT, TrainResult, check_train_config, config_changes, describe_changes, run_stage, train,
+    BEST, LAST, SELECT, TrainResult, check_train_config, run_stage, train, unchanged_except,
 )
 from advmend.training.precision import Precision
 from advmend.training.schedule import Schedule
@@ -166,7 +166,7 @@ def _regenerator_stage(cfg: RunConfig, out_dir: Path, data, clf_path: Path, f, d
 def _check_resume(out_dir: Path, record: dict, cfg: RunConfig, info: dict, clf_path: Path) -> dict:
     """ConfigError when the regenerator in `out_dir` cannot continue with `cfg`; else the config its
     continued checkpoints record (config.yaml is rewritten with it: pssr.epochs may change)."""
-    p, saved = cfg.pssr, record["config"]
+    p = cfg.pssr
     # A regenerator is built for one image shape and sits in front of one label space: pairing it
     # with a classifier (and data) of another one would fail deep inside load_state_dict.
     if (record.get("num_classes"), tuple(record.get("image_shape") or ())) != (info["num_classes"], tuple(info["image_shape"])):
@@ -175,26 +175,15 @@ def _check_resume(out_dir: Path, record: dict, cfg: RunConfig, info: dict, clf_p
             f"{tuple(record.get('image_shape') or ())}, but classifier {str(clf_path)!r} and data {cfg.data.name!r} "
             f"have {info['num_classes']} of {tuple(info['image_shape'])}"
         )
-    # Every other setting as for a classifier run (loop.config_changes: all keys but where the run is
-    # written and how it is shown): a changed lr, loss weight or attack would continue another recipe.
-    # pssr.epochs may change to train further, as train.epochs may for a classifier.
-    try:
-        changes = config_changes(saved, cfg)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"--resume: {out_dir / LAST} records a config this advmend cannot read ({e})") from None
-    epochs = changes.pop("pssr.epochs", None)
     # The classifier is the same file content, wherever it lies now (a run folder that holds its own
     # classifier may have been moved): compared by the SHA-256 the run recorded.
-    changes.pop("pssr.classifier", None)
     recorded = (record.get("classifier") or {}).get("sha256")
     if recorded is not None and recorded != file_sha256(clf_path):
         raise ConfigError(f"--resume: classifier {str(clf_path)!r} is not the one the regenerator in {out_dir} was "
                           "trained in front of (another SHA-256); resume with that classifier, or start a new run")
-    if changes:
-        raise ConfigError(
-            f"--resume: the config differs from the run in {out_dir} at {describe_changes(changes)}; resume "
-            "with the run's settings (its config.yaml), or start a new run with another --out"
-        )
+    # Every other setting as for a classifier run (a changed lr, loss weight or attack would continue
+    # another recipe); pssr.epochs may change to train further, as train.epochs may for a classifier.
+    epochs = unchanged_except(out_dir, record, cfg, ("pssr.epochs", "pssr.classifier")).get("pssr.epochs")
     if epochs is not None and p.pretrain_epochs + p.epochs <= record["epoch"]:
         raise ConfigError(
             f"--resume: pssr.epochs={p.epochs} ({epochs[0]} in the run), but the regenerator in {out_dir} has "
