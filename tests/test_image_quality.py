@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from advmend.data import ArrayDataset
-from advmend.evaluation.image_quality import restoration_quality
+from advmend.evaluation.image_quality import RestorationMeter, restoration_quality
 
 
 def _dataset(n: int = 10) -> ArrayDataset:
@@ -35,3 +35,18 @@ def test_psnr_is_averaged_per_image_not_pooled():
 def test_the_identity_has_ssim_one():
     q = restoration_quality(lambda x: x, _dataset(), batch_size=3)
     assert q["ssim"] == pytest.approx(1.0, abs=1e-6) and math.isinf(q["psnr"])
+
+
+def test_the_kept_and_the_removed_pixels_have_their_own_pooled_psnr():
+    # Removed pixels off by 0.1 (20 dB), kept ones by 1e-3 (60 dB): the overall PSNR hides which is which.
+    x = _dataset(4).images.float() / 255
+    removed = torch.zeros(4, 1, 16, 16)
+    removed[:, :, :4] = 1  # a quarter of every image
+    meter = RestorationMeter()
+    for lo in (0, 2):  # two batches: the pooled sums carry over
+        x_b, m_b = x[lo:lo + 2], removed[lo:lo + 2]
+        meter.update(x_b + 0.1 * m_b + 1e-3 * (1 - m_b), x_b, removed=m_b)
+    q = meter.compute()
+    assert q["removed"] == pytest.approx(0.25) and q["n_examples"] == 4
+    assert q["psnr_removed"] == pytest.approx(20.0, abs=1e-3) and q["psnr_kept"] == pytest.approx(60.0, abs=1e-2)
+    assert "removed" not in restoration_quality(lambda x: x, _dataset(), batch_size=3)  # no mask, no split

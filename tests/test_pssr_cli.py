@@ -14,7 +14,7 @@ import yaml
 
 from advmend.cli import main
 from advmend.config import load_run_config
-from advmend.defenses.pssr import PSSRModel
+from advmend.defenses.pssr import PSSRModel, Regenerator
 from advmend.evaluation.run import load_trained_model
 from advmend.training.pssr_loop import train_pssr
 from conftest import error_line as _error_line
@@ -102,9 +102,51 @@ def test_pssr_analysis_writes_table_plot_and_grid(run, tmp_path, which):
                  "--out", str(out)]) == 0  # fmt: skip
     for name in ("finding.json", "finding.md", "finding.png", "grid.png"):
         assert (out / name).stat().st_size > 0, name
-    acc = json.loads((out / "finding.json").read_text())["accuracy"]
-    assert {"clean", "adversarial", "salient removed", "random removed", "PS only"} <= set(acc)
-    assert ("PSSR (gray-box)" in acc) == (which == "best.safetensors")
+    finding = json.loads((out / "finding.json").read_text())
+    acc, pssr = finding["accuracy"], which == "best.safetensors"
+    assert {"clean", "adversarial", "salient removed", "random removed", "PS only", "clean, holes interpolated"} <= set(acc)
+    assert ("PSSR (gray-box)" in acc) == ("PSSR (clean)" in acc) == (finding["restoration"] is not None) == pssr
+    # the clean rows are what the pipeline and the surgery alone do to the same clean test images
+    from advmend.data import subset
+    from advmend.defenses.pssr.regenerator import fill_holes
+    from advmend.evaluation.evaluate import evaluate
+    from advmend.training.build import build_data
+
+    model, cfg, _ = load_trained_model(run / which, torch.device("cpu"))
+    ds = subset(build_data(cfg.data, need_train=False).test, 16, 0)
+    x = ds.images.float() / 255
+    f = model.classifier if pssr else model
+    pipe = model if pssr else PSSRModel(f, Regenerator(3, (16, 16), width=4)).eval()  # default surgery: alpha 1
+    _, mask, surgical = pipe.surgery(x)
+    with torch.no_grad():
+        assert acc["clean, holes interpolated"]["accuracy"] == pytest.approx(
+            100 * float((f(fill_holes(surgical, mask)).argmax(1) == ds.labels).float().mean()))
+    if pssr:
+        assert acc["PSSR (clean)"]["accuracy"] == pytest.approx(100 * evaluate(model, ds, []).clean_accuracy)
+        q = finding["restoration"]
+        assert q["removed"] == pytest.approx(float(mask.mean())) and q["n_examples"] == 16
+        assert "PSNR over the kept pixels" in (out / "finding.md").read_text()
+
+
+def test_the_finding_scores_f_on_the_images_its_rows_define():
+    from advmend.cli.pssr import finding_inputs
+    from advmend.defenses.pssr.regenerator import fill_holes
+    from advmend.study.finding import PIPELINE_ROWS, ROWS
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 8, 8, generator=g)
+    x_adv = (x + 0.03 * torch.randn(2, 3, 8, 8, generator=g)).clamp(0, 1)
+    m_s, m_r, m_c = ((torch.rand(2, 1, 8, 8, generator=g) < 0.2).float() for _ in range(3))
+    rows = finding_inputs(x, x_adv, m_s, m_r, m_c, fill=0.0)
+    assert list(rows) == [name for name, _ in ROWS if name not in PIPELINE_ROWS]
+    delta = x_adv - x
+    assert torch.equal(rows["salient removed"], x + (1 - m_s) * delta)
+    assert torch.equal(rows["random only"], x + m_r * delta)
+    assert torch.equal(rows["PS only"], x_adv * (1 - m_s))
+    # the clean surgery's holes are interpolated from the kept pixels, never left at the fill value
+    filled = rows["clean, holes interpolated"]
+    assert torch.equal(filled, fill_holes(x * (1 - m_c), m_c))
+    assert torch.equal(filled * (1 - m_c), x * (1 - m_c)) and (filled * m_c).sum() > 0
 
 
 def test_resume_continues_and_a_second_run_is_refused(run, tmp_path, capsys):

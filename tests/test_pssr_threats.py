@@ -183,5 +183,36 @@ def test_restoration_is_measured_in_eval_mode_and_restores_the_modes():
     q = restoration(model, ds, batch_size=8)
     assert model.regenerator.training  # modes restored
     model.eval()
-    assert q == restoration_quality(model.preprocess, ds, batch_size=8)
+    plain = restoration_quality(model.preprocess, ds, batch_size=8)
+    assert (q["psnr"], q["ssim"], q["n_examples"]) == (plain["psnr"], plain["ssim"], plain["n_examples"])
     assert q["n_examples"] == 16 and 0 < q["psnr"] < 100 and -1 <= q["ssim"] <= 1
+
+
+def test_restoration_says_where_the_error_and_the_clean_accuracy_go():
+    from advmend.defenses.pssr.regenerator import fill_holes
+    from advmend.evaluation.evaluate import evaluate
+    from advmend.evaluation.pssr import restoration, restoration_breakdown
+
+    torch.manual_seed(0)
+    f = create_model("small_cnn", num_classes=10, in_channels=3, width=4)
+    _, ds = _foolable_pssr()
+    full = PSSRModel(f, Regenerator(3, (16, 16), width=4, residual=True), alpha=1.0).eval()
+    q = restoration(full, ds, batch_size=8)
+    x = ds.images.float() / 255
+    _, mask, surgical = full.surgery(x)
+    assert q["removed"] == pytest.approx(float(mask.mean()))
+    with torch.no_grad():
+        interpolated = (f(fill_holes(surgical, mask)).argmax(1) == ds.labels).float().mean()
+    a = q["accuracy"]
+    assert a["surgery_interpolated"] == pytest.approx(100 * float(interpolated))
+    assert a["pssr"] == pytest.approx(100 * evaluate(full, ds, []).clean_accuracy)
+    assert a["classifier_alone"] == pytest.approx(100 * evaluate(f, ds, []).clean_accuracy)
+    assert q["psnr_removed"] < q["psnr_kept"] < 100  # the residual G copies kept pixels, interpolates holes
+    # Only the removed pixels regenerated: the kept ones are x's exactly; without surgery nothing is removed.
+    assert restoration(PSSRModel(f, full.regenerator, alpha=1.0, mode="hole"), ds)["psnr_kept"] == float("inf")
+    none = restoration(PSSRModel(f, full.regenerator, surgery=False), ds)
+    assert none["removed"] == 0 and none["psnr_removed"] is None
+    assert none["accuracy"]["surgery_interpolated"] == none["accuracy"]["classifier_alone"]
+    text = " ".join(restoration_breakdown(q))
+    assert f"{100 * q['removed']:.1f} % of them" in text and f"{a['surgery_interpolated']:.2f} %" in text
+    assert restoration_breakdown({"psnr": 30.0, "ssim": 0.9, "n_examples": 4}) == []  # an older record

@@ -346,6 +346,37 @@ def test_table_and_paired_interval_from_known_records(tmp_path):
     assert cells[-1] == "met"  # +10 AutoAttack points, clean unchanged
 
 
+def test_an_ablation_is_compared_with_its_parent_as_well_as_judged_against_its_baseline(tmp_path):
+    n = 100
+    base = lambda k: "1" * k + "0" * (n - k)  # noqa: E731
+    records = [
+        _record("at-s0", base(40), {"AutoAttack": base(10)}, base(10)),
+        _record("fsr-s0", base(40), {"AutoAttack": base(15)}, base(15)),
+        _record("abl-s0", base(40), {"AutoAttack": base(20)}, base(20)),  # 5 more than fsr, 10 more than at
+    ]
+    rows = [{"name": "at", "seeds": [0]}, {"name": "fsr", "seeds": [0], "baseline": "at"},
+            {"name": "abl", "seeds": [0], "baseline": "at", "compare": ["fsr"]}]  # fmt: skip
+    _write_syn(tmp_path / "rec", records, rows)
+    text, _ = render(tmp_path / "rec", plot=False)
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")]
+             for line in text.splitlines() if " − " in line and line.startswith("| ") and "baseline" not in line}
+    assert list(cells) == ["fsr − at", "abl − at", "abl − fsr"]  # baselines first, then the comparisons
+    assert cells["abl − at"][3].startswith("+10.00") and cells["abl − at"][-1] == "met"
+    assert cells["abl − fsr"][3].startswith("+5.00") and cells["abl − fsr"][-1] == "—"  # not judged: not its baseline
+
+
+@pytest.mark.parametrize("compare", [["nope"], ["abl"], ["at"]])
+def test_compare_must_name_another_row_than_the_baseline(tmp_path, compare):
+    from advmend.errors import ConfigError
+    from advmend.study.spec import load_study
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"id": "s", "rows": [
+        {"name": "at"}, {"name": "abl", "baseline": "at", "compare": compare}]}))  # fmt: skip
+    with pytest.raises(ConfigError, match="compare"):
+        load_study(path)
+
+
 def test_paired_bootstrap_matches_the_normal_approximation():
     n, k = 4000, 400  # one seed: +1 on 10 % of the examples, 0 elsewhere
     diff = np.zeros((1, n))
@@ -465,6 +496,8 @@ def test_a_pssr_row_protects_another_rows_classifier_and_is_judged_against_it(tm
     assert len(ev["classifier_alone"]["clean"]["correct"]) == ev["clean"]["n"] == 48
     assert len(ev["classifier_alone"]["PGD-20"]["correct"]) == 24 and ev["worst_case"]["n"] == 8
     assert 0 < ev["restoration"]["psnr"] < 100 and ev["surrogate"]["file"].endswith("best.safetensors")
+    q = ev["restoration"]  # where the clean images lose: the kept pixels, the holes, the surgery itself
+    assert 0 < q["removed"] < 1 and q["psnr_removed"] < 100 and 0 <= q["surgery_interpolated_accuracy"] <= 100
     assert "transfer-surrogate-seed1" in ev["surrogate"]["file"]  # the classifier's recipe, next seed
     # f alone here is the classifier run's own model: its clean bits equal that run's record
     at = json.loads(written[0].read_text())

@@ -106,12 +106,14 @@ def run(args: argparse.Namespace) -> int:
     from advmend.data import BatchLoader, subset
     from advmend.defenses.pssr.pipeline import PSSRModel
     from advmend.defenses.pssr.surgery import apply_surgery, salient_mask, score_map
+    from advmend.evaluation.image_quality import RestorationMeter
+    from advmend.evaluation.pssr import restoration_breakdown
     from advmend.errors import ConfigError
     from advmend.evaluation.run import load_trained_model
     from advmend.training.build import build_data, resolve_device
     from advmend.plotting import pyplot, save_png
     from advmend.io import atomic_write_text, file_sha256, versions
-    from advmend.study.finding import FINDING_SCHEMA, ONLY_TEST, REMOVED_TEST, ROWS, only_verdict
+    from advmend.study.finding import FINDING_SCHEMA, ONLY_TEST, PIPELINE_ROWS, REMOVED_TEST, ROWS, only_verdict
     from advmend.study.records import bits, percent
     from advmend.study.runner import git_commit, hardware
 
@@ -140,8 +142,8 @@ def run(args: argparse.Namespace) -> int:
     eps = float(record["eps"])
     attack = PGD(eps=eps, steps=args.steps, keep_best=False, name=f"PGD-{args.steps}")
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    correct = {name: [] for name, _ in ROWS if pipeline or name != "PSSR (gray-box)"}
-    removed, grid = [], None
+    correct = {name: [] for name, _ in ROWS if pipeline or name not in PIPELINE_ROWS}
+    removed, grid, quality = [], None, RestorationMeter()
     loop_started = time.perf_counter()
     for x, y in BatchLoader(ds, args.batch_size, shuffle=False, device=device):
         x_adv = pgd(f, x, y, attack, generator=gen, validate=False)
@@ -149,19 +151,26 @@ def run(args: argparse.Namespace) -> int:
         m_s = salient_mask(score_map(f, x_adv), mask=rule, alpha=alpha, rho=rho)
         m_r = random_mask_like(m_s, gen)
         removed.append(m_s.flatten(1).mean(1).cpu())
-        x_s = apply_surgery(x_adv, m_s, base.fill)
-        inputs = {"clean": x, "adversarial": x_adv, "salient removed": x + (1 - m_s) * delta,
-                  "salient only": x + m_s * delta, "random removed": x + (1 - m_r) * delta,
-                  "random only": x + m_r * delta, "PS only": x_s}  # fmt: skip
+        m_c = salient_mask(score_map(f, x), mask=rule, alpha=alpha, rho=rho)  # the same surgery on clean x
+        inputs = finding_inputs(x, x_adv, m_s, m_r, m_c, base.fill)
+        x_s, x_sc = inputs["PS only"], apply_surgery(x, m_c, base.fill)
         with torch.no_grad(), attack_mode(f):
             for name, xi in inputs.items():
                 correct[name].append((f(xi).argmax(1) == y).cpu())
         x_hat = None
         if pipeline is not None:
             same_surgery = (rule, alpha, rho) == (pipeline.mask_rule, pipeline.alpha, pipeline.rho) and pipeline.use_surgery
-            with attack_mode(pipeline), torch.no_grad():  # the pipeline's own surgery when the flags change it
-                x_hat = pipeline.regenerate(x_s, m_s, x_adv) if same_surgery else pipeline.preprocess(x_adv)
-                correct["PSSR (gray-box)"].append((pipeline.classifier(x_hat).argmax(1) == y).cpu())
+            with attack_mode(pipeline):  # the pipeline's own surgery when the flags change it
+                if same_surgery:
+                    m_p, x_sp = m_c, x_sc
+                else:
+                    _, m_p, x_sp = pipeline.surgery(x)
+                with torch.no_grad():
+                    x_hat = pipeline.regenerate(x_s, m_s, x_adv) if same_surgery else pipeline.preprocess(x_adv)
+                    correct["PSSR (gray-box)"].append((pipeline.classifier(x_hat).argmax(1) == y).cpu())
+                    x_hat_clean = pipeline.regenerate(x_sp, m_p, x)
+                    correct["PSSR (clean)"].append((pipeline.classifier(x_hat_clean).argmax(1) == y).cpu())
+                    quality.update(x_hat_clean, x, removed=m_p)
         if grid is None and args.grid > 0:
             k = min(args.grid, x.shape[0])
             grid = [t[:k].cpu() for t in (x, x_adv, (0.5 + delta / (2 * eps)).clamp(0, 1), m_s, x_s)]
@@ -190,6 +199,9 @@ def run(args: argparse.Namespace) -> int:
             REMOVED_TEST: removed_test, ONLY_TEST: only_test,
             "method": "95% bootstrap interval over the same examples (advmend.study.stats.paired_bootstrap)",
         },
+        "restoration": None if pipeline is None else dict(quality.compute(), definition=(
+            "G(PS(x)) against clean x, the pipeline's own surgery: PSNR and SSIM per image, averaged; psnr_kept and "
+            "psnr_removed pooled over the kept and the removed pixels (removed: their fraction)")),
         "device": str(device), "seconds": {"examples": round(loop_seconds, 2)},
         "hardware": {"at_start": at_start}, "versions": versions(), "commit": git_commit(),
     }  # fmt: skip
@@ -202,6 +214,10 @@ def run(args: argparse.Namespace) -> int:
               "", f"Salient only - random only: {only_test['difference']:+.2f} points, 95% CI "
               f"[{only_test['ci95'][0]:+.2f}, {only_test['ci95'][1]:+.2f}] (negative: the salient part alone keeps more of the attack).",
               "", f"Verdict: {verdict}.", "", f"Verdict (salient only): {verdict_only}."]  # fmt: skip
+    if payload["restoration"] is not None:
+        q = payload["restoration"]
+        lines += ["", f"Restoration of the clean images (the pipeline's own surgery): PSNR {q['psnr']:.2f} dB, "
+                  f"SSIM {q['ssim']:.4f} (per image, averaged). " + " ".join(restoration_breakdown(q))]  # fmt: skip
     atomic_write_text(out / "finding.md", "\n".join(lines) + "\n")
 
     names = [n for n, _ in ROWS if n in acc]
@@ -223,6 +239,20 @@ def run(args: argparse.Namespace) -> int:
     print("\n".join(lines[2:]))
     print(f"wrote {out / 'finding.md'}, finding.json, finding.png" + (", grid.png" if grid is not None else ""))
     return 0
+
+
+def finding_inputs(x: torch.Tensor, x_adv: torch.Tensor, m_s: torch.Tensor, m_r: torch.Tensor, m_c: torch.Tensor,
+                   fill: float) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The images f alone is scored on, one per row of `advmend.study.finding.ROWS` that needs no G:
+    masks M_s (salient, from x_adv), M_r (random, same count) and M_c (salient, from clean x)."""
+    from advmend.defenses.pssr.regenerator import fill_holes
+    from advmend.defenses.pssr.surgery import apply_surgery
+
+    delta = x_adv - x
+    return {"clean": x, "adversarial": x_adv, "salient removed": x + (1 - m_s) * delta,
+            "salient only": x + m_s * delta, "random removed": x + (1 - m_r) * delta,
+            "random only": x + m_r * delta, "PS only": apply_surgery(x_adv, m_s, fill),
+            "clean, holes interpolated": fill_holes(apply_surgery(x, m_c, fill), m_c)}  # fmt: skip
 
 
 def write_grid(plt, grid: list, path: Path) -> None:

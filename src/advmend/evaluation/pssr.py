@@ -42,9 +42,10 @@ from advmend.attacks.pgd import PGD
 from advmend.attacks.transfer import Transfer
 from advmend.data import ArrayDataset, BatchLoader
 from advmend.defenses.pssr.pipeline import PSSRModel, PSSRPreprocess
+from advmend.defenses.pssr.regenerator import fill_holes
 from advmend.errors import ConfigError
 from advmend.evaluation.evaluate import AttackResult, EvalResult, check_bound, evaluate
-from advmend.evaluation.image_quality import restoration_quality
+from advmend.evaluation.image_quality import RestorationMeter
 from advmend.validate import check_data_fits_model
 
 GRAYBOX, MASK, IDENTITY, TRANSFER = "graybox", "whitebox-bpda-mask", "whitebox-bpda-identity", "transfer"
@@ -252,10 +253,27 @@ def not_run_text(ev: PSSREvalResult) -> str:
 
 def restoration(model: PSSRModel, ds: ArrayDataset, *, batch_size: int = 256,
                 device: torch.device | str = "cpu") -> dict:
-    """PSNR (dB) and SSIM of G(PS(x)) against the clean images of `ds`, the pipeline in eval mode
-    (`advmend.evaluation.image_quality.restoration_quality`; modes restored afterwards)."""
+    """How PSSR treats the clean images of `ds`, the pipeline in eval mode (modes restored afterwards).
+
+    PSNR (dB) and SSIM of G(PS(x)) against x, per image and averaged; PSNR pooled over the kept and over
+    the removed pixels (`removed`: their fraction); and f's accuracy on x, on the surgery with its holes
+    interpolated and no G (`fill_holes`: what removing the pixels alone costs) and on G(PS(x)), so a clean
+    accuracy loss reads as the surgery's or the regenerator's.
+    """
+    meter = RestorationMeter()
+    correct = dict.fromkeys(("classifier_alone", "surgery_interpolated", "pssr"), 0)
     with attack_mode(model):
-        return restoration_quality(model.preprocess, ds, batch_size=batch_size, device=device)
+        for x, y in BatchLoader(ds, batch_size, shuffle=False, device=torch.device(device)):
+            _, mask, surgical = model.surgery(x)  # the score map needs gradients: outside no_grad
+            with torch.no_grad():
+                x_hat = model.regenerate(surgical, mask, x)
+                meter.update(x_hat, x, removed=mask)
+                inputs = (x, fill_holes(surgical, mask), x_hat)
+                for key, image in zip(correct, inputs):
+                    correct[key] += int((model.classifier(image).argmax(1) == y).sum())
+    quality = meter.compute()
+    quality["accuracy"] = {k: 100 * v / max(quality["n_examples"], 1) for k, v in correct.items()}
+    return quality
 
 
 def check_surrogate(model: PSSRModel, surrogate: nn.Module, record: dict, ds: ArrayDataset, source: str,
@@ -286,6 +304,7 @@ def console_text(ev: PSSREvalResult) -> str:
     if ev.restoration is not None:
         q = ev.restoration
         text += f"restoration of clean images: PSNR {q['psnr']:.2f} dB, SSIM {q['ssim']:.4f} ({q['n_examples']} images)\n"
+        text += "".join(f"  {line}\n" for line in restoration_breakdown(q))
     return text
 
 
@@ -323,8 +342,25 @@ def report_dict(ev: PSSREvalResult) -> dict:
         }
     if ev.restoration is not None:
         payload["restoration"] = dict(ev.restoration, definition="G(PS(x)) against the clean test image x, "
-                                      "pipeline in eval mode; PSNR (dB, data range 1) and SSIM per image, averaged")  # fmt: skip
+                                      "pipeline in eval mode; PSNR (dB, data range 1) and SSIM per image, averaged; psnr_kept and "
+                                      "psnr_removed pooled over the kept and the removed pixels (removed: their fraction); "
+                                      "accuracy: f on x, on the surgery with its holes interpolated and no G, on G(PS(x))")  # fmt: skip
     return payload
+
+
+def restoration_breakdown(q: dict) -> list[str]:
+    """Where the restoration's error and the clean accuracy go (two sentences; none for an old record)."""
+    lines = []
+    if q.get("removed") is not None:
+        db = lambda v: "no pixel" if v is None else f"{v:.2f} dB"  # noqa: E731
+        lines.append(f"PSNR over the kept pixels {db(q['psnr_kept'])}, over the removed pixels "
+                     f"({100 * q['removed']:.1f} % of them) {db(q['psnr_removed'])} (pooled over pixels).")  # fmt: skip
+    if q.get("accuracy"):
+        a = q["accuracy"]
+        lines.append(f"f's accuracy on these images: {a['classifier_alone']:.2f} % on x, "
+                     f"{a['surgery_interpolated']:.2f} % on the surgery with its holes interpolated (no G), "
+                     f"{a['pssr']:.2f} % on G(PS(x)).")  # fmt: skip
+    return lines
 
 
 def _pct(value: float | None) -> float | None:
@@ -368,6 +404,7 @@ def markdown(ev: PSSREvalResult, meta: dict | None = None) -> str:
     if ev.restoration is not None:
         q = ev.restoration
         lines += ["", "## Restoration of clean images", "",
-                  f"G(PS(x)) against the clean image x, pipeline in eval mode, over {q['n_examples']} evaluated "
-                  f"test images: PSNR {q['psnr']:.2f} dB, SSIM {q['ssim']:.4f} (per image, averaged; torchmetrics)."]  # fmt: skip
+                  " ".join([f"G(PS(x)) against the clean image x, pipeline in eval mode, over {q['n_examples']} "
+                            f"evaluated test images: PSNR {q['psnr']:.2f} dB, SSIM {q['ssim']:.4f} (per image, "
+                            "averaged; torchmetrics).", *restoration_breakdown(q)])]  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -22,7 +22,8 @@ FINDING_SCHEMA = "advmend.pssr.finding/1"
 FINDING_FILE, FINDING_PNG = "finding.json", "finding.png"
 FINDINGS_DIR = "pssr_finding"  # under the records root: one folder per finding
 
-# (row, definition); every finding has all but the last (the pipeline row needs a PSSR checkpoint).
+# (row, definition). fill: removed pixels interpolated from their kept neighbours (`fill_holes`), no G:
+# what the surgery alone costs a clean image.
 ROWS = (
     ("clean", "x"),
     ("adversarial", "x + delta"),
@@ -32,8 +33,12 @@ ROWS = (
     ("random only", "x + M_r delta"),
     ("PS only", "f(PS(x + delta))"),
     ("PSSR (gray-box)", "f(G(PS(x + delta)))"),
+    ("clean, holes interpolated", "f(fill(PS(x)))"),
+    ("PSSR (clean)", "f(G(PS(x)))"),
 )
-OPTIONAL_ROWS = ("PSSR (gray-box)",)
+# The pipeline rows need a PSSR checkpoint; the clean-surgery row came later (older findings lack it).
+OPTIONAL_ROWS = ("PSSR (gray-box)", "clean, holes interpolated", "PSSR (clean)")
+PIPELINE_ROWS = ("PSSR (gray-box)", "PSSR (clean)")
 REMOVED_TEST, ONLY_TEST = "salient removed - random removed", "salient only - random only"
 
 

@@ -53,7 +53,10 @@ def evaluate_pssr_run(model, test: ArrayDataset, eps: float, study, device, chec
                 "seconds": round(pssr.seconds, 2), "indices": None if clean_idx is None else clean_idx.tolist(),
                 "classifier_alone": {"accuracy": percent(alone.clean_correct), "correct": bits(alone.clean_correct)},
                 "restoration": {"psnr": round(quality["psnr"], 4), "ssim": round(quality["ssim"], 5),
-                                "n": quality["n_examples"], "of": "G(PS(x)) against clean x (torchmetrics)"}}  # fmt: skip
+                                "n": quality["n_examples"], "of": "G(PS(x)) against clean x (torchmetrics)",
+                                **{k: None if quality.get(k) is None else round(quality[k], 4)
+                                   for k in ("removed", "psnr_kept", "psnr_removed")},
+                                "surgery_interpolated_accuracy": round(quality["accuracy"]["surgery_interpolated"], 2)}}  # fmt: skip
 
     def attack_stage() -> dict:
         ds = take(test, att_idx)

@@ -45,7 +45,8 @@ class StudyRow:
     name: str
     overrides: tuple[str, ...] = ()
     seeds: tuple[int, ...] = (0,)
-    baseline: str | None = None  # the row this one is compared with, pair by pair
+    baseline: str | None = None  # the row this one is compared with, pair by pair (and judged against the goal)
+    compare: tuple[str, ...] = ()  # further rows to compare with, pair by pair (an ablation against its parent)
     note: str = ""
 
 
@@ -109,6 +110,10 @@ def load_study(path: str | Path) -> StudyConfig:
             raise ConfigError(f"{p}: row {r.name!r}: seeds must be distinct non-negative integers, got {list(r.seeds)}")
         if r.baseline is not None and (r.baseline not in names or r.baseline == r.name):
             raise ConfigError(f"{p}: row {r.name!r}: baseline {r.baseline!r} is not another row of this study")
+        for other in r.compare:
+            if other not in names or other == r.name or other == r.baseline:
+                raise ConfigError(f"{p}: row {r.name!r}: compare {other!r} is not another row of this study "
+                                  "(nor its baseline)")
     e = study.eval
     if e.clean_n is not None and e.clean_n < 1 or e.attack_n < 1 or e.autoattack_n < 0 or e.batch_size < 1:
         raise ConfigError(f"{p}: eval sizes must be positive (autoattack_n may be 0), got {e}")
