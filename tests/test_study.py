@@ -505,3 +505,4 @@ def test_a_pssr_row_protects_another_rows_classifier_and_is_judged_against_it(tm
     assert ev["classifier_alone"]["PGD-20"]["correct"] == at["eval"]["attacks"]["PGD-20"]["correct"]
     text, _ = render(tmp_path / "rec", plot=False)
     assert "PSSR against the classifier it protects" in text and "| pssr_at-s0 |" in text
+    assert f"surgery with its holes interpolated {q['surgery_interpolated_accuracy']:.2f} %" in text

@@ -171,6 +171,17 @@ def render_pssr(study: Study) -> list[str]:
                  f"{_acc(r, 'transfer/PGD-20'):.2f}", f"{_acc(r, 'worst'):.2f}", _ci(d["clean"]), _ci(d["graybox"]),
                  "met" if met else "not met"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
+    split = [(run_id, r) for run_id, r in recs if r["eval"]["restoration"].get("psnr_kept") is not None]
+    if split:  # records written since the restoration is split (the older ones lack it)
+        lines += ["", "Where the clean points go: PSNR pooled over the pixels the surgery keeps and over those it "
+                  "removes, and f on the clean images after the surgery with its holes interpolated and no G "
+                  "(what removing the pixels alone costs)."]  # fmt: skip
+        for run_id, r in split:
+            q, ev = r["eval"]["restoration"], r["eval"]
+            lines.append(f"- {run_id}: {100 * q['removed']:.1f} % of the pixels removed; PSNR {q['psnr_kept']:.2f} dB "
+                         f"kept, {'—' if q['psnr_removed'] is None else format(q['psnr_removed'], '.2f')} dB removed; f {_pct(_bits(r, ev['classifier_alone']['clean']))} %, "
+                         f"surgery with its holes interpolated {q['surgery_interpolated_accuracy']:.2f} %, "
+                         f"PSSR {_acc(r, 'clean'):.2f} %.")  # fmt: skip
     lines += ["", f"Goal (issue 10): clean within {GOAL_PSSR_CLEAN_LOSS:g} points of the classifier alone, PSNR of "
               f"regenerated clean images >= {GOAL_PSSR_PSNR:g} dB, gray-box at least +{GOAL_PSSR_GRAYBOX_GAIN:g} points "
               "over the classifier alone (on the means). The white-box column is the number to trust against an "
