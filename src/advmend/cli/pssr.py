@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         removed.append(m_s.flatten(1).mean(1).cpu())
         m_c = salient_mask(score_map(f, x), mask=rule, alpha=alpha, rho=rho)  # the same surgery on clean x
         inputs = finding_inputs(x, x_adv, m_s, m_r, m_c, base.fill)
-        x_s, x_sc = inputs["PS only"], apply_surgery(x, m_c, base.fill)
+        x_s = inputs["PS only"]
         with torch.no_grad(), attack_mode(f):
             for name, xi in inputs.items():
                 correct[name].append((f(xi).argmax(1) == y).cpu())
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
             same_surgery = (rule, alpha, rho) == (pipeline.mask_rule, pipeline.alpha, pipeline.rho) and pipeline.use_surgery
             with attack_mode(pipeline):  # the pipeline's own surgery when the flags change it
                 if same_surgery:
-                    m_p, x_sp = m_c, x_sc
+                    m_p, x_sp = m_c, apply_surgery(x, m_c, base.fill)
                 else:
                     _, m_p, x_sp = pipeline.surgery(x)
                 with torch.no_grad():

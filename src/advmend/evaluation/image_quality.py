@@ -41,7 +41,8 @@ class RestorationMeter:
         if removed is not None:
             gone = removed.bool().expand_as(x)
             for metric, where in ((self.kept, ~gone), (self.removed, gone)):
-                metric.update(x_hat[where].cpu(), x[where].cpu())
+                metric.to(x.device)  # accumulate where the images are: no copy of the pixels to the host
+                metric.update(x_hat[where], x[where])
             n_gone = int(gone.sum())
             self.removed_count += n_gone
             self.kept_count += gone.numel() - n_gone
