@@ -255,12 +255,35 @@ def test_lambda_ce_weighs_only_the_cross_entropy_and_zero_leaves_the_feature_los
     torch.testing.assert_close(out.loss, 2 * 2.5 * F.cross_entropy(model(x), y))
     # HGD's feature-guided loss alone: the mean squared distance of f's penultimate features
     out = PSSRObjective(None, lambda_pix=0.0, lambda_sem=1.0, lambda_ce=0.0, lambda_feat=1.0, lambda_rd=0.0)(model, x, y)
+    x_hat = model.preprocess(x)  # outside the hook: the surgery's score map runs f too
     with penultimate_features(model.classifier) as store:
-        model.classifier(model.preprocess(x))
+        model.classifier(x_hat)
         model.classifier(x)
     ref = (store[0].flatten(1) - store[1].flatten(1)).pow(2).mean()
     torch.testing.assert_close(out.loss, 2 * ref)
     assert out.metrics["ce_adv"] > 0  # still reported, but carries no weight
+
+
+def test_lambda_feat_clean_weighs_the_clean_path_feature_loss_alone(data):
+    x, y = data
+    model = _pipeline(dropout=0.0).train()
+    attack = PGD(eps=8 / 255, steps=3, random_start=False, keep_best=False)
+    x_adv = pgd(model.classifier, x, y, attack)
+
+    def feature_loss(v):
+        x_hat = model.preprocess(v)  # outside the hook: the surgery's score map runs f too
+        with penultimate_features(model.classifier) as store:
+            model.classifier(x_hat)
+            model.classifier(x)
+        return (store[0].flatten(1) - store[1].flatten(1)).pow(2).mean()
+
+    zero = dict(lambda_pix=0.0, lambda_sem=1.0, lambda_ce=0.0, lambda_rd=0.0)
+    out = PSSRObjective(attack, lambda_feat=0.0, lambda_feat_clean=3.0, **zero)(model, x, y)
+    torch.testing.assert_close(out.loss, 3.0 * feature_loss(x))
+    out = PSSRObjective(attack, lambda_feat=2.0, lambda_feat_clean=0.0, **zero)(model, x, y)
+    torch.testing.assert_close(out.loss, 2.0 * feature_loss(x_adv))
+    a, b = feature_loss(x_adv), feature_loss(x)
+    assert (a - b).abs() > 0.01 * b  # the two paths differ, so each weight is seen on its own path
 
 
 def test_rdrop_is_zero_when_both_paths_coincide_and_positive_otherwise(data):

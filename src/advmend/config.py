@@ -252,6 +252,7 @@ class PSSRConfig:
     lambda_sem: float = 1.0
     lambda_ce: float = 1.0  # weight of f's cross-entropy inside L_sem; 0: feature-guided only (HGD)
     lambda_feat: float = 1.0
+    lambda_feat_clean: float | None = None  # weight of the clean path's feature loss; None: lambda_feat
     lambda_rd: float = 1.0
     rdrop: str = "cross"  # cross: adversarial vs clean path | literal: two dropout draws of the adversarial path
     threat: str = "graybox"  # training examples crafted on f (graybox) or on the whole pipeline (adaptive)
@@ -281,6 +282,7 @@ class PSSRConfig:
             ("lambda_sem", self.lambda_sem, self.lambda_sem >= 0),
             ("lambda_ce", self.lambda_ce, self.lambda_ce >= 0),
             ("lambda_feat", self.lambda_feat, self.lambda_feat >= 0),
+            ("lambda_feat_clean", self.lambda_feat_clean, self.lambda_feat_clean is None or self.lambda_feat_clean >= 0),
             ("lambda_rd", self.lambda_rd, self.lambda_rd >= 0),
             ("epochs", self.epochs, self.epochs >= 1),
             ("pretrain_epochs", self.pretrain_epochs, self.pretrain_epochs >= 0),

@@ -129,7 +129,7 @@ def _regenerator_stage(cfg: RunConfig, out_dir: Path, data, clf_path: Path, f, d
     objective = PSSRObjective(
         build_attack(p.attack, info["eps"], keep_best=False), threat=p.threat, lambda_pix=p.lambda_pix,
         lambda_pix_clean=p.lambda_pix_clean, lambda_sem=p.lambda_sem, lambda_ce=p.lambda_ce, lambda_feat=p.lambda_feat,
-        lambda_rd=p.lambda_rd, rdrop=p.rdrop,
+        lambda_feat_clean=p.lambda_feat_clean, lambda_rd=p.lambda_rd, rdrop=p.rdrop,
     )  # fmt: skip
     # Reconstruction pre-training (pssr.pretrain_epochs): the first epochs train G to restore clean
     # images through the surgery (L_pix only, no attack), so the adversarial stage starts from a

@@ -6,9 +6,10 @@ consistency", and "a self-augmentation regularizer with adversarial R-drop" bala
 accuracy. R-Drop: Liang et al., "R-Drop: Regularized Dropout for Neural Networks", NeurIPS 2021.
 Our reading (../shared/specs/pssr.md):
 
-    L = l_pix L_pix(adv) + l_pix_cln L_pix(cln) + l_sem (L_sem(adv) + L_sem(cln)) + l_rd L_rd   (l_pix_cln: l_pix unless set)
+    L = l_pix L_pix(adv) + l_pix_cln L_pix(cln) + l_sem (L_sem(adv) + L_sem(cln)) + l_rd L_rd
     L_pix(v)  = mean | x_hat_v - x |                                   (L1 to the clean image)
-    L_sem(v)  = l_ce CE(f(x_hat_v), y) + l_feat mean (phi(x_hat_v) - phi(x))^2   (phi: f's penultimate features)
+    L_sem(v)  = l_ce CE(f(x_hat_v), y) + l_feat_v mean (phi(x_hat_v) - phi(x))^2   (phi: f's penultimate features)
+    (l_pix_cln, l_feat_cln: l_pix and l_feat unless set; l_feat_adv = l_feat)
     L_rd      = 1/2 [KL(P_a || P_b) + KL(P_b || P_a)]                   (R-Drop's symmetric KL)
 
 "cross" (default): P_a, P_b are f's predictions on the adversarial and the clean image, each through
@@ -52,7 +53,7 @@ def classifier_head(model: nn.Module) -> nn.Linear:
     if not linears:
         raise ModelContractError(
             "PSSR's feature loss needs the classifier's penultimate features: the classifier has no "
-            "nn.Linear head; set pssr.lambda_feat=0"
+            "nn.Linear head; set pssr.lambda_feat=0 (and pssr.lambda_feat_clean=0 if set)"
         )
     return linears[-1]
 
@@ -87,6 +88,8 @@ class PSSRObjective:
         lambda_pix, lambda_pix_clean, lambda_sem, lambda_ce, lambda_feat, lambda_rd: the weights of the
             objective above; lambda_pix_clean (None: lambda_pix) weighs the clean path's pixel loss on its
             own, so that G can be held to leave clean images intact while it learns to denoise adversarial ones;
+            lambda_feat_clean (None: lambda_feat) likewise weighs the clean path's feature loss, which holds
+            f's view of regenerated clean images to that of the clean images, the term clean accuracy rests on;
             lambda_ce = 0 leaves the feature loss alone in L_sem, the high-level representation guided
             denoiser of Liao et al., CVPR 2018 (HGD), which does not push G towards any class.
         rdrop: "cross" (adversarial vs clean path) or "literal" (two dropout draws of the adversarial path).
@@ -99,6 +102,7 @@ class PSSRObjective:
     lambda_sem: float = 1.0
     lambda_ce: float = 1.0
     lambda_feat: float = 1.0
+    lambda_feat_clean: float | None = None
     lambda_rd: float = 1.0
     rdrop: str = "cross"
 
@@ -122,7 +126,8 @@ class PSSRObjective:
             xs, m, inputs = (torch.cat([t[:b], t]) for t in (xs, m, inputs))
         clean = x.repeat(n_adv + 1, 1, 1, 1)
         x_hat = model.regenerate(xs, m, inputs)
-        need_feat = self.lambda_sem > 0 and self.lambda_feat > 0
+        lambda_feat_cln = self.lambda_feat if self.lambda_feat_clean is None else self.lambda_feat_clean
+        need_feat = self.lambda_sem > 0 and (self.lambda_feat > 0 or lambda_feat_cln > 0)
         with penultimate_features(model.classifier) if need_feat else contextlib.nullcontext([]) as store:
             logits = model.classifier(x_hat)
             if need_feat:
@@ -147,7 +152,7 @@ class PSSRObjective:
         loss = (
             self.lambda_pix * pix_adv
             + (self.lambda_pix if self.lambda_pix_clean is None else self.lambda_pix_clean) * pix_cln
-            + self.lambda_sem * (self.lambda_ce * (ce_adv + ce_cln) + self.lambda_feat * (feat_adv + feat_cln))
+            + self.lambda_sem * (self.lambda_ce * (ce_adv + ce_cln) + self.lambda_feat * feat_adv + lambda_feat_cln * feat_cln)
             + self.lambda_rd * rd
         )
         metrics = {
