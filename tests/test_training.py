@@ -10,7 +10,7 @@ from advmend.checkpoint import load_checkpoint
 from advmend.config import RunConfig, TrainConfig, from_dict, to_dict
 from advmend.errors import ConfigError
 from advmend.training.ema import ModelEMA
-from advmend.training.loop import train
+from advmend.training.loop import select_best, train
 from advmend.training.schedule import learning_rate
 
 
@@ -182,3 +182,29 @@ def test_early_stopping_stops_and_records_why(tmp_path):
     # Resuming a run that stopped early trains nothing more.
     again = train(cfg, tmp_path / "es", resume=True, log=lambda s: None)
     assert [h["epoch"] for h in again.history] == [1, 2, 3] and again.stopped == result.stopped
+
+
+def _select(history, key="val_robust_acc"):
+    best = None
+    out = []
+    for i in range(len(history)):
+        is_best, best, epoch = select_best(history[: i + 1], key, best)
+        out.append((is_best, best, epoch))
+    return out
+
+
+def test_a_tie_of_the_selection_metric_goes_to_the_higher_clean_accuracy_then_the_earlier_epoch():
+    # PSSR in front of a plain classifier: white box (hence robust) is 0 at every validation
+    h = [{"epoch": 1}, {"epoch": 2, "val_robust_acc": 0.0, "val_clean_acc": 74.5},
+         {"epoch": 3}, {"epoch": 4, "val_robust_acc": 0.0, "val_clean_acc": 74.6}]  # fmt: skip
+    assert _select(h) == [(False, None, None), (True, 0.0, 2), (False, 0.0, 2), (True, 0.0, 4)]
+    h[3]["val_clean_acc"] = 74.4  # lower clean accuracy: the earlier epoch stays
+    assert _select(h)[-1] == (False, 0.0, 2)
+    h[3]["val_clean_acc"] = 74.5  # a full tie: the earlier epoch stays
+    assert _select(h)[-1] == (False, 0.0, 2)
+    h[3]["val_robust_acc"] = 0.1  # the selection metric itself still comes first
+    h[3]["val_clean_acc"] = 10.0
+    assert _select(h)[-1] == (True, 0.1, 4)
+    h.append({"epoch": 5, "val_robust_acc": 0.05, "val_clean_acc": 99.0})
+    assert _select(h)[-1] == (False, 0.1, 4)
+

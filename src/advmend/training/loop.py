@@ -69,6 +69,7 @@ from advmend.training.stage import Phase, Stage
 LAST, BEST = "last.safetensors", "best.safetensors"
 # Model selection on the held-out validation split (never the test set): the metric of each choice.
 SELECT = {"robust": "val_robust_acc", "clean": "val_clean_acc", "last": "epoch"}  # keys: config.SELECTS
+TIE_KEY = "val_clean_acc"  # breaks a tie of the selection metric (select_best)
 # Free space wanted before training: best + last + the temporary copy during an atomic rewrite.
 DISK_FACTOR = 3
 # Settings that may differ when a run is resumed, because they do not change what it computes: where it
@@ -474,14 +475,29 @@ def remove_stale_temp_files(out_dir: Path, log: Callable[[str], None]) -> None:
 def select_best(history: list[dict], select_key: str, best_value: float | None) -> tuple[bool, float | None, int | None]:
     """Model selection after the epoch `history[-1]`: (is it the new best, best value, best epoch).
 
-    Epochs without the selection metric (no validation that epoch) are not candidates.
+    Epochs without the selection metric (no validation that epoch) are not candidates. A tie on the
+    metric goes to the epoch with the higher validation clean accuracy (`TIE_KEY`), then to the earlier
+    one: behind PSSR a plain classifier's robust metric (the worst of gray-box and white-box) is 0 at
+    every epoch, and the first validated epoch would otherwise be kept whatever the later ones reach.
     """
-    value = history[-1].get(select_key)
+
+    def tie(h: dict) -> float:
+        return h.get(TIE_KEY, float("-inf"))
+
+    def best_of(value: float) -> dict | None:  # the tied epoch that wins: highest tie key, then earliest
+        tied = [h for h in history if h.get(select_key) == value]
+        return max(tied, key=lambda h: (tie(h), -h["epoch"])) if tied else None
+
+    rec = history[-1]
+    value = rec.get(select_key)
     is_best = value is not None and (best_value is None or value > best_value)
+    if value is not None and value == best_value:
+        holder = best_of(best_value)
+        is_best = holder is rec
     if is_best:
         best_value = value
-    best_epoch = next((h["epoch"] for h in history if h.get(select_key) == best_value), None)
-    return is_best, best_value, best_epoch
+    best = best_of(best_value) if best_value is not None else None
+    return is_best, best_value, (best["epoch"] if best else None)
 
 
 def save_or_explain(path: Path, model: nn.Module, record: dict, optimizer=None, extra=None) -> None:
