@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -359,6 +361,18 @@ def test_pssr_config_values_are_checked_with_dotted_keys():
     with pytest.raises(ConfigError, match="pssr.tau"):
         from_dict(RunConfig, {"pssr": {"tau": 1}})
     assert from_dict(RunConfig, {"pssr": {"attack": {"eps": "8/255"}}}).pssr.attack.eps == pytest.approx(8 / 255)
+
+
+def test_the_restore_recipe_is_the_study_row_it_names():
+    """configs/pssr/cifar10_small_cnn_cpu_restore.yaml must train what the study's row measured."""
+    from advmend.study.spec import load_study, resolve_runs
+
+    path = CONFIG_DIR / "study" / "cifar10_cpu_pssr.yaml"
+    (row,) = [s for s in resolve_runs(path, load_study(path)) if s.row.name == "pssr_standard_alpha3_long_featclean25"]
+    recipe = load_run_config("pssr/cifar10_small_cnn_cpu_restore", ["train.progress=false"])
+    row_cfg = dataclasses.replace(row.cfg, name=recipe.name,
+                                  pssr=dataclasses.replace(row.cfg.pssr, classifier=None, surrogate=None))  # fmt: skip
+    assert row_cfg == recipe
 
 
 def test_bundled_pssr_configs_load_and_ablations_change_one_thing():
