@@ -279,7 +279,7 @@ def test_lambda_feat_clean_weighs_the_clean_path_feature_loss_alone(data):
             model.classifier(x)
         return (store[0].flatten(1) - store[1].flatten(1)).pow(2).mean()
 
-    zero = dict(lambda_pix=0.0, lambda_sem=1.0, lambda_ce=0.0, lambda_rd=0.0)
+    zero = {"lambda_pix": 0.0, "lambda_sem": 1.0, "lambda_ce": 0.0, "lambda_rd": 0.0}
     out = PSSRObjective(attack, lambda_feat=0.0, lambda_feat_clean=3.0, **zero)(model, x, y)
     torch.testing.assert_close(out.loss, 3.0 * feature_loss(x))
     out = PSSRObjective(attack, lambda_feat=2.0, lambda_feat_clean=0.0, **zero)(model, x, y)
