@@ -479,25 +479,15 @@ def select_best(history: list[dict], select_key: str, best_value: float | None) 
     metric goes to the epoch with the higher validation clean accuracy (`TIE_KEY`), then to the earlier
     one: behind PSSR a plain classifier's robust metric (the worst of gray-box and white-box) is 0 at
     every epoch, and the first validated epoch would otherwise be kept whatever the later ones reach.
+    `best_value` (the checkpoint's, on resume) wins only when the history that reached it is gone.
     """
-
-    def tie(h: dict) -> float:
-        return h.get(TIE_KEY, float("-inf"))
-
-    def best_of(value: float) -> dict | None:  # the tied epoch that wins: highest tie key, then earliest
-        tied = [h for h in history if h.get(select_key) == value]
-        return max(tied, key=lambda h: (tie(h), -h["epoch"])) if tied else None
-
-    rec = history[-1]
-    value = rec.get(select_key)
-    is_best = value is not None and (best_value is None or value > best_value)
-    if value is not None and value == best_value:
-        holder = best_of(best_value)
-        is_best = holder is rec
-    if is_best:
-        best_value = value
-    best = best_of(best_value) if best_value is not None else None
-    return is_best, best_value, (best["epoch"] if best else None)
+    validated = [h for h in history if h.get(select_key) is not None]
+    if not validated:
+        return False, best_value, None
+    best = max(validated, key=lambda h: (h[select_key], h.get(TIE_KEY, float("-inf")), -h["epoch"]))
+    if best_value is not None and best_value > best[select_key]:
+        return False, best_value, None
+    return best is history[-1], best[select_key], best["epoch"]
 
 
 def save_or_explain(path: Path, model: nn.Module, record: dict, optimizer=None, extra=None) -> None:
