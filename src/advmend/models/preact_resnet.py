@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from advmend.models.registry import MODELS, init_weights, resnet_stages
+from advmend.models.registry import MODELS, init_weights, resnet_stages, stage_widths
 
 
 class PreActBlock(nn.Module):
@@ -42,6 +42,8 @@ class PreActResNet(nn.Module):
         num_classes: Number of logits.
         in_channels: Input channels.
         normalize: Input normalisation module, or ``None`` for identity.
+        width: Channels of the first stage; the stages have width, 2, 4 and 8 x width channels
+            (64 is the published model; a smaller width makes a CPU-sized ResNet).
     """
 
     def __init__(
@@ -51,18 +53,22 @@ class PreActResNet(nn.Module):
         num_classes: int,
         in_channels: int = 3,
         normalize: nn.Module | None = None,
+        width: int = 64,
     ) -> None:
         super().__init__()
+        widths = stage_widths(width)
         self.normalize = normalize if normalize is not None else nn.Identity()
-        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-        self.layer1, self.layer2, self.layer3, self.layer4 = resnet_stages(PreActBlock, num_blocks)
-        self.final = nn.Sequential(nn.BatchNorm2d(512), nn.ReLU(inplace=False))
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+        self.layer1, self.layer2, self.layer3, self.layer4 = resnet_stages(
+            PreActBlock, num_blocks, in_planes=width, widths=widths
+        )
+        self.final = nn.Sequential(nn.BatchNorm2d(widths[-1]), nn.ReLU(inplace=False))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512, num_classes)
+        self.fc = nn.Linear(widths[-1], num_classes)
         init_weights(self)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Returns the pooled penultimate features, shape (N, 512)."""
+        """Returns the pooled penultimate features, shape (N, 8 * width)."""
         x = self.conv1(self.normalize(x))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = self.final(x)
@@ -74,7 +80,9 @@ class PreActResNet(nn.Module):
 
 @MODELS.register("preact_resnet18", fsr_layers=["final"])
 def preact_resnet18(
-    *, num_classes: int, in_channels: int = 3, normalize: nn.Module | None = None
+    *, num_classes: int, in_channels: int = 3, normalize: nn.Module | None = None, width: int = 64
 ) -> PreActResNet:
-    """PreAct ResNet-18 for 32x32 inputs (``final`` output is 512x4x4)."""
-    return PreActResNet((2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels, normalize=normalize)
+    """PreAct ResNet-18 for 32x32 inputs (``final`` output is (8 * width)x4x4; width 64 is the paper's)."""
+    return PreActResNet(
+        (2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels, normalize=normalize, width=width
+    )

@@ -140,6 +140,13 @@ def create_model(
         raise ConfigError(f"model {name!r} cannot be built with {shown} ({first})") from None
 
 
+def stage_widths(width: int) -> tuple[int, int, int, int]:
+    """The four stage widths of a CIFAR ResNet whose first stage has `width` channels (64: 64..512)."""
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ConfigError(f"model.options.width must be a positive integer (64 is the published ResNet), got {width!r}")
+    return (width, 2 * width, 4 * width, 8 * width)
+
+
 def resnet_stages(
     block: Callable[[int, int, int], nn.Module], num_blocks: Sequence[int], in_planes: int = 64,
     widths: Sequence[int] = (64, 128, 256, 512), strides: Sequence[int] = (1, 2, 2, 2),
