@@ -209,3 +209,72 @@ def test_bad_layer_names_and_shapes():
         FSRModel(backbone, at=["stage3", "stage3"], num_classes=10)
     with pytest.raises(ConfigError, match="tau"):
         FSRBlock(8, 10, tau=0.0)
+
+
+# --- BPDA through the mask (MaskBPDA): the adaptive attack on FSR's near-step mask ---
+
+def _fsr_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), FSRBlock(8, 10, hidden=8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)
+    ).eval()
+
+
+def test_mask_bpda_forward_is_exact_and_leaves_the_model_as_it_was():
+    from advmend.defenses.fsr import MaskBPDA
+
+    net = _fsr_net()
+    x = torch.rand(4, 3, 8, 8)
+    assert torch.equal(MaskBPDA(net, backward_tau=2.0)(x), net(x))
+    assert net[1].backward_tau is None and not net.training
+    with pytest.raises(Exception):
+        MaskBPDA(net)(torch.rand(4, 5, 8, 8))  # the forward raises: the blocks are restored all the same
+    assert net[1].backward_tau is None
+
+
+def test_mask_bpda_at_the_model_temperature_is_the_exact_gradient():
+    from advmend.defenses.fsr import MaskBPDA
+
+    net = _fsr_net()
+    x = torch.rand(4, 3, 8, 8, requires_grad=True)
+    exact, = torch.autograd.grad(net(x).logsumexp(1).sum(), x)
+    same, = torch.autograd.grad(MaskBPDA(net, backward_tau=0.1)(x).logsumexp(1).sum(), x)
+    soft, = torch.autograd.grad(MaskBPDA(net, backward_tau=1.0)(x).logsumexp(1).sum(), x)
+    torch.testing.assert_close(same, exact, rtol=1e-5, atol=1e-9)  # the same formula up to rounding
+    assert not torch.allclose(exact, soft, rtol=1e-2, atol=1e-6)
+
+
+def test_mask_bpda_gradient_reaches_a_saturated_mask():
+    """Where sigmoid(z / 0.1) is flat (|z| = 4: gradient ~1e-16) the softened backward is not (~0.07)."""
+    from advmend.defenses.fsr import _SigmoidSoftBackward
+
+    z = torch.tensor([4.0, -4.0, 0.0], dtype=torch.float64, requires_grad=True)
+    exact, = torch.autograd.grad(torch.sigmoid(z / 0.1).sum(), z)
+    soft, = torch.autograd.grad(_SigmoidSoftBackward.apply(z, 0.1, 1.0).sum(), z)
+    assert exact[:2].abs().max() < 1e-12
+    expected = torch.sigmoid(z) * (1 - torch.sigmoid(z))
+    assert torch.allclose(soft, expected.detach())
+    assert torch.equal(_SigmoidSoftBackward.apply(z, 0.1, 1.0), torch.sigmoid(z / 0.1))
+
+
+def test_mask_bpda_refuses_bad_settings():
+    from advmend.defenses.fsr import MaskBPDA
+
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="backward temperature"):
+            MaskBPDA(_fsr_net(), backward_tau=bad)
+    with pytest.raises(ConfigError, match="has none"):
+        MaskBPDA(nn.Linear(3, 2))
+
+
+def test_pgd_through_mask_bpda_stays_in_the_ball_and_scores_the_model():
+    from advmend.attacks.pgd import PGD, pgd
+    from advmend.defenses.fsr import MaskBPDA
+
+    net = _fsr_net()
+    x, y = torch.rand(6, 3, 8, 8), torch.randint(0, 10, (6,))
+    x0 = x.clone()
+    x_adv = pgd(MaskBPDA(net), x, y, PGD(eps=8 / 255, steps=5))
+    assert torch.equal(x, x0)
+    assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert not net.training and net[1].backward_tau is None

@@ -37,6 +37,22 @@ def gumbel_sigmoid_mask(
     return torch.sigmoid(z / tau)
 
 
+class _SigmoidSoftBackward(torch.autograd.Function):
+    """sigmoid(z / tau) forward, the gradient of sigmoid(z / backward_tau) backward (BPDA through the mask)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, tau: float, backward_tau: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(z)
+        ctx.backward_tau = backward_tau
+        return torch.sigmoid(z / tau)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (z,) = ctx.saved_tensors
+        soft = torch.sigmoid(z / ctx.backward_tau)
+        return grad * soft * (1 - soft) / ctx.backward_tau, None, None
+
+
 def _three_conv_net(channels: int, hidden: int) -> nn.Sequential:
     """conv3x3(C->h) BN ReLU conv3x3(h->h) BN ReLU conv3x3(h->C), no conv biases (the reference's S and R)."""
     return nn.Sequential(
@@ -104,6 +120,8 @@ class FSRBlock(nn.Module):
             raise ConfigError(f"fsr.tau must be > 0, got {tau}")
         self.channels = channels
         self.stochastic = stochastic
+        # Not saved: an attack-time setting (`mask_bpda`). None = the exact mask's gradient.
+        self.backward_tau: float | None = None
         self.register_buffer("tau", torch.tensor(float(tau)))
         self.separation = _three_conv_net(channels, hidden)
         self.recalibration = _three_conv_net(channels, hidden)
@@ -115,7 +133,10 @@ class FSRBlock(nn.Module):
                 f"FSRBlock expects features of shape (N, {self.channels}, H, W), got {tuple(f.shape)}"
             )
         stochastic = self.training if self.stochastic is None else self.stochastic
-        return gumbel_sigmoid_mask(self.separation(f), float(self.tau), stochastic=stochastic)
+        z = self.separation(f)
+        if self.backward_tau is not None and not stochastic:
+            return _SigmoidSoftBackward.apply(z, float(self.tau), self.backward_tau)
+        return gumbel_sigmoid_mask(z, float(self.tau), stochastic=stochastic)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         """f_out = f + (1 - m) * R((1 - m) * f); the auxiliary head is not evaluated."""
@@ -136,6 +157,48 @@ class FSRBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, tau={float(self.tau):g}, stochastic={self.stochastic}"
+
+
+class MaskBPDA(nn.Module):
+    """An FSR model attacked through a softened mask: BPDA (Athalye et al., ICML 2018) for FSR.
+
+    At evaluation FSR's mask is sigmoid(z / tau) with tau = 0.1: nearly a step function, whose gradient
+    vanishes wherever |z| is not small. If that is what keeps a gradient attack from finding a model's weak
+    points (gradient masking), differentiating a softer mask removes the cause: this wrapper computes
+    exactly the model's forward pass (the same logits, bit for bit) while every FSR block's mask
+    backpropagates as sigmoid(z / backward_tau). Any gradient attack (PGD, CW, AutoAttack's APGD) run on
+    the wrapper is then an adaptive attack on the model; its adversarial examples are scored on the
+    model itself.
+
+    Args:
+        model: a model holding FSR blocks (e.g. `insert_fsr`'s result); shared, not copied.
+        backward_tau: temperature of the mask's backward pass (> tau; 1.0 by default: a mask whose
+            gradient reaches every logit of z in the typical range).
+
+    Example:
+        >>> x_adv = pgd(MaskBPDA(fsr_model), x, y, PGD(eps=8/255, steps=20))
+    """
+
+    def __init__(self, model: nn.Module, backward_tau: float = 1.0) -> None:
+        super().__init__()
+        if not backward_tau > 0 or backward_tau != backward_tau or backward_tau == float("inf"):
+            raise ConfigError(f"the mask's backward temperature must be a finite number > 0, got {backward_tau}")
+        self.blocks = [m for m in model.modules() if isinstance(m, FSRBlock)]
+        if not self.blocks:
+            raise ConfigError("MaskBPDA needs a model with FSR blocks; this model has none")
+        self.model = model
+        self.backward_tau = float(backward_tau)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The blocks read backward_tau during this forward only (the autograd function keeps it for
+        # the backward pass), so the model is left exactly as it was, even if the forward raises.
+        for b in self.blocks:
+            b.backward_tau = self.backward_tau
+        try:
+            return self.model(x)
+        finally:
+            for b in self.blocks:
+                b.backward_tau = None
 
 
 def fsr_terms(block_outputs: list[FSRBlockOutput], logits: torch.Tensor, y: torch.Tensor):

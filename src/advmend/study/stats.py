@@ -50,3 +50,17 @@ def paired_bootstrap(diff: np.ndarray, *, n_boot: int = BOOTSTRAP, seed: int = 0
     alpha = (1 - level) / 2
     low, high = np.quantile(means, [alpha, 1 - alpha])
     return 100 * float(diff.mean()), 100 * float(low), 100 * float(high)
+
+
+def missed_by_first(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Per example, 1 where the model survives the `first` attack but not the `second` (else 0).
+
+    With first = PGD-20 and second = AutoAttack on the same examples this is the gradient-masking
+    indicator of the results page: the share of examples that a plain gradient attack misses and a
+    stronger, partly gradient-free one finds. A defense that hides its gradient (rather than being
+    robust) raises it against its baseline. Both arrays hold per-example correctness (0/1) under attack.
+    """
+    first, second = np.asarray(first), np.asarray(second)
+    if first.shape != second.shape or first.ndim != 1:
+        raise ValueError(f"need two equal 1-D correctness arrays, got {first.shape} and {second.shape}")
+    return ((first == 1) & (second == 0)).astype(np.int64)
