@@ -190,7 +190,7 @@ def test_none_kwargs_dropped_and_width():
         ("small_cnn", {"width": True}, r"model\.options\.width: expected an integer"),
         ("wrn28_10", {"dropout": "x"}, r"model\.options\.dropout: expected a number"),
         ("wrn28_10", {"dropout": float("nan")}, r"model\.options\.dropout: expected a finite number"),
-        ("resnet18", {"width": 8}, r"model\.options\.width: .*its options: none"),
+        ("vgg16_bn", {"width": 8}, r"model\.options\.width: .*its options: none"),
         ("resnet18", {"num_classes": 3}, r"model\.options\.num_classes: .*from the data"),
         ("resnet18", {"normalize": True}, r"model\.options\.normalize: .*model\.normalize"),
     ],
@@ -208,7 +208,8 @@ def test_model_options_converted_like_config_values():
     assert check_model_options("wrn28_10", {"dropout": 0}) == {"dropout": 0.0}
     assert check_model_options("small_cnn", {"width": None}) == {"width": None}  # None: the default
     assert set(model_options("small_cnn")) == {"width"}
-    assert model_options("resnet18") == {}
+    assert set(model_options("resnet18")) == {"width"}
+    assert model_options("vgg16_bn") == {}
 
 
 def test_model_too_large_for_memory_is_config_error():
@@ -253,3 +254,43 @@ def test_wrn_bad_depth():
 
     with pytest.raises(ConfigError):
         WideResNet(30, 10, num_classes=10)
+
+
+def _resnet18_parameters(width: int, preact: bool) -> int:
+    """ResNet-18's parameter count from its layer shapes (widths w, 2w, 4w, 8w; 10 classes)."""
+    widths, convs = [width, 2 * width, 4 * width, 8 * width], 3 * 9 * width
+    bns = 0 if preact else width  # ResNet's stem has a BN, PreAct's has none
+    c_in = width
+    for i, c in enumerate(widths):
+        for block in range(2):
+            c_prev = c_in if block == 0 else c
+            convs += 9 * c_prev * c + 9 * c * c
+            if block == 0 and (i > 0):
+                convs += c_prev * c  # the projection shortcut
+                bns += 0 if preact else c
+            bns += (c_prev + c) if preact else 2 * c
+        c_in = c
+    bns += 8 * width if preact else 0  # PreAct's final BN
+    return convs + 2 * bns + 8 * width * 10 + 10
+
+
+@pytest.mark.parametrize("name", ["resnet18", "preact_resnet18"])
+@pytest.mark.parametrize("width", [8, 16, 64])
+def test_resnet_width_sets_the_channels_and_keeps_fsr_insertion_points(name, width):
+    from advmend.defenses import insert_fsr
+
+    model = create_model(name, num_classes=10, width=width)
+    assert sum(p.numel() for p in model.parameters()) == _resnet18_parameters(width, name.startswith("preact"))
+    if width == 64:  # the published model is the default
+        default = create_model(name, num_classes=10)
+        assert [p.shape for p in model.parameters()] == [p.shape for p in default.parameters()]
+    layer = fsr_preset(name)[0]
+    fsr = insert_fsr(model, [layer], num_classes=10, hidden=8)
+    assert fsr(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    assert [b.channels for b in fsr.fsr.values()] == [8 * width]  # the preset layer carries 8 x width channels
+
+
+@pytest.mark.parametrize("bad", [0, -4, 2.5, True])
+def test_resnet_width_must_be_a_positive_integer(bad):
+    with pytest.raises(ConfigError, match="width"):
+        create_model("preact_resnet18", num_classes=10, width=bad)
