@@ -1,5 +1,5 @@
 """`advmend study STUDY.yaml` (train, evaluate and record every run) and `advmend results RECORDS`
-(docs/results.md and PNGs from the records alone)."""
+(docs/results.md, its PNGs and the results block of README.md, from the records alone)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ def add_parser(sub) -> None:
     r.add_argument("--out", help="the Markdown file (default: ROOT.md, e.g. docs/results.md)")
     r.add_argument("--check", action="store_true", help="do not write: fail if the file differs from what the records give")
     r.add_argument("--no-plot", action="store_true", help="do not draw the PNGs")
+    r.add_argument("--readme", help="also rewrite the results block of this file (default: the README.md two "
+                   "folders above ROOT, e.g. the repository's for docs/results, when it exists; '' for none)")
     r.set_defaults(func=run_results_command)
 
 
@@ -44,17 +46,34 @@ def run_study_command(args: argparse.Namespace) -> int:
 
 def run_results_command(args: argparse.Namespace) -> int:
     from advmend.errors import ConfigError
+    from advmend.study.readme import render_readme
     from advmend.study.render import render
     from advmend.io import atomic_write_text
 
     root = Path(args.root)
     out = Path(args.out) if args.out else root.with_suffix(".md")
+    if args.readme is None:  # the repository's README when ROOT is <repo>/docs/results
+        default = root.resolve().parent.parent / "README.md"
+        readme = default if default.is_file() else None
+    else:
+        readme = Path(args.readme) if args.readme else None
+        if readme is not None and not readme.is_file():
+            raise ConfigError(f"--readme {readme}: no such file")
     text, pngs = render(root, plot=not (args.no_plot or args.check))
+    # Every text is computed before anything is written: a bad README block leaves both files as they were.
+    targets = [(out, text)]
+    if readme is not None:
+        current = readme.read_text()
+        block = render_readme(current, root, str(readme))
+        if block is not None:
+            targets.append((readme, block))
     if args.check:
-        if not out.is_file() or out.read_text() != text:
-            raise ConfigError(f"{out} differs from what the records under {root} give; run `advmend results {root}`")
-        print(f"{out} matches the records")
+        for path, expected in targets:
+            if not path.is_file() or path.read_text() != expected:
+                raise ConfigError(f"{path} differs from what the records under {root} give; run `advmend results {root}`")
+        print(" and ".join(str(p) for p, _ in targets) + " match the records")
         return 0
-    atomic_write_text(out, text)
-    print(f"wrote {out}" + "".join(f", {p}" for p in pngs))
+    for path, expected in targets:
+        atomic_write_text(path, expected)
+    print("wrote " + ", ".join(str(p) for p, _ in targets) + "".join(f", {p}" for p in pngs))
     return 0
