@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_study import _record, _write_syn
 
 from advmend.cli import main
 from advmend.study.readme import render_readme
-from test_study import _record, _write_syn
 
 N = 100
 REPO = Path(__file__).resolve().parent.parent

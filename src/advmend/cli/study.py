@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
     p.add_argument("--progress", action="store_true", help="progress bars during evaluation")
     p.set_defaults(func=run_study_command)
 
-    r = sub.add_parser("results", help="regenerate docs/results.md and the PNGs from study records")
+    r = sub.add_parser("results", help="regenerate docs/results.md, its PNGs and README.md's results table from study records")
     r.add_argument("root", nargs="?", default="docs/results", help="records root holding one folder per study")
     r.add_argument("--out", help="the Markdown file (default: ROOT.md, e.g. docs/results.md)")
     r.add_argument("--check", action="store_true", help="do not write: fail if the file differs from what the records give")
@@ -46,9 +46,9 @@ def run_study_command(args: argparse.Namespace) -> int:
 
 def run_results_command(args: argparse.Namespace) -> int:
     from advmend.errors import ConfigError
+    from advmend.io import atomic_write_text
     from advmend.study.readme import render_readme
     from advmend.study.render import render
-    from advmend.io import atomic_write_text
 
     root = Path(args.root)
     out = Path(args.out) if args.out else root.with_suffix(".md")
