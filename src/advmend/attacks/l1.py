@@ -35,9 +35,10 @@ def l1_size(delta: torch.Tensor) -> torch.Tensor:
     return delta.flatten(1).double().abs().sum(1)
 
 
-def l1_direction(grad: torch.Tensor, x_cur: torch.Tensor, quantile: float = L1_QUANTILE) -> torch.Tensor:
-    """Unit-L1 ascent direction: sign(grad) on the top (1 - quantile) fraction of the coordinates that can
-    still move (by |grad|), zero elsewhere, divided by the number of coordinates it moves.
+def l1_direction(grad: torch.Tensor, x_cur: torch.Tensor, quantile: float = L1_QUANTILE,
+                 min_count: int = 1) -> torch.Tensor:  # fmt: skip
+    """Unit-L1 ascent direction: sign(grad) on the top (1 - quantile) fraction (at least `min_count`) of the
+    coordinates that can still move (by |grad|), zero elsewhere, divided by the number it moves.
 
     `x_cur` is the current iterate: a coordinate at 0 (or 1) whose gradient points below 0 (above 1)
     cannot move, so it neither takes part in the quantile nor receives a share of the step.
@@ -46,7 +47,7 @@ def l1_direction(grad: torch.Tensor, x_cur: torch.Tensor, quantile: float = L1_Q
     cur = x_cur.flatten(1)
     movable = ((g > 0) & (cur < 1)) | ((g < 0) & (cur > 0))
     strength = torch.where(movable, g.abs(), torch.zeros_like(g))
-    k = max(1, math.ceil((1 - quantile) * g.shape[1]))
+    k = min(max(1, min_count, math.ceil((1 - quantile) * g.shape[1])), g.shape[1])
     threshold = strength.topk(k, dim=1).values[:, -1:]  # the k-th largest per example
     chosen = (strength >= threshold) & (strength > 0)  # ties at the threshold all move, equally
     direction = g.sign() * chosen
@@ -93,8 +94,13 @@ def project_l1_box(z: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor
 
 
 def l1_step(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, eps: float, step_size: float) -> torch.Tensor:
-    """One PGD step in the L1 threat model: `step_size` along `l1_direction`, then `project_l1_box`."""
-    return project_l1_box(delta + step_size * l1_direction(grad, x + delta), x, eps)
+    """One PGD step in the L1 threat model: `step_size` along `l1_direction`, then `project_l1_box`.
+
+    The step is spread over at least 2 * step_size coordinates: a pixel can move at most 1 (0.5 on average
+    to the box's edge), so fewer would see most of a large step (FGSM's, of size eps) cut off by the box.
+    """
+    direction = l1_direction(grad, x + delta, min_count=math.ceil(2 * step_size))
+    return project_l1_box(delta + step_size * direction, x, eps)
 
 
 def l1_random_start(x: torch.Tensor, eps: float, generator: torch.Generator | None,
