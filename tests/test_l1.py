@@ -319,3 +319,12 @@ def test_a_large_step_is_spread_over_enough_pixels_to_be_taken():
     moved = (x_adv - x).flatten(1)
     assert ((moved != 0).sum(1) == 16).all()
     torch.testing.assert_close(l1_size(moved), torch.full((4,), 8.0, dtype=torch.float64), atol=1e-3, rtol=0)
+
+
+def test_the_ball_check_measures_l1_and_refuses_an_example_outside_the_l1_ball():
+    x = torch.full((2, 3, 8, 8), 0.5)
+    attack = PGD(eps=4.0, norm="l1")
+    inside = x + 4.0 / 192  # every pixel moved a little: L1 size exactly 4, L2 size only 0.29
+    assert check_bound(inside, x, attack) == pytest.approx(4.0, abs=1e-5)
+    with pytest.raises(RuntimeError, match="outside the threat model"):
+        check_bound(x + 4.1 / 192, x, attack)
