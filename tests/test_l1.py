@@ -213,6 +213,7 @@ def test_autoattack_l1_runs_end_to_end_through_the_evaluation(trained):
     adversary = spec.build(model, torch.device("cpu"), num_classes=10)
     assert adversary.norm == "L1" and adversary.apgd.use_largereps and adversary.apgd.n_iter_orig == 5
     assert adversary.apgd_targeted.n_target_classes == 5  # the package's L1 setting, kept
+    assert aa.settings["restarts"] == adversary.apgd.n_restarts == 5
 
 
 def test_l1_protocols_build_l1_attacks():
@@ -328,3 +329,12 @@ def test_the_ball_check_measures_l1_and_refuses_an_example_outside_the_l1_ball()
     assert check_bound(inside, x, attack) == pytest.approx(4.0, abs=1e-5)
     with pytest.raises(RuntimeError, match="outside the threat model"):
         check_bound(x + 4.1 / 192, x, attack)
+
+
+def test_the_norm_cost_benchmark_times_every_norm():
+    from advmend.bench.norm_cost import NORMS, bench_norms, main
+
+    r = bench_norms("small_cnn", batch_size=4, steps=1, repeats=1)
+    assert set(r["seconds_per_step"]) == set(NORMS) and all(s > 0 for s in r["seconds_per_step"].values())
+    assert r["l1_over_l2"] == r["seconds_per_step"]["l1"] / r["seconds_per_step"]["l2"]
+    assert main(["--batch-size", "2", "--steps", "1", "--repeats", "1"]) == 0

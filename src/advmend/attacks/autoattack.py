@@ -121,7 +121,7 @@ class AutoAttackSpec:
             "steps": self.n_iter or 100,
             "loss": "ce/dlr/fab/square",
             "random_start": True,
-            "restarts": 1,
+            "restarts": 5 if self.norm == "l1" and self.version == "standard" else 1,  # APGD-CE's, as the package sets
         }
 
     def build(self, model: nn.Module, device: torch.device, num_classes: int):
