@@ -338,3 +338,24 @@ def test_the_norm_cost_benchmark_times_every_norm():
     assert set(r["seconds_per_step"]) == set(NORMS) and all(s > 0 for s in r["seconds_per_step"].values())
     assert r["l1_over_l2"] == r["seconds_per_step"]["l1"] / r["seconds_per_step"]["l2"]
     assert main(["--batch-size", "2", "--steps", "1", "--repeats", "1"]) == 0
+
+
+@pytest.mark.parametrize("objective", ["pgd_at", "trades", "mart", "fast_at"])
+def test_every_training_objective_trains_on_examples_in_the_l1_ball(objective, trained):
+    from advmend.training.mart import MART
+    from advmend.training.objectives import AdversarialCE, fast_at_attack
+    from advmend.training.trades import TRADES, trades_attack
+
+    import copy
+
+    model, ds = trained
+    model = copy.deepcopy(model).train()  # the objectives' train-mode passes move BatchNorm's statistics
+    x, y = ds.images[:16].float() / 255, ds.labels[:16]
+    build = {"pgd_at": lambda: AdversarialCE(PGD(eps=8.0, steps=3, norm="l1", keep_best=False)),
+             "trades": lambda: TRADES(trades_attack(8.0, steps=3, norm="l1")),
+             "mart": lambda: MART(PGD(eps=8.0, steps=3, norm="l1", keep_best=False)),
+             "fast_at": lambda: AdversarialCE(fast_at_attack(8.0, norm="l1"))}  # fmt: skip
+    out = build[objective]()(model, x, y)
+    size = l1_size(out.x_adv.double() - x.double())
+    assert (size <= 8.0).all() and float(size.max()) > 1.0
+    assert out.x_adv.min() >= 0 and out.x_adv.max() <= 1 and torch.isfinite(out.loss)
