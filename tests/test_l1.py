@@ -359,3 +359,19 @@ def test_every_training_objective_trains_on_examples_in_the_l1_ball(objective, t
     size = l1_size(out.x_adv.double() - x.double())
     assert (size <= 8.0).all() and float(size.max()) > 1.0
     assert out.x_adv.min() >= 0 and out.x_adv.max() <= 1 and torch.isfinite(out.loss)
+
+
+def test_eval_of_a_users_model_with_norm_l1_takes_the_l1_radius(tmp_path, monkeypatch):
+    (tmp_path / "l1_user_net.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--model", "l1_user_net:build", "--dataset", "synthetic", "--set",
+                 "data.options={image_size: 8, n_test: 16}", "--norm", "l1", "--protocol", "quick",
+                 "--no-plot", "--quiet", "--out", "ev"]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert report["meta"]["norm"] == "l1" and report["meta"]["eps"] == L1_EPS
+    assert [a["settings"]["norm"] for a in report["attacks"]] == ["l1", "l1"]
