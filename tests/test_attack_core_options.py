@@ -11,12 +11,15 @@ from advmend.errors import ConfigError
 
 def test_normal_start_is_small_and_inside_ball_and_box(batch):
     x, _ = batch
-    for norm, eps in (("linf", 8 / 255), ("l2", 0.5), ("linf", 1e-4)):
+    for norm, eps in (("linf", 8 / 255), ("l2", 0.5), ("linf", 1e-4), ("l1", 4.0), ("l1", 1e-3)):
         cfg = PGD(eps=eps, norm=norm, start="normal")
         delta = _random_start(x, cfg, torch.Generator().manual_seed(0))
         assert ((x + delta) >= 0).all() and ((x + delta) <= 1).all()
         if norm == "linf":
             assert delta.abs().max() <= min(eps, 6 * NORMAL_START_STD) + 1e-7
+        elif norm == "l1":
+            assert (delta.flatten(1).double().abs().sum(1) <= eps).all()
+            assert delta.abs().max() <= 6 * NORMAL_START_STD
         else:
             assert (delta.flatten(1).norm(dim=1) <= eps + 1e-6).all()
     # std is 0.001 where the ball does not clip it
@@ -172,6 +175,8 @@ def test_uniform_start_fills_the_eps_ball():
     assert delta.std().item() == pytest.approx(eps / 3**0.5, rel=0.05)  # U(-eps, eps)
     norms = _random_start(x, PGD(eps=0.5, norm="l2"), torch.Generator().manual_seed(0)).flatten(1).norm(dim=1)
     assert (norms <= 0.5 + 1e-6).all() and (norms > 0.45).all()  # radius r^(1/d): mass near the sphere
+    l1 = _random_start(x, PGD(eps=12.0, norm="l1"), torch.Generator().manual_seed(0)).flatten(1).double().abs().sum(1)
+    assert (l1 <= 12.0).all() and (l1 > 0.98 * 12.0).all()
 
 
 class TwoClassLinear(nn.Module):
@@ -184,14 +189,14 @@ class TwoClassLinear(nn.Module):
         return self.lin(x.flatten(1))
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
 def test_one_step_has_the_step_size_and_ascends(norm):
     """On a linear model the CE gradient is along w_other - w_y: one step of `step_size` along it."""
     model = TwoClassLinear()
     x = torch.full((4, 3, 4, 4), 0.5)
     with torch.no_grad():
         y = model(x).argmax(1)
-    eps, step = (8 / 255, 2 / 255) if norm == "linf" else (0.5, 0.1)
+    eps, step = {"linf": (8 / 255, 2 / 255), "l2": (0.5, 0.1), "l1": (2.0, 0.4)}[norm]
     x_adv = pgd(model, x, y, PGD(eps=eps, steps=1, step_size=step, norm=norm, random_start=False, keep_best=False))
     w = model.lin.weight.detach()
     for i, c in enumerate(y.tolist()):
@@ -199,6 +204,10 @@ def test_one_step_has_the_step_size_and_ascends(norm):
         d = x_adv[i] - x[i]
         if norm == "linf":
             torch.testing.assert_close(d, step * direction.sign(), atol=1e-6, rtol=0)
+        elif norm == "l1":  # 48 pixels: the top 1 % is the one pixel with the largest |gradient|
+            top = torch.zeros_like(direction).flatten()
+            top[direction.abs().argmax()] = 1.0
+            torch.testing.assert_close(d, step * direction.sign() * top.view_as(d), atol=1e-6, rtol=0)
         else:
             torch.testing.assert_close(d, step * direction / direction.norm(), atol=1e-6, rtol=0)
 

@@ -30,12 +30,15 @@ ATTACKS = {
     "targeted_ce": PGD(eps=EPS, steps=5, targeted=True),
     "targeted_margin": PGD(eps=EPS, steps=5, loss="margin", kappa=10.0, targeted=True, random_start=False),
     "cw_l2": cw_margin(0.5, "l2", steps=5),
+    "pgd_l1": PGD(eps=4.0, steps=5, norm="l1"),
+    "pgd_l1_restarts_normal_start": PGD(eps=4.0, steps=3, norm="l1", restarts=2, start="normal"),
+    "cw_l1": cw_margin(4.0, "l1", steps=5),
 }
 
 
 def _size(d, norm):
-    d = d.flatten(1)
-    return d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+    d = d.flatten(1).double()
+    return d.abs().amax(1) if norm == "linf" else d.abs().sum(1) if norm == "l1" else d.norm(dim=1)
 
 
 @pytest.mark.parametrize("name", ATTACKS)
@@ -66,7 +69,7 @@ def test_leaves_inputs_modes_and_grads_untouched(name, tiny_net, batch):
     assert torch.equal(tiny_net.bn.running_mean, bn_stats)  # attacked in eval mode
 
 
-@pytest.mark.parametrize("name", ["fgsm", "cw"])
+@pytest.mark.parametrize("name", ["fgsm", "cw", "cw_l1"])
 def test_batch_consistent(name, tiny_net, batch):
     """Without random start an example's result does not depend on its batch-mates."""
     x, y = batch
@@ -75,9 +78,10 @@ def test_batch_consistent(name, tiny_net, batch):
     torch.testing.assert_close(full, parts, atol=1e-6, rtol=0)
 
 
-def test_random_start_reproducible_with_generator(tiny_net, batch):
+@pytest.mark.parametrize("norm,eps", [("linf", EPS), ("l2", 0.5), ("l1", 4.0)])
+def test_random_start_reproducible_with_generator(tiny_net, batch, norm, eps):
     x, y = batch
-    cfg = PGD(eps=EPS, steps=2)
+    cfg = PGD(eps=eps, steps=2, norm=norm)
     a = pgd(tiny_net, x, y, cfg, generator=torch.Generator().manual_seed(3))
     b = pgd(tiny_net, x, y, cfg, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b)

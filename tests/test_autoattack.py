@@ -38,7 +38,7 @@ def _spec(**kw) -> AutoAttackSpec:
     return AutoAttackSpec(**{"n_iter": 10, "n_queries": 50, **kw})
 
 
-@pytest.mark.parametrize("norm,eps", [("linf", 0.5), ("l2", 8.0)])
+@pytest.mark.parametrize("norm,eps", [("linf", 0.5), ("l2", 8.0), ("l1", 12.0)])
 def test_autoattack_reaches_zero_at_large_eps_with_per_attack_numbers(trained, norm, eps):
     pytest.importorskip("pyautoattack")
     model, ds = trained
@@ -117,7 +117,7 @@ def test_missing_package_is_a_clear_error(monkeypatch, trained):
         evaluate(model, ds, [_spec(eps=0.5)], batch_size=64)
 
 
-@pytest.mark.parametrize("kw", [{"eps": 0}, {"eps": -1}, {"eps": 0.1, "norm": "l1"}, {"eps": 0.1, "version": "plus"},
+@pytest.mark.parametrize("kw", [{"eps": 0}, {"eps": -1}, {"eps": 0.1, "norm": "l0"}, {"eps": 0.1, "version": "plus"},
                                 {"eps": 0.1, "n_queries": 0}])  # fmt: skip
 def test_bad_settings_rejected(kw):
     with pytest.raises(ConfigError):

@@ -149,6 +149,7 @@ CONFIGS = {
     "pgd": PGD(eps=0.1, steps=3),
     "fgsm": fgsm(0.1),
     "l2-restarts": PGD(eps=0.5, steps=3, norm="l2", restarts=2),
+    "l1-restarts": PGD(eps=4.0, steps=3, norm="l1", restarts=2),
     "margin-eot-last": PGD(eps=0.1, steps=2, loss="margin", eot=2, keep_best=False),
     "targeted": PGD(eps=0.1, steps=3, targeted=True),
 }

@@ -395,7 +395,7 @@ def test_binary_config_file(tmp_path, capsys):
     assert "not a YAML text file" in _error_line(capsys) and not out.exists()
 
 
-@pytest.mark.parametrize("override", ["eval.n_examples=0", "eval.norm=l1"])
+@pytest.mark.parametrize("override", ["eval.n_examples=0", "eval.norm=l0"])
 def test_bad_after_train_eval_setting_fails_before_training(tmp_path, capsys, override):
     msg = _train_fails(tmp_path, capsys, ["eval.after_train=true", override])
     assert override.split("=")[0] in msg

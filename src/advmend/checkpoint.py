@@ -148,8 +148,8 @@ def _check_record(path: Path, record: dict[str, Any]) -> None:
         problems.append(f"num_classes {record['num_classes']!r} is not an integer >= 2")
     if "eps" in record and not (_is_number(record["eps"]) and record["eps"] > 0):
         problems.append(f"eps {record['eps']!r} is not a finite number > 0")
-    if "norm" in record and record["norm"] not in ("linf", "l2"):
-        problems.append(f"norm {record['norm']!r} is not linf or l2")
+    if "norm" in record and record["norm"] not in ("linf", "l2", "l1"):
+        problems.append(f"norm {record['norm']!r} is not linf, l2 or l1")
     if "epoch" in record and not (_is_int(record["epoch"]) and record["epoch"] >= 0):
         problems.append(f"epoch {record['epoch']!r} is not an integer >= 0")
     if "config" in record and not isinstance(record["config"], dict):

@@ -25,7 +25,7 @@ from advmend.values import from_dict
 SCHEDULES = ("piecewise", "cosine", "constant")
 SELECTS = ("robust", "clean", "last")  # model selection on the held-out validation split
 AMP_CHOICES = ("off", "bf16", "fp16")
-NORMS = ("linf", "l2")
+NORMS = ("linf", "l2", "l1")
 STARTS = ("uniform", "normal")
 PSSR_MASKS = ("alpha", "ratio")
 PSSR_MODES = ("full", "hole")
@@ -116,7 +116,7 @@ class FSRConfig:
 
 @dataclass(frozen=True)
 class AttackConfig:
-    """An L-inf or L2 PGD-family attack. `eps: null` takes the dataset's standard radius."""
+    """An L-inf, L2 or L1 PGD-family attack. `eps: null` takes the dataset's standard radius."""
 
     norm: str = "linf"
     eps: float | None = None
@@ -211,7 +211,7 @@ class EvalConfig:
     batch_size: int = 256
     seed: int = 0
     after_train: bool = False
-    norm: str = "linf"  # threat model of the evaluation: linf or l2
+    norm: str = "linf"  # threat model of the evaluation: linf, l2 or l1
     cascade: bool | None = None  # attacks only on still-robust examples; None: the protocol's choice
     sanity_full: bool | None = None  # also the costly sanity checks (S01-S04); None: the protocol's choice
     plot: bool = True  # write accuracy_vs_eps.png next to the report

@@ -8,9 +8,12 @@ to report.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+from advmend.errors import ConfigError
 
 
 @dataclass
@@ -45,20 +48,38 @@ class AttackRun:
     notes: list[str] = field(default_factory=list)
 
 
-L2_EPS = 0.5  # the standard L2 radius for 32x32 images (RobustBench; ../shared/specs/evaluation.md)
+# The standard radius of each threat model, as RobustBench and the AutoAttack papers use them (Croce &
+# Hein 2020 for L-inf and L2; Croce & Hein 2021, "Mind the box", for L1 on CIFAR-10). ImageNet's models are
+# evaluated at 224 x 224; it has no standard L1 radius. Every built-in data set is 32 x 32 (28 x 28 for
+# MNIST) and shares CIFAR-10's L2 and L1 radii; its L-inf radius is its own (data.DATASET_INFO).
+STANDARD_RADII: dict[str, dict[str, float]] = {
+    "cifar10": {"linf": 8 / 255, "l2": 0.5, "l1": 12.0},
+    "imagenet": {"linf": 4 / 255, "l2": 3.0},
+}
+L2_EPS = STANDARD_RADII["cifar10"]["l2"]
+L1_EPS = STANDARD_RADII["cifar10"]["l1"]
 
 
 @dataclass(frozen=True)
 class ThreatModel:
-    """The ball an attack may move an image in: its norm ("linf" or "l2") and radius eps."""
+    """The ball an attack may move an image in: its norm ("linf", "l2" or "l1") and radius eps."""
 
     norm: str
     eps: float
 
     @classmethod
-    def resolve(cls, norm: str, eps: float | None, dataset_eps: float) -> ThreatModel:
+    def resolve(cls, norm: str, eps: float | None, dataset_eps: float, dataset: str | None = None) -> ThreatModel:
         """The one place where "eps None" is decided: the data set's standard L-inf radius (`dataset_eps`,
-        e.g. 8/255 for CIFAR-10) for norm linf, `L2_EPS` for norm l2."""
+        e.g. 8/255 for CIFAR-10) for norm linf; for l2 and l1 the `STANDARD_RADII` row of `dataset`, CIFAR-10's
+        (`L2_EPS`, `L1_EPS`) for a data set without a row of its own. A given eps must be finite and >= 0."""
         if eps is None:
-            eps = dataset_eps if norm == "linf" else L2_EPS
+            if norm == "linf":
+                eps = dataset_eps
+            else:
+                row = STANDARD_RADII.get(dataset or "cifar10", STANDARD_RADII["cifar10"])
+                if norm not in row:
+                    raise ConfigError(f"{dataset} has no standard {norm} radius: give the attack's eps")
+                eps = row[norm]
+        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+            raise ConfigError(f"the {norm} radius eps must be a finite number >= 0, got {eps!r}")
         return cls(norm, float(eps))

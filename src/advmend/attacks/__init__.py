@@ -1,9 +1,10 @@
-"""Attacks: one PGD core (FGSM, PGD L-inf/L2, restarts, CW margin, targeted, EOT), BPDA, AutoAttack
+"""Attacks: one PGD core (FGSM, PGD L-inf/L2/L1, restarts, CW margin, targeted, EOT), BPDA, AutoAttack
 (reference implementation, imported lazily), transfer attacks, and named protocols."""
 
 from advmend.attacks.adaptive import BPDA, bpda
 from advmend.attacks.autoattack import AutoAttackSpec
 
+from advmend.attacks.l1 import project_l1_box
 from advmend.attacks.losses import LOSSES, ce_loss, kl_loss, margin_loss
 from advmend.attacks.modes import attack_mode
 from advmend.attacks.pgd import PGD, fgsm, pgd, pgd_tracked
@@ -27,5 +28,6 @@ __all__ = [
     "margin_loss",
     "pgd",
     "pgd_tracked",
+    "project_l1_box",
     "protocol_attacks",
 ]

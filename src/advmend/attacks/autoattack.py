@@ -19,6 +19,7 @@ model, and set `eot` to average APGD's gradients over that many draws.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ from advmend.errors import ConfigError, InputError
 from advmend.types import AttackRun
 
 VERSIONS = ("standard", "rand")
-NORM_NAMES = {"linf": "Linf", "l2": "L2"}
+NORM_NAMES = {"linf": "Linf", "l2": "L2", "l1": "L1"}
 SUB_ATTACK_NAMES = {"apgd-ce": "APGD-CE", "apgd-t": "APGD-T", "fab-t": "FAB-T", "square": "Square",
                     "apgd-dlr": "APGD-DLR", "fab": "FAB"}  # fmt: skip
 INSTALL_HINT = "AutoAttack needs the reference implementation: pip install pyautoattack"
@@ -73,7 +74,8 @@ class AutoAttackSpec:
 
     Args:
         eps: radius of the threat model.
-        norm: "linf" or "l2".
+        norm: "linf", "l2" or "l1" (the package's L1 version: APGD-L1 with its larger-radius schedule
+            and 5 restarts, APGD-T on 5 targets, then FAB-T and Square in L1).
         version: "standard" or "rand" (randomised models; EOT over `eot` draws).
         seed: seed of the package's random starts and Square's sampling.
         n_queries: Square's query budget (None: the version's default, 5000). Fewer is weaker: only
@@ -93,8 +95,8 @@ class AutoAttackSpec:
     name: str = ""
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.eps, (int, float)) and self.eps > 0):
-            raise ConfigError(f"AutoAttack eps must be a number > 0, given explicitly, got {self.eps!r}")
+        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):
+            raise ConfigError(f"AutoAttack eps must be a finite number > 0, given explicitly, got {self.eps!r}")
         if self.norm not in NORM_NAMES:
             raise ConfigError(f"AutoAttack norm must be one of {tuple(NORM_NAMES)}, got {self.norm!r}")
         if self.version not in VERSIONS:
@@ -119,7 +121,7 @@ class AutoAttackSpec:
             "steps": self.n_iter or 100,
             "loss": "ce/dlr/fab/square",
             "random_start": True,
-            "restarts": 1,
+            "restarts": 5 if self.norm == "l1" and self.version == "standard" else 1,  # APGD-CE's, as the package sets
         }
 
     def build(self, model: nn.Module, device: torch.device, num_classes: int):
@@ -128,15 +130,16 @@ class AutoAttackSpec:
         adversary = AutoAttack(model, norm=NORM_NAMES[self.norm], eps=float(self.eps), version=self.version,
                                seed=self.seed, device=device)  # fmt: skip
         adversary.verbose = False
-        targets = min(9, num_classes - 1)  # the package's 9 targets need >= 10 classes
-        adversary.apgd_targeted.n_target_classes = targets
-        adversary.fab.n_target_classes = targets
+        # The package's own target counts (9; APGD-T 5 in L1), capped by the classes there are.
+        adversary.apgd_targeted.n_target_classes = min(adversary.apgd_targeted.n_target_classes, num_classes - 1)
+        adversary.fab.n_target_classes = min(adversary.fab.n_target_classes, num_classes - 1)
         if self.n_queries is not None:
             adversary.square.n_queries = self.n_queries
         if self.n_iter is not None:
             for sub in (adversary.apgd, adversary.apgd_targeted, adversary.fab):
                 sub.n_iter = self.n_iter
             for apgd in (adversary.apgd, adversary.apgd_targeted):  # APGD's schedule, as its __init__ sets it
+                apgd.n_iter_orig = self.n_iter  # the L1 schedule (3, 2, 1 x eps) splits this budget
                 apgd.n_iter_2 = max(int(0.22 * self.n_iter), 1)
                 apgd.n_iter_min = max(int(0.06 * self.n_iter), 1)
                 apgd.size_decr = max(int(0.03 * self.n_iter), 1)

@@ -1,12 +1,12 @@
-"""The one iterative gradient attack core: FGSM, BIM, PGD (L-inf and L2), restarts, CW-margin.
+"""The one iterative gradient attack core: FGSM, BIM, PGD (L-inf, L2 and L1), restarts, CW-margin.
 
 Madry, Makelov, Schmidt, Tsipras, Vladu, "Towards Deep Learning Models Resistant to Adversarial
 Attacks", ICLR 2018, https://arxiv.org/abs/1706.06083. FGSM (Goodfellow et al. 2015) is PGD with one
 step of size eps and no random start. Every attack in advmend, for training and for evaluation, is a
 `PGD` configuration run by `pgd()`.
 
-Threat model: untargeted (or targeted, `PGD.targeted`), ||x_adv - x|| <= eps in L-inf or L2,
-x_adv in [0, 1].
+Threat model: untargeted (or targeted, `PGD.targeted`), ||x_adv - x|| <= eps in L-inf, L2 or L1
+(the L1 geometry is in `attacks.l1`), x_adv in [0, 1].
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from advmend.attacks.l1 import l1_random_start, l1_step
 from advmend.attacks.losses import LOSSES
 from advmend.attacks.modes import attack_mode
 from advmend.config import NORMS, STARTS  # the choices of an attack section, checked there too
@@ -38,7 +39,7 @@ class PGD:
         eps: radius of the threat model.
         steps: gradient steps; 0 means no attack (x is returned unchanged).
         step_size: step length; None gives min(eps, 2.5 * eps / steps) (Madry et al.).
-        norm: "linf" (signed steps) or "l2" (normalised steps).
+        norm: "linf" (signed steps), "l2" (normalised steps) or "l1" (sparse steps, `attacks.l1`).
         random_start: start from a random point near x instead of x.
         start: the random start's law: "uniform" in the ball (Madry) or "normal" with standard
             deviation 0.001 (TRADES), clipped to the ball.
@@ -139,6 +140,8 @@ def fgsm(eps: float, norm: str = "linf") -> PGD:
 
 
 def _random_start(x: torch.Tensor, cfg: PGD, generator: torch.Generator | None) -> torch.Tensor:
+    if cfg.norm == "l1":
+        return l1_random_start(x, cfg.eps, generator, NORMAL_START_STD if cfg.start == "normal" else None)
     if cfg.start == "normal":
         delta = NORMAL_START_STD * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         if cfg.norm == "linf":
@@ -159,7 +162,9 @@ def _random_start(x: torch.Tensor, cfg: PGD, generator: torch.Generator | None) 
 
 def _step(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, cfg: PGD) -> torch.Tensor:
     """One ascent step, then projection onto the eps-ball and onto the [0, 1] box."""
-    if cfg.norm == "linf":
+    if cfg.norm == "l1":
+        delta = l1_step(delta, grad, x, cfg.eps, cfg.alpha)
+    elif cfg.norm == "linf":
         delta = (delta + cfg.alpha * grad.sign()).clamp(-cfg.eps, cfg.eps)
     else:
         g_norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)

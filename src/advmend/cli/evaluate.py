@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
     p.add_argument("--weights", help="weights of --model: .safetensors, or a .pt/.pth state dict of tensors")
     p.add_argument("--dataset", help="data set of --model (default cifar10; see `advmend list`)")
     p.add_argument("--eps", help="attack radius, e.g. 8/255 (default: the checkpoint's, or the data set's threat model)")
-    p.add_argument("--norm", choices=("linf", "l2"), help="threat model (default linf)")
+    p.add_argument("--norm", choices=("linf", "l2", "l1"), help="threat model (default linf)")
     p.add_argument("--protocol", help="attack protocol (see `advmend list`); default: the run's eval.protocol")
     p.add_argument("--n-examples", type=int, help="evaluate a seeded subset of this many test examples")
     p.add_argument("--batch-size", type=int, help="examples per forward pass")

@@ -16,6 +16,7 @@ more than that, so the tolerance is the larger of the spec's value and one examp
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advmend.attacks.l1 import random_l1
 from advmend.attacks.modes import attack_mode
 from advmend.attacks.pgd import PGD, fgsm, pgd
 from advmend.data import ArrayDataset
@@ -193,6 +195,8 @@ def check_noise(model: nn.Module, ds: ArrayDataset, eps: float, norm: str, clean
             y = ds.labels[i : i + batch_size].to(device)
             if norm == "linf":
                 noise = (2 * torch.rand(x.shape, device=device, generator=gen) - 1) * eps
+            elif norm == "l1":
+                noise = random_l1(x.shape, eps, device, x.dtype, gen)
             else:
                 g = torch.randn(x.shape, device=device, generator=gen)
                 noise = g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1) * eps
@@ -251,7 +255,8 @@ def check_bound(result: EvalResult) -> Check:
 
 def check_eps_sweep(model, ds, eps, norm, batch_size, device, seed, clean_acc) -> tuple[Check, list]:
     factors = (0.5, 1.0, 2.0, 3.0, 4.0)
-    attacks = [PGD(eps=min(f * eps, 1.0), steps=20, norm=norm, name=f"PGD-20@{f:g}eps") for f in factors]
+    cap = 1.0 if norm == "linf" else math.inf  # an L-inf radius of 1 already covers the whole box
+    attacks = [PGD(eps=min(f * eps, cap), steps=20, norm=norm, name=f"PGD-20@{f:g}eps") for f in factors]
     accs = _accuracies(model, ds, attacks, batch_size, device, seed)
     sweep = [(0.0, clean_acc)] + [(a.eps, acc) for a, acc in zip(attacks, accs)]
     rises = [(e2, a2) for (e1, a1), (e2, a2) in zip(sweep, sweep[1:]) if a2 > a1]
