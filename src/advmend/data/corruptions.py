@@ -8,12 +8,13 @@ photos, sizes that were 32 pixels there scale with the image side here).
 Each corruption takes a float batch (N, C, H, W) in [0, 1], a severity 1..5 and a numpy random
 generator, and returns the corrupted batch in [0, 1]; the work is vectorised over the batch (glass
 blur's pixel swaps are sequential by definition and loop over pixel positions, not examples; JPEG
-is libjpeg's). :func:`corrupt` is the entry point: uint8 in, uint8 out (truncated as the original's
+is libjpeg's, one image at a time). :func:`corrupt` is the entry point: uint8 in, uint8 out (truncated as the original's
 ``np.uint8``), seeded, in fixed chunks so the result does not depend on any batch size.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from typing import Callable
 
@@ -114,7 +115,7 @@ def _clipped_zoom(x: torch.Tensor, factor: float) -> torch.Tensor:
 def _motion_blur(x: torch.Tensor, radius: int, sigma: float, angles: np.ndarray) -> torch.Tensor:
     """ImageMagick's MotionBlurImage (radius, sigma, angle in degrees per example): a one-sided Gaussian
     of 2 * radius + 1 taps along the angle, offsets rounded to pixels, edge pixels repeated."""
-    n, c, h, w = x.shape
+    n, _, h, w = x.shape
     width = 2 * radius + 1
     taps = np.arange(width, dtype=np.float64)
     kernel = np.exp(-(taps**2) / (2 * sigma**2))
@@ -398,12 +399,18 @@ def pixelate(x: torch.Tensor, severity: int, rng: np.random.Generator) -> torch.
 
 @CORRUPTIONS.register("jpeg_compression", family="digital")
 def jpeg_compression(x: torch.Tensor, severity: int, rng: np.random.Generator) -> torch.Tensor:
-    from torchvision.io import decode_jpeg, encode_jpeg  # lazy: torchvision only for this corruption
+    from PIL import Image  # lazy: PIL only for this corruption
 
     quality = [80, 65, 58, 50, 40][severity - 1]
-    images = list(x.clamp(0, 1).mul(255).round().to(torch.uint8).unbind(0))
-    decoded = decode_jpeg(encode_jpeg(images, quality=quality))  # libjpeg does the work, a list per call
-    return torch.stack(decoded).float().div(255)
+    arrays = x.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    out = np.empty_like(arrays)
+    # One libjpeg encode and decode per image: the codec works on single images.
+    for k, arr in enumerate(arrays):
+        buf = io.BytesIO()
+        Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(buf, "JPEG", quality=quality)
+        with Image.open(buf) as decoded:
+            out[k] = np.asarray(decoded).reshape(arr.shape)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).float().div(255)
 
 
 _ORDER = (

@@ -127,7 +127,13 @@ def load_dataset(
                 f"data.options.{key}: dataset {name!r} has no option {key!r}; "
                 f"its options: {', '.join(allowed) or 'none'}"
             )
-    ds = loader(resolve_root(root), split, bool(download), **opts)
+    base = resolve_root(root)
+    try:
+        ds = loader(base, split, bool(download), **opts)
+    except OSError as err:  # the filesystem refuses a path (a name too long, no permission, a loop): one line
+        where = err.filename if err.filename else base
+        raise DataError(f"dataset {name!r}: cannot read {where} ({err.strerror or err}); give another "
+                        "data.root or data.options.path") from None  # fmt: skip
     if len(ds) == 0:  # nothing downstream can train on or evaluate zero examples (torch.cat fails)
         where = f" ({opts['path']})" if opts.get("path") else ""
         raise DataError(f"dataset {name!r}{where}: the {split} split is empty (0 examples); give data with a "

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from advmend.data import ArrayDataset, ImageFolder
 from advmend.data.corruptions import SEVERITIES, corrupt, corruption_names
+from advmend.errors import ConfigError
 from advmend.evaluation.evaluate import EvalResult, evaluate
 from advmend.io import atomic_write_bytes
 from advmend.plotting import pyplot, save_png
@@ -173,7 +174,7 @@ def examples_png(path: Path, image: torch.Tensor, names: tuple[str, ...], severi
     """One example per corruption at `severity`, next to the clean image; None, or why no picture."""
     try:
         plt = pyplot("the corruption picture")
-    except Exception as e:  # no matplotlib: the numbers stand without the picture
+    except ConfigError as e:  # no matplotlib: the numbers stand without the picture
         return str(e)
     panels = [("clean", image)] + [(n, corrupt(image[None], n, severity, seed)[0]) for n in names]
     cols = 4
