@@ -244,3 +244,15 @@ def test_memory_benchmark_runs_both_sizes_in_fresh_processes(tmp_path):
     assert res[10]["attacked"] == res[10]["n"] * res[10]["clean_accuracy"] / 100
     assert res["ratio"] == pytest.approx(res[10]["peak_rss_mib"] / res[4]["peak_rss_mib"], abs=1e-3)
     assert "peak RSS 10 / 4 images" in format_result(res, 4, 10)
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "npz"])
+def test_a_data_root_the_filesystem_refuses_is_one_line(tmp_path, user_model, capsys, dataset):
+    root = tmp_path / ("r" * 300)  # longer than any file name may be
+    extra = ["--set", "data.options.path=data.npz"] if dataset == "npz" else []
+    out = tmp_path / "report"
+    code = main(["eval", "--model", user_model, "--dataset", dataset, "--set", f"data.root={root}", *extra,
+                 "--protocol", "quick", "--out", str(out), "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "File name too long" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()

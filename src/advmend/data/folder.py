@@ -76,23 +76,21 @@ def scan_folder(
     """
     Image = _pil()
     split_dir = base / split
-    try:
-        if not split_dir.is_dir():
-            raise DataError(f"image folder {split_dir} not found; expected {base}/{{train,test}}/<class>/<image>")
-        classes = sorted({d.name for s in splits if (base / s).is_dir() for d in os.scandir(base / s) if d.is_dir()})
-        if not classes:
-            raise DataError(f"image folder {split_dir} has no class folders; expected {split_dir}/<class>/<image>")
-        files: list[bytes] = []
-        labels: list[int] = []
-        for label, cls in enumerate(classes):
-            cls_dir = split_dir / cls
-            if not cls_dir.is_dir():
-                continue
-            names = sorted(e.name for e in os.scandir(cls_dir) if e.name.lower().endswith(IMAGE_SUFFIXES))
-            files += [os.fsencode(cls_dir / n) for n in names]
-            labels += [label] * len(names)
-    except OSError as err:  # a folder the filesystem refuses: permission, a name too long, a loop
-        raise DataError(f"cannot read image folder {split_dir}: {err.strerror or err}") from None
+    # A path the filesystem refuses (permission, a name too long) raises OSError: load_dataset makes it one line.
+    if not split_dir.is_dir():
+        raise DataError(f"image folder {split_dir} not found; expected {base}/{{train,test}}/<class>/<image>")
+    classes = sorted({d.name for s in splits if (base / s).is_dir() for d in os.scandir(base / s) if d.is_dir()})
+    if not classes:
+        raise DataError(f"image folder {split_dir} has no class folders; expected {split_dir}/<class>/<image>")
+    files: list[bytes] = []
+    labels: list[int] = []
+    for label, cls in enumerate(classes):
+        cls_dir = split_dir / cls
+        if not cls_dir.is_dir():
+            continue
+        names = sorted(e.name for e in os.scandir(cls_dir) if e.name.lower().endswith(IMAGE_SUFFIXES))
+        files += [os.fsencode(cls_dir / n) for n in names]
+        labels += [label] * len(names)
     if not files:
         raise DataError(f"no images ({', '.join('*' + s for s in IMAGE_SUFFIXES)}) under {split_dir}/<class>/")
     first: tuple[bytes, tuple[int, int]] | None = None
