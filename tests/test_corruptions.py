@@ -195,3 +195,12 @@ def test_bad_corruption_settings_are_one_line_exit_2_nothing_written(tmp_path, u
     err = capsys.readouterr().err.strip()
     assert code == 2 and expect in err and len(err.splitlines()) == 1, err
     assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_save_adv_with_corruptions_is_refused(tmp_path, user_model, capsys):
+    out = tmp_path / "report"
+    code = main(["eval", "--model", user_model, "--dataset", "cifar10", "--protocol", "corruptions", "--n-examples",
+                 "8", "--save-adv", str(tmp_path / "adv.pt"), "--out", str(out), "--quiet"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "runs no attack" in err and len(err.splitlines()) == 1, err
+    assert not out.exists() and not (tmp_path / "adv.pt").exists()

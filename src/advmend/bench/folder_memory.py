@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,7 +100,7 @@ def run(work: Path, small: int = 200, large: int = 2000, size: int = 224) -> dic
         make_folder(big, large, size)
     if not (little / "test").is_dir():
         _copy_first(big, little, small)
-    out = {}
+    out: dict[Any, Any] = {}
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     for n, folder in ((small, little), (large, big)):
         cmd = [sys.executable, "-m", "advmend.bench.folder_memory", "--measure", str(folder), "--size", str(size)]

@@ -194,12 +194,16 @@ def examples_png(path: Path, image: torch.Tensor, names: tuple[str, ...], severi
 
 
 def run_corruptions(model: nn.Module, ds: ArrayDataset | ImageFolder, cfg: Any, device: torch.device, out_dir: Path,
-                    meta: dict, progress: bool = True) -> EvalResult:  # fmt: skip
+                    meta: dict, progress: bool = True, *, extra: tuple = ()) -> EvalResult:  # fmt: skip
     """Protocol `corruptions` end to end: the evaluation, then report.json / report.md (the card, with a
     `corruptions` section) and corruption_examples.png, written only once every number is known.
-    Returns the clean `EvalResult` with `.corruptions` set."""
+    Returns the clean `EvalResult` with `.corruptions` set. `extra` (transfer attacks, a --save-adv file)
+    must be empty: this protocol runs no attack."""
     from advmend.evaluation.report import write_report
 
+    if any(e is not None for e in extra):
+        raise ConfigError("protocol corruptions runs no attack: drop --transfer-from and --save-adv, or choose "
+                          "an attack protocol")  # fmt: skip
     ev = cfg.eval
     names = tuple(ev.corruptions) if ev.corruptions is not None else tuple(corruption_names())
     result = evaluate_corruptions(model, ds, names=names, severities=tuple(ev.severities), seed=ev.seed,

@@ -120,7 +120,8 @@ def run_protocol(
     ds = subset(test, n, ev.seed) if n is not None and n < len(test) else test
     options = PROTOCOLS.meta(ev.protocol)
     if options.get("corruptions"):  # no attacks: accuracy under common corruptions, its own card section
-        return run_corruptions(model, ds, cfg, device, out_dir, dict(meta, subset_seed=ev.seed if ds is not test else None), progress)
+        meta = dict(meta, subset_seed=ev.seed if ds is not test else None)
+        return run_corruptions(model, ds, cfg, device, out_dir, meta, progress, extra=(*extra_attacks, save_adv))
     cascade = options.get("cascade", False) if ev.cascade is None else ev.cascade
     costly = options.get("sanity_full", False) if ev.sanity_full is None else ev.sanity_full
     attacks = protocol_attacks(ev.protocol, eps, ev.norm) + list(extra_attacks)
