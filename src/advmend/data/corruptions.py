@@ -184,14 +184,21 @@ def _box_resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return torch.einsum("ij,ncjk,lk->ncil", rows, x, cols)
 
 
+def ndimage():
+    """scipy.ndimage (the `corruptions` extra), or a ConfigError saying how to install it."""
+    try:
+        from scipy import ndimage as nd  # lazy: only three corruptions need it
+    except ImportError:
+        raise ConfigError("the common corruptions need scipy: pip install 'advmend[corruptions]'") from None
+    return nd
+
+
 def _gaussian_np(a: np.ndarray, sigma: float, mode: str, truncate: float) -> np.ndarray:
     """scipy's Gaussian over the last two axes only (skimage.filters.gaussian of each image)."""
-    from scipy.ndimage import gaussian_filter  # lazy: scipy only for these corruptions
-
     if sigma <= 0:
         return a
     sig = (0,) * (a.ndim - 2) + (sigma, sigma)
-    return gaussian_filter(a, sigma=sig, mode=mode, truncate=truncate)
+    return ndimage().gaussian_filter(a, sigma=sig, mode=mode, truncate=truncate)
 
 
 # --------------------------------------------------------------------------- noise
@@ -224,8 +231,7 @@ def impulse_noise(x: torch.Tensor, severity: int, rng: np.random.Generator) -> t
 def _disk(radius: float, alias_blur: float) -> np.ndarray:
     """The original's anti-aliased disk kernel: a 17 x 17 (or wider) disk, blurred by cv2's 3 x 3
     Gaussian (reflect-101 borders), trimmed to its non-zero support."""
-    from scipy.ndimage import correlate1d
-
+    correlate1d = ndimage().correlate1d
     r = np.arange(-8, 9) if radius <= 8 else np.arange(-math.ceil(radius), math.ceil(radius) + 1)
     xx, yy = np.meshgrid(r, r)
     disk = (xx**2 + yy**2 <= radius**2).astype(np.float64)

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from advmend.data import ArrayDataset, ImageFolder
-from advmend.data.corruptions import SEVERITIES, corrupt, corruption_names
+from advmend.data.corruptions import SEVERITIES, corrupt, corruption_names, ndimage
 from advmend.errors import ConfigError
 from advmend.evaluation.evaluate import EvalResult, evaluate
 from advmend.io import atomic_write_bytes
@@ -154,6 +154,7 @@ def evaluate_corruptions(
         cache: A folder for the corrupted copies, True for :func:`cache_root`, False/None for none.
     """
     start = time.perf_counter()
+    ndimage()  # scipy missing: said before any work
     names = tuple(names) if names is not None else tuple(corruption_names())
     clean = evaluate(model, ds, [], batch_size=batch_size, device=device, seed=seed)
     result = CorruptionResult(clean)
