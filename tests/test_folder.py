@@ -39,7 +39,8 @@ def make_folder(base: Path, per_class: int = 4, sizes=((300, 260), (256, 320), (
                 arr = rng.integers(0, 60, (h, w, 3)).astype(np.uint8)
                 arr[..., _colour(cls)] += 150
                 suffix = ".png" if i % 2 else ".JPG"
-                Image.fromarray(arr).save(base / split / cls / f"{i}{suffix}", **({"quality": 95} if i % 2 == 0 else {}))
+                options = {"quality": 95} if i % 2 == 0 else {}
+                Image.fromarray(arr).save(base / split / cls / f"{i}{suffix}", **options)
     return base
 
 

@@ -2,8 +2,8 @@
 
 Every loader has the signature ``load(root: Path, split: str, download: bool, **opts)`` and
 returns an :class:`~advmend.data.arrays.ArrayDataset`, except ``folder``, which returns an
-:class:`~advmend.data.folder.ImageFolder` streamed from disk (same attributes, decoded on demand). Use :func:`load_dataset`, which resolves
-the root, checks the split and rejects unknown options.
+:class:`~advmend.data.folder.ImageFolder` streamed from disk (same attributes, decoded on demand).
+Use :func:`load_dataset`, which resolves the root, checks the split and rejects unknown options.
 """
 
 from __future__ import annotations

@@ -88,7 +88,8 @@ class CorruptionResult:
         for name, row in self.accuracy.items():
             rows.append(f"{name:<18}" + "".join(f"{row[s]:>8.2f}" for s in severities)
                         + f"{np.mean(list(row.values())):>8.2f}")  # fmt: skip
-        rows.append(f"mean corruption accuracy {self.mean_accuracy:.2f} % (clean {100 * self.clean.clean_accuracy:.2f} %)")
+        clean = 100 * self.clean.clean_accuracy
+        rows.append(f"mean corruption accuracy {self.mean_accuracy:.2f} % (clean {clean:.2f} %)")
         return "\n".join(rows)
 
 
