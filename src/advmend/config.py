@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from advmend.data.corruptions import check_corruptions
 from advmend.errors import ConfigError
 from advmend.models.registry import check_model_options
 from advmend.values import from_dict
@@ -215,6 +216,8 @@ class EvalConfig:
     cascade: bool | None = None  # attacks only on still-robust examples; None: the protocol's choice
     sanity_full: bool | None = None  # also the costly sanity checks (S01-S04); None: the protocol's choice
     plot: bool = True  # write accuracy_vs_eps.png next to the report
+    corruptions: tuple[str, ...] | None = None  # protocol corruptions: which ones; None: all 15
+    severities: tuple[int, ...] = (1, 2, 3, 4, 5)  # protocol corruptions: which severities
 
     def checked(self, path: str = "") -> EvalConfig:
         """Checked with the rest of the config, so that a bad value never costs a training run
@@ -225,6 +228,7 @@ class EvalConfig:
             ("n_examples", self.n_examples, self.n_examples is None or self.n_examples >= 1),
             ("norm", self.norm, self.norm in NORMS),
         ))  # fmt: skip
+        check_corruptions(self.corruptions, self.severities, p)
         return self
 
 

@@ -7,6 +7,7 @@
 | strong | PGD-50 x 5 restarts on CE and on the CW margin | yes | no |
 | autoattack | AutoAttack standard (pyautoattack) | yes | no |
 | full | all of the above | yes | yes (S01-S04) |
+| corruptions | none: the 15 common corruptions x 5 severities (`evaluation.corruptions`) | - | - |
 
 A cascade runs each attack only on the examples still robust to the ones before it; the worst case is
 the same, and no compute is spent on examples already fooled.
@@ -84,6 +85,12 @@ def autoattack_protocol(eps: float, norm: str = "linf") -> list[Attack]:
 def full_protocol(eps: float, norm: str = "linf") -> list[Attack]:
     """Everything: the paper's attacks, the strong ones, AutoAttack; run with the costly sanity checks."""
     return paper_protocol(eps, norm) + strong_protocol(eps, norm) + autoattack_protocol(eps, norm)
+
+
+@PROTOCOLS.register("corruptions", cascade=False, sanity_full=False, corruptions=True)
+def corruptions_protocol(eps: float, norm: str = "linf") -> list[Attack]:
+    """No attack: accuracy under the 15 common corruptions at 5 severities (`evaluation.corruptions`)."""
+    return []
 
 
 def protocol_attacks(name: str, eps: float, norm: str = "linf") -> list[Attack]:

@@ -21,6 +21,8 @@ def add_parser(sub) -> None:
                    "at the same global batch (first model of --models)")
     p.add_argument("--config", help="instead: the training step of this run config (its model, FSR, objective and "
                    "attack) under --switches (default off,channels_last,bf16)")
+    p.add_argument("--folder-memory", metavar="DIR", help="instead: peak RSS of a PGD evaluation streamed from "
+                   "generated image folders of 200 and 2,000 224-pixel images, written under DIR")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=run)
 
@@ -33,6 +35,14 @@ def run(args: argparse.Namespace) -> int:
     from advmend.models import MODELS
     from advmend.training.build import resolve_device
 
+    if args.folder_memory:
+        from advmend.bench.folder_memory import format_result, run as bench_folder
+
+        res = bench_folder(Path(args.folder_memory))
+        print(format_result(res, 200, 2000))
+        if args.json:
+            Path(args.json).write_text(json.dumps({str(k): v for k, v in res.items()}, indent=2) + "\n")
+        return 0
     device = resolve_device(args.device, "--device")
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     for n in names:

@@ -244,6 +244,8 @@ def evaluate_checkpoint(
     print(format_table(result, heading, result.sanity if console_sanity else None))
     if result.threats is not None:
         print(console_text(result.threats), end="")
+    if result.corruptions is not None:
+        print(result.corruptions.console())
     print(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}")
     return result
 

@@ -14,6 +14,7 @@ Typical use::
 
 from advmend.data.arrays import ArrayDataset, derive_seed, from_numpy, split_train_val, subset, take
 from advmend.data.batches import BatchLoader, augment_batch
+from advmend.data.folder import ImageFolder
 from advmend.data.sources import (
     DATASET_INFO,
     DATASETS,
@@ -28,6 +29,7 @@ __all__ = [
     "BatchLoader",
     "DATASETS",
     "DATASET_INFO",
+    "ImageFolder",
     "SPLITS",
     "augment_batch",
     "dataset_info",

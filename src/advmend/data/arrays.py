@@ -148,7 +148,7 @@ def take(ds: ArrayDataset, indices: torch.Tensor | np.ndarray | Sequence[int]) -
         indices: 1-D integer indices into ``ds``.
 
     Returns:
-        A new data set with the same classes.
+        A new data set with the same classes (an image folder: the folder of those files).
 
     Raises:
         DataError: Non-integer or out-of-range indices.
@@ -165,6 +165,8 @@ def take(ds: ArrayDataset, indices: torch.Tensor | np.ndarray | Sequence[int]) -
         raise DataError(
             f"indices must lie in [0, {len(ds) - 1}], got range [{int(idx.min())}, {int(idx.max())}]"
         )
+    if not isinstance(ds, ArrayDataset):  # an image folder streamed from disk selects files, decodes nothing
+        return ds.select(idx)
     return ArrayDataset(ds.images[idx], ds.labels[idx], ds.classes)
 
 

@@ -1,7 +1,8 @@
 """Batches on the model's device: index slice -> uint8 to device -> float in [0, 1] -> augment.
 
-No DataLoader workers: the data set is in memory, and augmentation is a few vectorised tensor
-ops on the whole batch, so it runs on the GPU when the model does.
+No DataLoader workers for an in-memory data set: augmentation is a few vectorised tensor ops on the
+whole batch, so it runs on the GPU when the model does. An image folder streamed from disk
+(:class:`~advmend.data.folder.ImageFolder`) is decoded, and augmented, by its worker processes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from advmend.data.arrays import ArrayDataset, derive_seed
+from advmend.data.folder import ImageFolder
 from advmend.errors import ConfigError, InputError
 
 __all__ = ["augment_batch", "BatchLoader"]
@@ -92,12 +94,16 @@ class BatchLoader:
     around to a multiple of ``world_size`` and rank ``r`` takes positions ``r, r + W, ...``:
     the shares are disjoint and together cover the data set, as in ``DistributedSampler``.
 
+    An :class:`~advmend.data.folder.ImageFolder` is streamed: its worker processes decode each batch
+    (and, with ``augment``, take its random-resized crop and flip instead of the pad-and-crop).
+
     Args:
         ds: The data set.
         batch_size: Examples per batch.
         shuffle: Shuffle every epoch (False: data set order).
         device: Where batches are made.
-        augment: Apply :func:`augment_batch` (pad 4, crop, flip).
+        augment: Apply :func:`augment_batch` (pad 4, crop, flip); an image folder's own training
+            transform for an :class:`~advmend.data.folder.ImageFolder`.
         drop_last: Drop the final incomplete batch.
         seed: Base seed for shuffling and augmentation.
         rank: This process's rank.
@@ -106,7 +112,7 @@ class BatchLoader:
 
     def __init__(
         self,
-        ds: ArrayDataset,
+        ds: ArrayDataset | ImageFolder,
         batch_size: int,
         *,
         shuffle: bool,
@@ -162,6 +168,9 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.indices()
+        if isinstance(self.dataset, ImageFolder):
+            yield from self._stream(self.dataset, order)
+            return
         aug_gen = None
         if self.augment:
             aug_gen = torch.Generator().manual_seed(
@@ -180,3 +189,14 @@ class BatchLoader:
             if aug_gen is not None:
                 x = augment_batch(x, generator=aug_gen)
             yield x, yb
+
+    def _stream(self, folder: ImageFolder, order: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of an image folder, decoded (and augmented) by its worker processes."""
+        if self.augment:
+            folder = folder.with_train_draws(self.seed, self.epoch, self.rank)
+        if self.drop_last:
+            order = order[: len(self) * self.batch_size]
+        cuda = self.device.type == "cuda"
+        for xb, yb in folder.batches(order, self.batch_size, pin_memory=cuda):
+            xb = xb.to(self.device, non_blocking=cuda)
+            yield xb.float().div_(255.0), yb.to(self.device, non_blocking=cuda)

@@ -1,8 +1,9 @@
 """Where data sets come from: ``.npz`` files, torchvision, image folders, a synthetic toy set.
 
 Every loader has the signature ``load(root: Path, split: str, download: bool, **opts)`` and
-returns an :class:`~advmend.data.arrays.ArrayDataset`. Use :func:`load_dataset`, which resolves
-the root, checks the split and rejects unknown options.
+returns an :class:`~advmend.data.arrays.ArrayDataset`, except ``folder``, which returns an
+:class:`~advmend.data.folder.ImageFolder` streamed from disk (same attributes, decoded on demand).
+Use :func:`load_dataset`, which resolves the root, checks the split and rejects unknown options.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from advmend.data.arrays import ArrayDataset, derive_seed, from_numpy
+from advmend.data.folder import ImageFolder
 from advmend.errors import ConfigError, DataError
 from advmend.registry import Registry
 from advmend.values import parse_number
 
 __all__ = ["DATASETS", "DATASET_INFO", "SPLITS", "dataset_info", "load_dataset", "resolve_root"]
 
-DATASETS: Registry[Callable[..., ArrayDataset]] = Registry("dataset")
+DATASETS: Registry[Callable[..., ArrayDataset | ImageFolder]] = Registry("dataset")
 SPLITS = ("train", "test")
 
 CIFAR10_CLASSES = (
@@ -78,7 +80,8 @@ def dataset_info(name: str, *, channels: int = 3) -> dict[str, Any]:
         return dict(DATASET_INFO[name])
     return {
         "mean": (0.5,) * channels, "std": (0.5,) * channels, "eps": 8 / 255,
-        "augment": False, "num_classes": None, "image_shape": None,
+        # An image folder trains with a random-resized crop and flip, made while decoding.
+        "augment": name == "folder", "num_classes": None, "image_shape": None,
     }  # fmt: skip
 
 
@@ -96,7 +99,7 @@ def load_dataset(
     root: str | os.PathLike[str] | None = None,
     download: bool = False,
     **opts: Any,
-) -> ArrayDataset:
+) -> ArrayDataset | ImageFolder:
     """Loads one split of a registered data set into memory.
 
     Args:
@@ -124,7 +127,13 @@ def load_dataset(
                 f"data.options.{key}: dataset {name!r} has no option {key!r}; "
                 f"its options: {', '.join(allowed) or 'none'}"
             )
-    ds = loader(resolve_root(root), split, bool(download), **opts)
+    base = resolve_root(root)
+    try:
+        ds = loader(base, split, bool(download), **opts)
+    except OSError as err:  # the filesystem refuses a path (a name too long, no permission, a loop): one line
+        where = err.filename if err.filename else base
+        raise DataError(f"dataset {name!r}: cannot read {where} ({err.strerror or err}); give another "
+                        "data.root or data.options.path") from None  # fmt: skip
     if len(ds) == 0:  # nothing downstream can train on or evaluate zero examples (torch.cat fails)
         where = f" ({opts['path']})" if opts.get("path") else ""
         raise DataError(f"dataset {name!r}{where}: the {split} split is empty (0 examples); give data with a "
@@ -346,9 +355,6 @@ for _name in _BUILTIN_CLASSES:
 
 # --------------------------------------------------------------------------- image folders
 
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
-
-
 def _find_path(dataset: str, path: str | os.PathLike[str] | None, root: Path) -> Path:
     if path is None or str(path) == "":
         raise ConfigError(f"dataset {dataset!r} needs the option path (e.g. --set data.options.path=...)")
@@ -367,59 +373,27 @@ def load_folder(
     path: str | None = None,
     image_size: int | None = None,
     grayscale: bool = False,
-) -> ArrayDataset:
-    """Images in ``<path>/<split>/<class>/*.png|jpg|jpeg|bmp``, classes = sorted folder names.
+    workers: int | None = None,
+) -> ImageFolder:
+    """Images in ``<path>/<split>/<class>/*.png|jpg|jpeg|bmp`` (ImageNet's layout), streamed from disk.
 
-    Class names are the union over the train and test folders so both splits share labels.
-    With ``image_size`` every image is resized (bilinear) to that square size; without it all
-    images must already share one size. A relative ``path`` is looked up in the current
-    directory, then in the data root.
+    Classes are the sorted union of the class folders of the train and test splits, so both share
+    labels. With ``image_size`` S, evaluation resizes the shorter side to S / 0.875 and crops the
+    centre S x S, training takes a random-resized crop and flip (:mod:`advmend.data.folder`); without
+    it all images must share one size. ``workers`` decoding processes (default: up to 4, one per CPU).
+    A relative ``path`` is looked up in the current directory, then in the data root.
     """
-    from PIL import Image  # lazy: only this loader needs PIL
-
     base = _find_path("folder", path, root)
     bad_size = isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
     if image_size is not None and bad_size:
         raise ConfigError(f"data.options.image_size must be a positive integer, got {image_size!r}")
-    split_dir = base / split
-    if not split_dir.is_dir():
-        raise DataError(f"image folder {split_dir} not found; expected {base}/{{train,test}}/<class>/*.png")
-    classes = sorted(
-        {d.name for s in SPLITS if (base / s).is_dir() for d in (base / s).iterdir() if d.is_dir()}
-    )
-    mode = "L" if grayscale else "RGB"
-    arrays: list[np.ndarray] = []
-    labels: list[int] = []
-    first: tuple[Path, tuple[int, int]] | None = None
-    for label, cls in enumerate(classes):
-        cls_dir = split_dir / cls
-        if not cls_dir.is_dir():
-            continue
-        for file in sorted(f for f in cls_dir.iterdir() if f.suffix.lower() in _IMAGE_SUFFIXES):
-            try:
-                with Image.open(file) as img:
-                    img = img.convert(mode)
-                    if image_size is not None:
-                        img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-                    arr = np.asarray(img, dtype=np.uint8)
-            except Image.DecompressionBombError as err:
-                # PIL refuses images above Image.MAX_IMAGE_PIXELS (a decompression bomb, or a huge scan):
-                # decoding it could exhaust memory, so it is a data error naming the file, not a crash.
-                raise DataError(f"image {file} is too large to decode safely ({err})") from None
-            except (OSError, SyntaxError, ValueError, EOFError) as err:  # PIL's ways to say "corrupt"
-                raise DataError(f"cannot read image {file}: {type(err).__name__}: {err}") from None
-            if first is None:
-                first = (file, arr.shape[:2])
-            elif arr.shape[:2] != first[1]:
-                raise DataError(
-                    f"image {file} is {arr.shape[1]}x{arr.shape[0]} but {first[0]} is "
-                    f"{first[1][1]}x{first[1][0]}; set the folder option image_size=N to resize all"
-                )
-            arrays.append(arr)
-            labels.append(label)
-    if not arrays:
-        raise DataError(f"no images (*.png, *.jpg, *.jpeg, *.bmp) under {split_dir}/<class>/")
-    return from_numpy(np.stack(arrays), np.asarray(labels, dtype=np.int64), classes)
+    if not isinstance(grayscale, bool):
+        raise ConfigError(f"data.options.grayscale must be true or false, got {grayscale!r}")
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"data.options.workers must be an integer >= 0, got {workers!r}")
+    return ImageFolder.read(base, split, SPLITS, image_size=image_size, grayscale=grayscale, workers=workers)
 
 
 # --------------------------------------------------------------------------- synthetic

@@ -76,6 +76,7 @@ class EvalResult:
     labels: torch.Tensor | None = None  # (N,) true labels, kept with `adv`
     sanity: Any = None  # the SanityReport, when the sanity suite ran (evaluation.run.run_protocol)
     threats: Any = None  # a PSSR model's PSSREvalResult (threat models, restoration), from run_protocol
+    corruptions: Any = None  # protocol corruptions' CorruptionResult, from run_protocol
 
     @property
     def n(self) -> int:

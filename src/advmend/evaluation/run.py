@@ -20,6 +20,7 @@ from advmend.data import ArrayDataset, subset
 from advmend.defenses.build import build_model
 from advmend.defenses.pssr.pipeline import PSSRModel
 from advmend.errors import CheckpointError, ConfigError
+from advmend.evaluation.corruptions import run_corruptions
 from advmend.evaluation.evaluate import EvalResult, accuracy_curve, evaluate
 from advmend.evaluation.plots import accuracy_vs_eps_png
 from advmend.evaluation.pssr import (
@@ -118,6 +119,9 @@ def run_protocol(
         raise ConfigError(f"--save-adv needs a file ending in one of {ADV_SUFFIXES}, got {Path(save_adv).name!r}")
     ds = subset(test, n, ev.seed) if n is not None and n < len(test) else test
     options = PROTOCOLS.meta(ev.protocol)
+    if options.get("corruptions"):  # no attacks: accuracy under common corruptions, its own card section
+        meta = dict(meta, subset_seed=ev.seed if ds is not test else None)
+        return run_corruptions(model, ds, cfg, device, out_dir, meta, progress, extra=(*extra_attacks, save_adv))
     cascade = options.get("cascade", False) if ev.cascade is None else ev.cascade
     costly = options.get("sanity_full", False) if ev.sanity_full is None else ev.sanity_full
     attacks = protocol_attacks(ev.protocol, eps, ev.norm) + list(extra_attacks)
