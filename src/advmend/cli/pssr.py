@@ -37,7 +37,7 @@ def train_pssr_command(cfg, out_dir: Path, *, resume: bool) -> int:
     check_before_training(cfg)  # with eval.after_train: a bad protocol or missing test split fails now
     print(f"advmend train (PSSR): {cfg.name} -> {out_dir}")
     result = train_pssr(cfg, out_dir, resume=resume)
-    print(f"checkpoints: {result.last} (last), {result.best} (best by train.select={cfg.train.select})")
+    print(f"checkpoints: {result.last} (last), {result.best} (best by {result.selection})")
     if cfg.eval.after_train:
         evaluate_after_training(cfg, result.best, out_dir)
     return 0

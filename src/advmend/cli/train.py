@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     result = train(cfg, out_dir, resume=args.resume)
     if not main_rank:
         return 0
-    print(f"checkpoints: {result.last} (last), {result.best} (best by train.select={cfg.train.select})")
+    print(f"checkpoints: {result.last} (last), {result.best} (best by {result.selection})")
     if cfg.eval.after_train:
         evaluate_after_training(cfg, result.best, out_dir)
     return 0

@@ -87,6 +87,7 @@ class TrainResult:
     best: Path
     history: list[dict]
     stopped: dict | None = field(default=None)  # {"epoch", "reason"} when early stopping ended the run
+    selection: str = ""  # how the best checkpoint was chosen, in words (Stage.selection)
 
 
 def check_train_config(cfg: RunConfig, device: torch.device | None = None) -> None:
@@ -333,6 +334,8 @@ def classifier_stage(cfg: RunConfig, out_dir: Path, ctx: DistContext, device: to
         validate=validate, val_every=t.val_every,
         # Without a validation split there is nothing to select on: best is the latest epoch.
         select_key=SELECT[t.select] if data.val is not None else "epoch",
+        selection=f"{SELECT[t.select]} (train.select={t.select})" if data.val is not None else
+        "the latest epoch (no validation split)",
         record={
             "num_classes": info["num_classes"],
             "image_shape": list(info["image_shape"]),
@@ -432,7 +435,7 @@ def run_stage(stage: Stage, out_dir: Path, *, resume: bool, log: Callable[[str],
                             writer.add_scalar(k, v, rec["epoch"])
                     writer.flush()
             log(log_line(rec, epochs) + stage.log_suffix(rec))
-            is_best, best_value, best_epoch = select_best(history, select_key, best_value)
+            is_best, best_value, best_epoch = select_best(history, select_key, best_value, stage.select_goal)
             if stage.patience is not None and rec.get(select_key) is not None:  # a validated epoch
                 since_best = 0 if is_best else since_best + 1
                 if since_best >= stage.patience:
@@ -462,7 +465,7 @@ def run_stage(stage: Stage, out_dir: Path, *, resume: bool, log: Callable[[str],
     finally:
         if writer is not None:
             writer.close()
-    return TrainResult(out_dir, out_dir / LAST, out_dir / BEST, history, stopped)
+    return TrainResult(out_dir, out_dir / LAST, out_dir / BEST, history, stopped, stage.selection or select_key)
 
 
 def remove_stale_temp_files(out_dir: Path, log: Callable[[str], None]) -> None:
@@ -472,20 +475,22 @@ def remove_stale_temp_files(out_dir: Path, log: Callable[[str], None]) -> None:
         log(f"removed {tmp.name}, an incomplete write from an interrupted run")
 
 
-def select_best(history: list[dict], select_key: str, best_value: float | None) -> tuple[bool, float | None, int | None]:
+def select_best(history: list[dict], select_key: str, best_value: float | None,
+                goal: Callable[[dict], bool] | None = None) -> tuple[bool, float | None, int | None]:  # fmt: skip
     """Model selection after the epoch `history[-1]`: (is it the new best, best value, best epoch).
 
-    Epochs without the selection metric (no validation that epoch) are not candidates. A tie on the
-    metric goes to the epoch with the higher validation clean accuracy (`TIE_KEY`), then to the earlier
-    one: behind PSSR a plain classifier's robust metric (the worst of gray-box and white-box) is 0 at
-    every epoch, and the first validated epoch would otherwise be kept whatever the later ones reach.
-    `best_value` (the checkpoint's, on resume) wins only when the history that reached it is gone.
+    Epochs without the selection metric (no validation that epoch) are not candidates. With a `goal`
+    (a rule on the epoch record, e.g. PSSR's clean-accuracy goal), epochs that meet it rank above
+    every epoch that does not, whatever their metric. A tie on the metric goes to the epoch with the
+    higher validation clean accuracy (`TIE_KEY`), then to the earlier one. `best_value` (the
+    checkpoint's, on resume) wins only when the history that reached it is gone.
     """
     validated = [h for h in history if h.get(select_key) is not None]
     if not validated:
         return False, best_value, None
-    best = max(validated, key=lambda h: (h[select_key], h.get(TIE_KEY, float("-inf")), -h["epoch"]))
-    if best_value is not None and best_value > best[select_key]:
+    met = goal if goal is not None else (lambda h: True)
+    best = max(validated, key=lambda h: (met(h), h[select_key], h.get(TIE_KEY, float("-inf")), -h["epoch"]))
+    if best_value is not None and best_value > best[select_key] and goal is None:
         return False, best_value, None
     return best is history[-1], best[select_key], best["epoch"]
 
