@@ -1,4 +1,4 @@
-"""PSSR commands: the `advmend train` path for PSSR configs and `advmend pssr-analysis CHECKPOINT`.
+"""`advmend pssr-analysis CHECKPOINT` (a PSSR config trains through `advmend train` like any other).
 
 `pssr-analysis` tests the finding of Fu et al. ("Invariance-powered Trustworthy Defense via Remove
 Then Restore", arXiv 2402.00304, 2024) that an adversarial perturbation delta splits into a salient
@@ -25,22 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-
-
-def train_pssr_command(cfg, out_dir: Path, *, resume: bool) -> int:
-    """`advmend train` on a config with pssr.enabled: train G (and f first when needed), then, with
-    eval.after_train, the evaluation every `advmend train` runs (`cli.evaluate.evaluate_after_training`:
-    the three threat models, the sanity suite, the restoration quality, the one report card)."""
-    from advmend.cli.evaluate import check_before_training, evaluate_after_training
-    from advmend.training.pssr_loop import train_pssr
-
-    check_before_training(cfg)  # with eval.after_train: a bad protocol or missing test split fails now
-    print(f"advmend train (PSSR): {cfg.name} -> {out_dir}")
-    result = train_pssr(cfg, out_dir, resume=resume)
-    print(f"checkpoints: {result.last} (last), {result.best} (best by {result.selection})")
-    if cfg.eval.after_train:
-        evaluate_after_training(cfg, result.best, out_dir)
-    return 0
 
 
 def add_parser(sub) -> None:

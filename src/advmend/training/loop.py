@@ -65,6 +65,7 @@ from advmend.training.precision import Precision, check_amp, to_channels_last
 from advmend.training.rng import restore_rng_state, rng_state_tensors
 from advmend.training.schedule import Schedule, learning_rate
 from advmend.training.stage import Phase, Stage
+from advmend.training.trainers import TRAINERS
 
 LAST, BEST = "last.safetensors", "best.safetensors"
 # Model selection on the held-out validation split (never the test set): the metric of each choice.
@@ -266,6 +267,8 @@ def _determinism(enabled: bool):
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
 
 
+@TRAINERS.register("none")
+@TRAINERS.register("fsr")
 def train(
     cfg: RunConfig,
     out_dir: str | Path,

@@ -45,6 +45,7 @@ from advmend.training.loop import (
 from advmend.training.precision import Precision
 from advmend.training.schedule import Schedule
 from advmend.training.stage import Phase, Stage
+from advmend.training.trainers import TRAINERS
 
 CLASSIFIER_DIR = "classifier"
 
@@ -283,3 +284,6 @@ def _validate(model: PSSRModel, val_data, attack, cfg: RunConfig, device) -> dic
         "val_ssim": round(quality["ssim"], 4),
         "val_seconds": round(ev.result.seconds, 2),
     }
+
+
+TRAINERS.register("pssr", prepare_evaluation=with_transfer_surrogate)(train_pssr)

@@ -26,6 +26,7 @@ from torch import nn
 from advmend.config import PSSR_MODES, PSSRConfig, RunConfig
 from advmend.defenses.classifier import build_classifier
 from advmend.defenses.pssr.regenerator import Regenerator
+from advmend.defenses.registry import DEFENSES
 from advmend.defenses.pssr.surgery import MASKS, apply_surgery, salient_mask, score_map
 from advmend.errors import ConfigError
 from advmend.validate import check_images
@@ -161,6 +162,10 @@ def check_pssr_config(p: PSSRConfig) -> None:
     p.checked()
 
 
+# PSSR is asked first: it wraps a classifier that may carry FSR blocks. Its transfer source is a config key
+# (a surrogate classifier, `evaluation.pssr`), and its training loads its own classifier's split.
+@DEFENSES.register("pssr", enabled=lambda cfg: cfg.pssr.enabled, order=0, label="PSSR", eval_prefix="pssr-",
+                   transfer_key="pssr.surrogate", test_with_train_split=False)  # fmt: skip
 def build_pssr_model(cfg: RunConfig, num_classes: int, image_shape: tuple[int, int, int]) -> PSSRModel:
     """The PSSR pipeline of `cfg`: f from cfg.model/cfg.fsr (built by `build_classifier`), G from cfg.pssr.
 
