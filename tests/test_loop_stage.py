@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import advmend.training.loop as loop_mod
+import advmend.training.run_folder as run_folder
 from advmend.checkpoint import load_checkpoint
 from advmend.config import RunConfig, TrainConfig, from_dict
 from advmend.errors import ConfigError
@@ -87,8 +88,8 @@ def test_pssr_resume_goes_through_the_shared_resume_path(tmp_path, monkeypatch):
     train_pssr(cfg, run, log=lambda _m: None)
     before = {name: (run / name).read_bytes() for name in ("metrics.jsonl", "last.json", "config.yaml")}
     calls: list[int] = []
-    real = loop_mod.read_history
-    monkeypatch.setattr(loop_mod, "read_history", lambda path, upto=None: calls.append(upto) or real(path, upto))
+    real = run_folder.read_history
+    monkeypatch.setattr(run_folder, "read_history", lambda path, upto=None: calls.append(upto) or real(path, upto))
     wider = replace(cfg, pssr=replace(cfg.pssr, width=8, epochs=2))
     with pytest.raises(ConfigError) as e:
         train_pssr(wider, run, resume=True, log=lambda _m: None)

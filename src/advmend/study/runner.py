@@ -38,7 +38,7 @@ from advmend.study.spec import RunSpec, StudyConfig, load_study, resolve_runs
 from advmend.defenses.registry import defense_of
 from advmend.training.build import resolve_device
 from advmend.io import file_sha256, versions
-from advmend.training.loop import LAST
+from advmend.training.run_folder import LAST
 from advmend.training.run import prepare_evaluation, train_run
 
 # The study's attacks on the attack subset: the FSR paper's FGSM, PGD-20 and CW-30 (step eps/10, no

@@ -39,9 +39,8 @@ from advmend.evaluation.pssr import GRAYBOX, MASK, evaluate_pssr, restoration
 from advmend.evaluation.run import load_trained_model
 from advmend.io import file_sha256
 from advmend.training.build import attack_threat, build_attack, build_data, resolve_device
-from advmend.training.loop import (
-    BEST, LAST, SELECT, TrainResult, check_train_config, run_stage, train, unchanged_except,
-)
+from advmend.training.loop import SELECT, TrainResult, check_train_config, run_stage, train
+from advmend.training.run_folder import BEST, LAST, unchanged_except
 from advmend.training.precision import Precision
 from advmend.training.schedule import Schedule
 from advmend.training.stage import Phase, Stage
