@@ -129,7 +129,7 @@ def test_pssr_analysis_writes_table_plot_and_grid(run, tmp_path, which):
 
 
 def test_the_finding_scores_f_on_the_images_its_rows_define():
-    from advmend.cli.pssr import finding_inputs
+    from advmend.study.pssr_analysis import finding_inputs
     from advmend.defenses.pssr.regenerator import fill_holes
     from advmend.study.finding import PIPELINE_ROWS, ROWS
 

@@ -25,6 +25,14 @@ def test_import_advmend_does_not_import_torch():
     assert out.strip() == "False"
 
 
+def test_advmend_help_does_not_import_torch():
+    code = ("import contextlib, io, sys\nfrom advmend.cli import main\ntry:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n        main(['--help'])\n"
+            "except SystemExit:\n    pass\nprint('torch' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 @pytest.mark.slow
 def test_the_docstring_examples_run(tmp_path, monkeypatch):
     """Every example as written (three of them train a one-epoch quickstart on 256 images)."""

@@ -58,12 +58,3 @@ def run(args: argparse.Namespace) -> int:
     print("\n".join(lines[2:]))
     print(f"wrote {out / 'finding.md'}, finding.json, finding.png" + (", grid.png" if grid else ""))
     return 0
-
-
-# Where the tests and users have imported them from.
-from advmend.study.pssr_analysis import (  # noqa: E402, F401
-    finding_inputs,
-    finding_verdict,
-    paired_difference,
-    random_mask_like,
-)
