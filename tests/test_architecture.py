@@ -15,15 +15,16 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "advmend"
 
 # Lowest first. A unit is a top-level module or package of advmend; a module may import units of its own
 # layer or below. The shared pieces sit on the ground floor so that nothing needs to reach up for them.
-# "__init__" is the (empty) root package, which every import of advmend runs first anyway. `config` sits
+# "__init__" is the root package: the public API (advmend.train, advmend.evaluate, ...), on top like the
+# CLI; its imports are inside its functions, and nothing imports it (the version is `_version`). `config` sits
 # beside models and data: loading a config checks `model.options` against the model factory's signature.
 LAYERS: list[set[str]] = [
-    {"__init__", "errors", "types", "values", "registry", "validate", "io", "checkpoint", "plotting"},
+    {"_version", "errors", "types", "values", "registry", "validate", "io", "checkpoint", "plotting"},
     {"config", "models", "data"},
     {"defenses", "attacks"},
     {"bench", "evaluation", "training"},
     {"study"},
-    {"cli", "__main__"},
+    {"cli", "__main__", "__init__"},
 ]
 LAYER = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 

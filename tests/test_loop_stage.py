@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import advmend.training.loop as loop_mod
+import advmend.training.run_folder as run_folder
 from advmend.checkpoint import load_checkpoint
 from advmend.config import RunConfig, TrainConfig, from_dict
 from advmend.errors import ConfigError
@@ -69,9 +70,11 @@ def test_both_stages_are_trained_by_the_one_loop_and_write_its_records(tmp_path,
                                                        "ema", "early_stopping"}  # fmt: skip
     assert set(p) - LOOP_RECORD_KEYS - FORMAT_KEYS == {"num_classes", "image_shape", "norm", "eps", "classifier"}
     assert set(c["extra_tensors"]) == {"rng.rank0.cpu"} and set(p["extra_tensors"]) == {"rng.cpu"}
-    for res, rec in ((clf, c), (pssr, p)):
+    # PSSR's train.select=robust selects on gray-box accuracy (white box is 0 behind a plain classifier).
+    for res, rec, metric in ((clf, c, "val_robust_acc"), (pssr, p, "val_graybox_acc")):
         assert _lines(res.out_dir) == res.history and rec["metrics"] == res.history[-1]
-        assert rec["best"]["metric"] == "val_robust_acc" and rec["epoch"] == len(res.history)
+        assert rec["best"]["metric"] == metric and rec["epoch"] == len(res.history)
+        assert res.selection.startswith(metric)
         assert all(LOOP_METRIC_KEYS <= set(h) for h in res.history)
     assert [h["stage"] for h in pssr.history] == ["pretrain", "adversarial"]
     assert all("stage" not in h for h in clf.history)
@@ -85,8 +88,8 @@ def test_pssr_resume_goes_through_the_shared_resume_path(tmp_path, monkeypatch):
     train_pssr(cfg, run, log=lambda _m: None)
     before = {name: (run / name).read_bytes() for name in ("metrics.jsonl", "last.json", "config.yaml")}
     calls: list[int] = []
-    real = loop_mod.read_history
-    monkeypatch.setattr(loop_mod, "read_history", lambda path, upto=None: calls.append(upto) or real(path, upto))
+    real = run_folder.read_history
+    monkeypatch.setattr(run_folder, "read_history", lambda path, upto=None: calls.append(upto) or real(path, upto))
     wider = replace(cfg, pssr=replace(cfg.pssr, width=8, epochs=2))
     with pytest.raises(ConfigError) as e:
         train_pssr(wider, run, resume=True, log=lambda _m: None)

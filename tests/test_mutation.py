@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import mutants
-from mutants import MUTANTS, ROOT, SRC, make_copy, mutated_text
+from mutants import MUTANTS, ROOT, SRC, Mutant, MutantError, make_copy, mutant_file, mutated_text
 
 
 def test_mutant_names_are_unique_and_each_changes_its_file():
@@ -24,7 +24,7 @@ def test_mutant_names_are_unique_and_each_changes_its_file():
     for m in MUTANTS:
         assert m.original != m.replacement, m.name
         text = mutated_text(m)  # raises MutantError unless the snippet occurs exactly once
-        assert text != (SRC / m.file).read_text()
+        assert text != (SRC / mutant_file(m)).read_text()
         ast.parse(text)  # a planted bug is a wrong program, not a syntax error
 
 
@@ -39,11 +39,53 @@ def test_every_named_test_exists():
 
 def test_mutants_are_planted_in_a_copy_never_in_the_tree(tmp_path):
     m = MUTANTS[0]
-    before = (SRC / m.file).read_text()
+    before = (SRC / mutant_file(m)).read_text()
     root = make_copy(tmp_path, m)
-    assert (root / "advmend" / m.file).read_text() == mutated_text(m)
-    assert (SRC / m.file).read_text() == before
+    assert (root / "advmend" / mutant_file(m)).read_text() == mutated_text(m)
+    assert (SRC / mutant_file(m)).read_text() == before
     assert not list((root / "advmend").rglob("__pycache__"))  # no stale bytecode can shadow the bug
+
+
+def _tree_with_step_moved_into_a_class(tmp_path):
+    """A copy of src/advmend where attacks/pgd.py's `_step` now lives in a new module, as a static method."""
+    import shutil
+    import textwrap
+
+    src = tmp_path / "advmend"
+    shutil.copytree(SRC, src, ignore=shutil.ignore_patterns("__pycache__"))
+    pgd = (src / "attacks" / "pgd.py").read_text()
+    start = pgd.index("def _step(")
+    end = pgd.index("\ndef ", start + 1)
+    (src / "attacks" / "pgd.py").write_text(pgd[:start] + pgd[end + 1 :])
+    method = textwrap.indent(pgd[start:end].rstrip() + "\n", "    ")
+    (src / "attacks" / "steps.py").write_text("class Steps:\n    @staticmethod\n" + method)
+    return src
+
+
+def test_a_mutant_follows_its_function_when_it_moves(tmp_path):
+    src = _tree_with_step_moved_into_a_class(tmp_path)
+    m = next(m for m in MUTANTS if m.name == "pgd-step-sign-flipped")
+    moved = Mutant(m.name, "Steps._step", m.original, m.replacement, m.tests)
+    assert mutant_file(moved, src).as_posix() == "attacks/steps.py"
+    text = mutated_text(moved, src)
+    assert "delta = (delta - cfg.alpha * grad.sign())" in text or text != (src / "attacks" / "steps.py").read_text()
+    ast.parse(text)
+    # The function's old name is gone from the tree: an error naming the mutant, never a silent skip.
+    with pytest.raises(MutantError, match="pgd-step-sign-flipped: function '_step' is not defined"):
+        mutated_text(m, src)
+
+
+def test_a_stale_or_ambiguous_mutant_is_an_error(tmp_path):
+    m = next(m for m in MUTANTS if m.name == "pgd-projection-off")
+    with pytest.raises(MutantError, match="does not occur in _step"):
+        mutated_text(Mutant(m.name, m.function, m.original + "  # changed", m.replacement, m.tests))
+    with pytest.raises(MutantError, match="does not occur in _random_start"):  # the snippet is looked up in its function only
+        mutated_text(Mutant(m.name, "_random_start", m.original, m.replacement, m.tests))
+    src = _tree_with_step_moved_into_a_class(tmp_path)
+    with open(src / "attacks" / "more.py", "w") as f:
+        f.write("class Steps:\n    def _step(self):\n        pass\n")
+    with pytest.raises(MutantError, match="is defined in attacks/more.py, attacks/steps.py"):
+        mutated_text(Mutant(m.name, "Steps._step", m.original, m.replacement, m.tests), src)
 
 
 def test_the_required_mutants_are_listed():

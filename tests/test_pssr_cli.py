@@ -129,7 +129,7 @@ def test_pssr_analysis_writes_table_plot_and_grid(run, tmp_path, which):
 
 
 def test_the_finding_scores_f_on_the_images_its_rows_define():
-    from advmend.cli.pssr import finding_inputs
+    from advmend.study.pssr_analysis import finding_inputs
     from advmend.defenses.pssr.regenerator import fill_holes
     from advmend.study.finding import PIPELINE_ROWS, ROWS
 
@@ -290,15 +290,15 @@ def test_the_pssr_report_has_the_restoration_of_clean_images(run, tmp_path):
 
 
 def test_both_train_paths_go_through_the_one_after_training_evaluation(run, tmp_path, monkeypatch, capsys):
-    import advmend.cli.evaluate as cli_evaluate
+    import advmend.training.run as training_run
 
-    calls, real = [], cli_evaluate.evaluate_after_training
+    calls, real = [], training_run.evaluate_after_training
 
     def spy(cfg, best, out_dir):
         calls.append(cfg.pssr.enabled)
         return real(cfg, best, out_dir)
 
-    monkeypatch.setattr(cli_evaluate, "evaluate_after_training", spy)
+    monkeypatch.setattr(training_run, "evaluate_after_training", spy)
     classifier = {k: v for k, v in CONFIG.items() if k != "pssr"}
     cfg_file = _write(tmp_path, dict(classifier, name="classifier-card", train=dict(CONFIG["train"], epochs=1)))
     assert main(["train", str(cfg_file), "--out", str(tmp_path / "clf")]) == 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from advmend.cli.pssr import finding_verdict, paired_difference
+from advmend.study.pssr_analysis import finding_verdict, paired_difference
 
 
 def _correct(n: int, ones: list[int]) -> torch.Tensor:

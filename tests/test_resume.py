@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 
 import advmend.checkpoint as ckpt_mod
 import advmend.training.loop as loop_mod
+import advmend.training.run_folder as run_folder
 from advmend.checkpoint import load_checkpoint
 from advmend.config import RunConfig, from_dict
 from advmend.errors import CheckpointError, ConfigError
@@ -171,8 +172,8 @@ def test_metrics_line_cut_by_a_kill_is_ignored_on_resume(tmp_path):
 
 
 def test_not_enough_disk_space_is_an_error_before_anything_is_written(tmp_path, monkeypatch):
-    real = loop_mod.shutil.disk_usage
-    monkeypatch.setattr(loop_mod.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    real = run_folder.shutil.disk_usage
+    monkeypatch.setattr(run_folder.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     with pytest.raises(ConfigError, match="disk space"):
         train(_small_cfg(), tmp_path / "run", log=lambda s: None)
     assert not (tmp_path / "run").exists()
@@ -186,7 +187,7 @@ def test_checkpoint_bytes_estimate_matches_the_file(tmp_path):
     cfg = _small_cfg()
     model = build_model(cfg, 10, (3, 16, 16))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    estimate = loop_mod.checkpoint_bytes(model, opt, ema=True)
+    estimate = run_folder.checkpoint_bytes(model, opt, ema=True)
     size = (out / LAST).stat().st_size
     assert estimate <= size < estimate + 64 * 1024  # the rest is the JSON record and RNG states
 

@@ -208,3 +208,30 @@ def test_a_tie_of_the_selection_metric_goes_to_the_higher_clean_accuracy_then_th
     h.append({"epoch": 5, "val_robust_acc": 0.05, "val_clean_acc": 99.0})
     assert _select(h)[-1] == (False, 0.1, 4)
 
+
+
+class _Constant(torch.nn.Module):
+    """Logits that always say class 0: clean accuracy is the share of label 0."""
+
+    def forward(self, x):
+        return 5 * torch.nn.functional.one_hot(torch.zeros(x.shape[0], dtype=torch.long), 10).float() - 2
+
+
+def test_pssr_selects_on_graybox_accuracy_among_epochs_meeting_the_clean_goal():
+    from advmend.data import ArrayDataset
+    from advmend.training.pssr_loop import CLEAN_GOAL_POINTS, pssr_selection
+
+    labels = torch.tensor([0] * 60 + [1] * 40)  # the classifier alone: 60 % clean
+    val = ArrayDataset(torch.zeros(100, 1, 8, 8, dtype=torch.uint8), labels, tuple(str(k) for k in range(10)))
+    key, goal, words = pssr_selection("robust", _Constant(), val, _cfg("robust"), torch.device("cpu"))
+    assert key == "val_graybox_acc" and "val_graybox_acc" in words and "57.00" in words
+    assert goal({"val_clean_acc": 60.1 - CLEAN_GOAL_POINTS}) and not goal({"val_clean_acc": 59.9 - CLEAN_GOAL_POINTS})
+    # White box is 0 at every epoch behind a plain classifier: the gray-box accuracy decides, and an
+    # epoch whose clean accuracy misses the goal loses to every epoch that meets it.
+    h = [{"epoch": 1, "val_graybox_acc": 41.0, "val_robust_acc": 0.0, "val_clean_acc": 58.0},
+         {"epoch": 2, "val_graybox_acc": 52.0, "val_robust_acc": 0.0, "val_clean_acc": 50.0},
+         {"epoch": 3, "val_graybox_acc": 48.5, "val_robust_acc": 0.0, "val_clean_acc": 57.5}]  # fmt: skip
+    assert [select_best(h[: i + 1], key, None, goal)[1:] for i in range(3)] == [(41.0, 1), (41.0, 1), (48.5, 3)]
+    assert select_best(h, key, None, None)[1:] == (52.0, 2)  # without the goal, the best gray-box epoch
+    # "clean" and "last" select as for a classifier, without a goal.
+    assert pssr_selection("clean", _Constant(), val, _cfg("clean"), torch.device("cpu"))[:2] == ("val_clean_acc", None)

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-import advmend
+from advmend._version import __version__
 
 
 def versions() -> dict[str, str]:
     """Library and platform versions, recorded with every checkpoint and report."""
     out = {
-        "advmend": getattr(advmend, "__version__", "unknown"),
+        "advmend": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),

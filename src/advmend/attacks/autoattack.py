@@ -149,7 +149,7 @@ class AutoAttackSpec:
         return adversary
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device,
-            batch_size: int = 256, generator: torch.Generator | None = None) -> AttackRun:  # fmt: skip
+            batch_size: int = 256, generator: torch.Generator | None = None, progress: bool = False) -> AttackRun:  # fmt: skip
         """Run the cascade on (x, y); see `AttackRun`. `generator` is unused: `seed` seeds the package."""
         if x.shape[0] == 0:
             raise InputError("AutoAttack got no examples to attack")

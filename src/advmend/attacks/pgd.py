@@ -16,12 +16,14 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from advmend.attacks.l1 import l1_random_start, l1_step
 from advmend.attacks.losses import LOSSES
 from advmend.attacks.modes import attack_mode
 from advmend.config import NORMS, STARTS  # the choices of an attack section, checked there too
 from advmend.errors import ConfigError
+from advmend.types import AttackRun
 from advmend.validate import check_images, check_labels, check_logits
 
 NORMAL_START_STD = 1e-3  # TRADES (Zhang et al. 2019): x + 0.001 * N(0, I)
@@ -127,6 +129,33 @@ class PGD:
             "eot": self.eot,
             "targeted": self.targeted,
         }
+
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device,
+            batch_size: int = 256, generator: torch.Generator | None = None, progress: bool = False) -> AttackRun:  # fmt: skip
+        """Attack (x, y) in batches of `batch_size`, as every attack in an evaluation runs (`AttackRun`).
+
+        Each example keeps its first fooling iterate with `keep_best` (`pgd_tracked`); a targeted attack
+        aims at a uniformly random other class per example (`random_targets`, drawn from `generator`
+        batch by batch before that batch's random start), and is judged against the true label.
+        """
+        chunks, fooled = [], []
+        num_classes = None
+        bar = tqdm(range(0, x.shape[0], batch_size), desc=self.describe()["name"], disable=not progress, leave=False)
+        for i in bar:
+            xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+            if not self.targeted:
+                x_adv, hit = pgd_tracked(model, xb, yb, self, generator=generator, validate=False)
+            else:
+                if num_classes is None:
+                    with attack_mode(model), torch.no_grad():
+                        num_classes = model(xb[:1]).shape[1]
+                x_adv, _ = pgd_tracked(model, xb, random_targets(yb, num_classes, generator), self, generator=generator,
+                                       validate=False)  # fmt: skip
+                with attack_mode(model), torch.no_grad():  # robustness is judged against the true label
+                    hit = model(x_adv).argmax(1) != yb
+            chunks.append(x_adv)
+            fooled.append(hit)
+        return AttackRun(torch.cat(chunks), torch.cat(fooled))
 
     @property
     def loss_fn(self):
@@ -328,3 +357,9 @@ def _pgd_tracked(model, x, y, cfg: PGD, generator, score: bool) -> tuple[torch.T
             loss[idx] = cand_loss[better]
             fooled[idx] = cand_fooled[better]
         return x_adv.detach(), fooled
+
+
+def random_targets(y: torch.Tensor, num_classes: int, generator: torch.Generator | None) -> torch.Tensor:
+    """A uniformly random class other than the true one, per example (targeted attacks)."""
+    offset = torch.randint(1, num_classes, y.shape, device=y.device, generator=generator)
+    return (y + offset) % num_classes

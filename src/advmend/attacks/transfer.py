@@ -61,7 +61,7 @@ class Transfer:
         return dict(inner, name=f"transfer {inner['name']}", surrogate=self.source, final_iterate=True)
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device,
-            batch_size: int = 256, generator: torch.Generator | None = None) -> AttackRun:  # fmt: skip
+            batch_size: int = 256, generator: torch.Generator | None = None, progress: bool = False) -> AttackRun:  # fmt: skip
         self.surrogate.to(device)
         chunks, fooled = [], []
         for i in range(0, x.shape[0], batch_size):

@@ -22,24 +22,10 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from advmend.cli.evaluate import check_before_training, evaluate_after_training
     from advmend.config import load_run_config
-    from advmend.training.loop import train
+    from advmend.training.run import train_and_evaluate
 
     cfg = load_run_config(args.config, args.overrides)
     out_dir = Path(args.out or cfg.out_dir or Path("runs") / cfg.name)
-    if cfg.pssr.enabled:  # PSSR dispatch: its own training loop, the same evaluation (cli/pssr.py)
-        from advmend.cli.pssr import train_pssr_command
-
-        return train_pssr_command(cfg, out_dir, resume=args.resume)
-    check_before_training(cfg)  # with eval.after_train: a bad protocol or missing test split fails now
-    main_rank = os.environ.get("RANK", "0") == "0"
-    if main_rank:
-        print(f"advmend train: {cfg.name} -> {out_dir}")
-    result = train(cfg, out_dir, resume=args.resume)
-    if not main_rank:
-        return 0
-    print(f"checkpoints: {result.last} (last), {result.best} (best by train.select={cfg.train.select})")
-    if cfg.eval.after_train:
-        evaluate_after_training(cfg, result.best, out_dir)
+    train_and_evaluate(cfg, out_dir, resume=args.resume, main_rank=os.environ.get("RANK", "0") == "0")
     return 0

@@ -1,17 +1,16 @@
-"""The model a run config describes: the classifier, or the PSSR pipeline in front of it."""
+"""The model a run config describes: the builder its defense registered (`defenses.registry.DEFENSES`)."""
 
 from __future__ import annotations
 
 from torch import nn
 
+import advmend.defenses.classifier  # noqa: F401  (registers the plain classifier and FSR)
+import advmend.defenses.pssr.pipeline  # noqa: F401  (registers PSSR)
 from advmend.config import RunConfig
-from advmend.defenses.classifier import build_classifier
-from advmend.defenses.pssr.pipeline import build_pssr_model
+from advmend.defenses.registry import DEFENSES, defense_of
 
 
 def build_model(cfg: RunConfig, num_classes: int, image_shape: tuple[int, int, int]) -> nn.Module:
-    """The classifier of `cfg.model` (with FSR blocks when `cfg.fsr.enabled`), behind PS + G when
-    `cfg.pssr.enabled`. Weights are not loaded here."""
-    if cfg.pssr.enabled:
-        return build_pssr_model(cfg, num_classes, image_shape)
-    return build_classifier(cfg, num_classes, image_shape)
+    """The model of the defense `cfg` describes: the classifier of `cfg.model` (with FSR blocks when
+    `cfg.fsr.enabled`), behind PS + G when `cfg.pssr.enabled`. Weights are not loaded here."""
+    return DEFENSES.get(defense_of(cfg))(cfg, num_classes, image_shape)

@@ -12,10 +12,14 @@ from torch import nn
 from advmend.config import RunConfig, check_config
 from advmend.data import dataset_info
 from advmend.defenses.insert import FSRModel
+from advmend.defenses.registry import DEFENSES, PLAIN
 from advmend.errors import ConfigError
 from advmend.models import create_model, fsr_preset
 
 
+@DEFENSES.register(PLAIN, label="", eval_prefix="", transfer_key=None, test_with_train_split=True)
+@DEFENSES.register("fsr", enabled=lambda cfg: cfg.fsr.enabled, order=1, label="", eval_prefix="", transfer_key=None,
+                   test_with_train_split=True)  # fmt: skip
 def build_classifier(cfg: RunConfig, num_classes: int, image_shape: tuple[int, int, int]) -> nn.Module:
     """The classifier of `cfg.model`, with FSR blocks when `cfg.fsr.enabled` (`cfg.pssr` is not read)."""
     check_config(cfg)  # a RunConfig built in Python skips from_dict's checks (finite numbers, options)

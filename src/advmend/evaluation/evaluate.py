@@ -21,10 +21,9 @@ from typing import Any, Protocol, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from advmend.attacks.modes import attack_mode
-from advmend.attacks.pgd import PGD, pgd_tracked
+from advmend.attacks.pgd import PGD, random_targets  # noqa: F401  (random_targets: where callers found it)
 from advmend.data import ArrayDataset, BatchLoader, subset
 from advmend.errors import ModelContractError
 from advmend.types import AttackRun
@@ -40,7 +39,7 @@ class ExternalAttack(Protocol):
     def describe(self) -> dict: ...
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device,
-            batch_size: int, generator: torch.Generator | None) -> AttackRun: ...  # fmt: skip
+            batch_size: int, generator: torch.Generator | None, progress: bool = False) -> AttackRun: ...  # fmt: skip
 
 
 @dataclass
@@ -152,25 +151,9 @@ def check_not_probabilities(logits: torch.Tensor) -> None:
         )
 
 
-def random_targets(y: torch.Tensor, num_classes: int, generator: torch.Generator | None) -> torch.Tensor:
-    """A uniformly random class other than the true one, per example (targeted attacks)."""
-    offset = torch.randint(1, num_classes, y.shape, device=y.device, generator=generator)
-    return (y + offset) % num_classes
-
-
 def _images(ds: ArrayDataset, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     idx = idx.cpu()
     return ds.images[idx].to(device).float().div_(255), ds.labels[idx].to(device)
-
-
-def _run_pgd(model, x, y, attack: PGD, generator, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x_adv and, per example, whether it is misclassified (w.r.t. the true label)."""
-    if not attack.targeted:
-        return pgd_tracked(model, x, y, attack, generator=generator, validate=False)
-    targets = random_targets(y, num_classes, generator)
-    x_adv, _ = pgd_tracked(model, x, targets, attack, generator=generator, validate=False)
-    with attack_mode(model), torch.no_grad():  # robustness is judged against the true label
-        return x_adv, model(x_adv).argmax(1) != y
 
 
 def evaluate(
@@ -202,13 +185,12 @@ def evaluate(
     start = time.perf_counter()
     device = torch.device(device)
     loader = BatchLoader(ds, batch_size, shuffle=False, device=device)
-    clean, num_classes = [], 0
+    clean = []
     with attack_mode(model), torch.no_grad():
         for x, y in loader:
             logits = check_logits(model(x), x.shape[0])
             if not clean:  # the first batch is the probe: rejected before any attack runs
                 check_not_probabilities(logits)
-            num_classes = logits.shape[1]
             clean.append((logits.argmax(1) == y).cpu())
     result = EvalResult(torch.cat(clean), cascade=cascade)
     alive = result.clean_correct.clone()  # robust to every attack so far
@@ -222,23 +204,9 @@ def evaluate(
         worst = 0.0
         stages, notes = [], []
         idx_all = todo.nonzero().squeeze(1)
-        if isinstance(attack, PGD):
-            bar = tqdm(range(0, idx_all.numel(), batch_size), desc=attack.describe()["name"],
-                       disable=not progress, leave=False)  # fmt: skip
-            for i in bar:
-                idx = idx_all[i : i + batch_size]
-                x, y = _images(ds, idx, device)
-                x_adv, fooled = _run_pgd(model, x, y, attack, generator, num_classes)
-                worst = max(worst, check_bound(x_adv, x, attack))
-                fooled = fooled.cpu()
-                robust[idx] = ~fooled
-                if adv is not None:
-                    new = idx[fooled & ~adv_set[idx]]
-                    adv[new] = x_adv[fooled & ~adv_set[idx]].cpu()
-                    adv_set[new] = True
-        elif idx_all.numel():
+        if idx_all.numel():  # every attack runs through one interface: .run() on the examples it attacks
             x, y = _images(ds, idx_all, device)
-            out = attack.run(model, x, y, device=device, batch_size=batch_size, generator=generator)
+            out = attack.run(model, x, y, device=device, batch_size=batch_size, generator=generator, progress=progress)
             worst = check_bound(out.x_adv, x, attack)
             fooled = out.fooled.cpu()
             robust[idx_all] = ~fooled

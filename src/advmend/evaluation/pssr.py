@@ -40,12 +40,15 @@ from advmend.attacks.adaptive import BPDA
 from advmend.attacks.modes import attack_mode
 from advmend.attacks.pgd import PGD
 from advmend.attacks.transfer import Transfer
+from advmend.config import RunConfig
 from advmend.data import ArrayDataset, BatchLoader
 from advmend.defenses.pssr.pipeline import PSSRModel, PSSRPreprocess
 from advmend.defenses.pssr.regenerator import fill_holes
 from advmend.errors import ConfigError
 from advmend.evaluation.evaluate import AttackResult, EvalResult, check_bound, evaluate
 from advmend.evaluation.image_quality import RestorationMeter
+from advmend.evaluation.load import load_trained_model
+from advmend.evaluation.sections import SECTIONS
 from advmend.validate import check_data_fits_model
 
 GRAYBOX, MASK, IDENTITY, TRANSFER = "graybox", "whitebox-bpda-mask", "whitebox-bpda-identity", "transfer"
@@ -408,3 +411,29 @@ def markdown(ev: PSSREvalResult, meta: dict | None = None) -> str:
                             f"evaluated test images: PSNR {q['psnr']:.2f} dB, SSIM {q['ssim']:.4f} (per image, "
                             "averaged; torchmetrics).", *restoration_breakdown(q)])]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def evaluate_section(model: PSSRModel, ds: ArrayDataset, cfg: RunConfig, attacks: list, device: torch.device,
+                     meta: dict, progress: bool, cascade: bool, keep_adv: bool) -> tuple:  # fmt: skip
+    """PSSR's section of `run_protocol`: its threat models on `ds` with the transfer source
+    `cfg.pssr.surrogate` (checked to fit) and the restoration quality of its clean images; returns
+    (threats, the card's result, the white-box attacks the sanity suite checks, `meta` with the
+    surrogate's provenance)."""
+    ev = cfg.eval
+    # The commands fill pssr.surrogate with a trained-and-cached one when the user gave none
+    # (`advmend.training.pssr_loop.with_transfer_surrogate`); without any, transfer is listed as "not run".
+    source = str(cfg.pssr.surrogate) if cfg.pssr.surrogate else None
+    surrogate = None
+    if source is not None:
+        surrogate, _, s_record = load_trained_model(source, device)
+        check_surrogate(model, surrogate, s_record, ds, source, device)
+    threats = evaluate_pssr(model, ds, attacks, surrogate=surrogate, batch_size=ev.batch_size, device=device,
+                            seed=ev.seed, progress=progress, cascade=cascade, keep_adv=keep_adv)  # fmt: skip
+    t0 = time.perf_counter()
+    threats.restoration = dict(restoration(model, ds, batch_size=ev.batch_size, device=device),
+                               seconds=round(time.perf_counter() - t0, 3))  # fmt: skip
+    meta = dict(meta, surrogate=source, surrogate_origin=meta.get("surrogate_origin", "user") if source else None)
+    return threats, threats.result, threats.attacks_of(MASK), meta  # the sanity suite: mask constant
+
+
+SECTIONS.register("pssr", report=report_dict, markdown=markdown, console=console_text)(evaluate_section)

@@ -13,48 +13,23 @@ from typing import Sequence
 import torch
 from torch import nn
 
+import advmend.evaluation.pssr  # noqa: F401  (registers PSSR's evaluation section)
 from advmend.attacks.presets import PROTOCOLS, protocol_attacks
-from advmend.checkpoint import load_checkpoint
-from advmend.config import RunConfig, check_config, from_dict
+from advmend.config import RunConfig, check_config
 from advmend.data import ArrayDataset, subset
-from advmend.defenses.build import build_model
-from advmend.defenses.pssr.pipeline import PSSRModel
-from advmend.errors import CheckpointError, ConfigError
+from advmend.defenses.registry import defense_of
+from advmend.errors import ConfigError
 from advmend.evaluation.corruptions import run_corruptions
 from advmend.evaluation.evaluate import EvalResult, accuracy_curve, evaluate
+from advmend.evaluation.load import load_trained_model  # noqa: F401  (where callers have always found it)
 from advmend.evaluation.plots import accuracy_vs_eps_png
-from advmend.evaluation.pssr import (
-    MASK,
-    PSSREvalResult,
-    check_surrogate,
-    evaluate_pssr,
-    markdown,
-    report_dict,
-    restoration,
-)
 from advmend.evaluation.report import write_report
 from advmend.evaluation.sanity import run_sanity
+from advmend.evaluation.sections import SECTIONS
 from advmend.io import atomic_write_bytes, file_sha256
 from advmend.types import ThreatModel
 
 ADV_SUFFIXES = (".pt", ".pth", ".safetensors")
-
-
-def load_trained_model(path: str | Path, device: torch.device) -> tuple[nn.Module, RunConfig, dict]:
-    """Rebuild the model a checkpoint was trained as, load its verified weights, move it to `device`."""
-    state, record = load_checkpoint(path)
-    try:
-        cfg = from_dict(RunConfig, record["config"])
-        model = build_model(cfg, record["num_classes"], tuple(record["image_shape"]))
-        float(record["eps"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: its recorded config cannot rebuild the model ({e})") from None
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise CheckpointError(f"{path}: weights do not match the recorded model ({first})") from None
-    return model.to(device).eval(), cfg, record
 
 
 def evaluation_threat(record: dict, norm: str, dataset_eps: float) -> ThreatModel:
@@ -125,12 +100,12 @@ def run_protocol(
     cascade = options.get("cascade", False) if ev.cascade is None else ev.cascade
     costly = options.get("sanity_full", False) if ev.sanity_full is None else ev.sanity_full
     attacks = protocol_attacks(ev.protocol, eps, ev.norm) + list(extra_attacks)
-    threats = None
-    if isinstance(model, PSSRModel):
+    threats, defense = None, defense_of(cfg)
+    if defense in SECTIONS:  # a defense with its own threat models (PSSR)
         if extra_attacks:
-            raise ConfigError("a PSSR model's transfer source is pssr.surrogate (--transfer-from), not an extra attack")
-        threats, meta = _evaluate_pssr(model, ds, cfg, attacks, device, meta, progress, cascade, save_adv is not None)
-        result, attacked = threats.result, threats.attacks_of(MASK)  # the sanity suite: mask constant
+            raise ConfigError(f"a {defense} model's transfer source is a config key (--transfer-from), not an extra attack")
+        threats, result, attacked, meta = SECTIONS.get(defense)(model, ds, cfg, attacks, device, meta, progress, cascade,
+                                                              save_adv is not None)  # fmt: skip
     else:
         result = evaluate(model, ds, attacks, batch_size=ev.batch_size, device=device, seed=ev.seed,
                           progress=progress, cascade=cascade, keep_adv=save_adv is not None)  # fmt: skip
@@ -167,28 +142,10 @@ def run_protocol(
     if save_adv is not None:
         meta["adv_layout"] = save_adversarial(save_adv, result)
         meta["adv_file"] = str(save_adv)
-    section = (report_dict(threats), markdown(threats, meta)) if threats is not None else None
+    section = None
+    if threats is not None:
+        hooks = SECTIONS.meta(defense)
+        section = (hooks["report"](threats), hooks["markdown"](threats, meta))
     write_report(out_dir, result, meta, sanity, section=section)
     result.sanity, result.threats = sanity, threats
     return result
-
-
-def _evaluate_pssr(model: PSSRModel, ds: ArrayDataset, cfg: RunConfig, attacks: list, device: torch.device,
-                   meta: dict, progress: bool, cascade: bool, keep_adv: bool) -> tuple[PSSREvalResult, dict]:  # fmt: skip
-    """PSSR's threat models on `ds` with the transfer source `cfg.pssr.surrogate` (checked to fit), and
-    the restoration quality of its clean images; `meta` gains the surrogate's provenance."""
-    ev = cfg.eval
-    # The commands fill pssr.surrogate with a trained-and-cached one when the user gave none
-    # (`advmend.training.pssr_loop.with_transfer_surrogate`); without any, transfer is listed as "not run".
-    source = str(cfg.pssr.surrogate) if cfg.pssr.surrogate else None
-    surrogate = None
-    if source is not None:
-        surrogate, _, s_record = load_trained_model(source, device)
-        check_surrogate(model, surrogate, s_record, ds, source, device)
-    threats = evaluate_pssr(model, ds, attacks, surrogate=surrogate, batch_size=ev.batch_size, device=device,
-                            seed=ev.seed, progress=progress, cascade=cascade, keep_adv=keep_adv)  # fmt: skip
-    t0 = time.perf_counter()
-    threats.restoration = dict(restoration(model, ds, batch_size=ev.batch_size, device=device),
-                               seconds=round(time.perf_counter() - t0, 3))  # fmt: skip
-    meta = dict(meta, surrogate=source, surrogate_origin=meta.get("surrogate_origin", "user") if source else None)
-    return threats, meta

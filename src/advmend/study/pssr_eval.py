@@ -21,9 +21,10 @@ from advmend.attacks.presets import protocol_attacks
 from advmend.data import ArrayDataset, take
 from advmend.evaluation.evaluate import AttackResult, evaluate
 from advmend.evaluation.pssr import GRAYBOX, IDENTITY, MASK, THREAT_MODELS, TRANSFER, evaluate_pssr, restoration
-from advmend.evaluation.run import load_trained_model
+from advmend.evaluation.load import load_trained_model
 from advmend.evaluation.sanity import run_sanity
 from advmend.io import file_sha256
+from advmend.study.protocols import STUDY_PROTOCOLS, subsets
 from advmend.study.records import bits, cached_stage, percent
 
 PGD20 = "PGD-20"  # the study's PGD (FSR paper settings), the one attack every threat model runs
@@ -107,3 +108,11 @@ def evaluate_pssr_run(model, test: ArrayDataset, eps: float, study, device, chec
         "seconds": round(sum(s["stage_seconds"] for s in (clean, att, aa) if s is not None), 2),
     }
 
+
+@STUDY_PROTOCOLS.register("pssr")
+def pssr_protocol(model, test: ArrayDataset, eps: float, study, device, checkpoint: Path, run_cfg, cache_dir: Path,
+                  progress: bool, log: Callable[[str], None]) -> dict:  # fmt: skip
+    """`evaluate_pssr_run` with the run's transfer source (`pssr.surrogate`, filled by `prepare_evaluation`)
+    and the study's subsets."""
+    return evaluate_pssr_run(model, test, eps, study, device, checkpoint, Path(run_cfg.pssr.surrogate), cache_dir,
+                             progress, log, indices=subsets(len(test), study.eval))  # fmt: skip

@@ -25,19 +25,21 @@ from advmend.attacks.autoattack import AutoAttackSpec
 from advmend.attacks.presets import protocol_attacks
 from advmend.checkpoint import load_checkpoint
 from advmend.config import to_dict
-from advmend.data import ArrayDataset, derive_seed, take
+from advmend.data import ArrayDataset, take
 from advmend.evaluation.evaluate import EvalResult, evaluate
-from advmend.evaluation.run import load_trained_model
+from advmend.evaluation.load import load_trained_model, test_split
 from advmend.evaluation.sanity import run_sanity
 from advmend.study.records import (
     SCHEMA, STUDY_FILE, STUDY_SCHEMA, RecordError, bits, cached_stage, load_record, percent, read_json, record_path, write_json,
 )  # fmt: skip
-from advmend.study.pssr_eval import evaluate_pssr_run
+import advmend.study.pssr_eval  # noqa: F401  (registers PSSR's study protocol)
+from advmend.study.protocols import STUDY_PROTOCOLS, subset_indices, subsets  # noqa: F401  (subset_indices: tests)
 from advmend.study.spec import RunSpec, StudyConfig, load_study, resolve_runs
-from advmend.training.build import build_data, resolve_device
+from advmend.defenses.registry import defense_of
+from advmend.training.build import resolve_device
 from advmend.io import file_sha256, versions
-from advmend.training.loop import LAST, train
-from advmend.training.pssr_loop import train_pssr, with_transfer_surrogate
+from advmend.training.run_folder import LAST
+from advmend.training.run import prepare_evaluation, train_run
 
 # The study's attacks on the attack subset: the FSR paper's FGSM, PGD-20 and CW-30 (step eps/10, no
 # random start). PGD-100 is left out: on these models it moves PGD-20 by a fraction of a point and
@@ -219,25 +221,15 @@ def hardware() -> dict:
     return out
 
 
-def subset_indices(n_total: int, seed: int) -> torch.Tensor:
-    """The study's one permutation of the test split; every subset is a prefix of it (nested)."""
-    return torch.randperm(n_total, generator=torch.Generator().manual_seed(derive_seed(seed, 7)))
-
-
-def subsets(n_test: int, e) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(clean subset or None for all, attack subset, AutoAttack subset): nested prefixes of the permutation."""
-    perm = subset_indices(n_test, e.seed)
-    clean_idx = None if e.clean_n is None or e.clean_n >= n_test else perm[: e.clean_n]
-    return clean_idx, perm[: min(e.attack_n, n_test)], perm[: min(e.autoattack_n, n_test)]
-
-
 def _attack_entry(res: EvalResult, k: int) -> dict:
     a = res.attacks[k]
     return {"n": res.n, "accuracy": percent(a.correct), "correct": bits(a.correct), "settings": a.settings,
             "seconds": round(a.seconds, 2), **({"stages": a.stages} if a.stages else {})}  # fmt: skip
 
 
-def evaluate_run(model, test: ArrayDataset, eps: float, study: StudyConfig, device, checkpoint: Path,
+@STUDY_PROTOCOLS.register("none")
+@STUDY_PROTOCOLS.register("fsr")
+def evaluate_run(model, test: ArrayDataset, eps: float, study: StudyConfig, device, checkpoint: Path, run_cfg,
                  cache_dir: Path, progress: bool, log) -> dict:  # fmt: skip
     """The study protocol on the best checkpoint: clean, the paper's attacks, AutoAttack, worst case."""
     e = study.eval
@@ -306,23 +298,18 @@ def run_one(plan: StudyPlan, spec: RunSpec, *, progress: bool = False, log: Call
     log(f"{spec.run_id}: {'resuming' if resume else 'training'} in {run_dir}")
     load_start = hardware()
     t0 = time.perf_counter()
-    pssr = spec.cfg.pssr.enabled
     sub_log = lambda s: log(f"  {s}")  # noqa: E731
-    result = (train_pssr if pssr else train)(spec.cfg, run_dir, resume=resume, log=sub_log)
+    result = train_run(spec.cfg, run_dir, resume=resume, log=sub_log)
     train_wall = time.perf_counter() - t0
     device = resolve_device(spec.cfg.train.device)
     model, run_cfg, ckpt = load_trained_model(result.best, device)
     ev = None
     if plan.study.eval.test:  # a tuning study (test: false) never looks at the test split
-        test = build_data(spec.cfg.data, need_train=False).test
-        if pssr:  # the transfer source: pssr.surrogate, else the classifier's recipe with the next seed
-            run_cfg, _ = with_transfer_surrogate(run_cfg, result.best, {}, log=sub_log)
-            ev = evaluate_pssr_run(model, test, float(ckpt["eps"]), plan.study, device, result.best,
-                                   Path(run_cfg.pssr.surrogate), run_dir / "study-eval", progress, log,
-                                   indices=subsets(len(test), plan.study.eval))  # fmt: skip
-        else:
-            ev = evaluate_run(model, test, float(ckpt["eps"]), plan.study, device, result.best,
-                              run_dir / "study-eval", progress, log)  # fmt: skip
+        test = test_split(spec.cfg.data)
+        run_cfg, _ = prepare_evaluation(run_cfg, result.best, {}, log=sub_log)  # PSSR: its transfer source
+        protocol = STUDY_PROTOCOLS.get(defense_of(spec.cfg))
+        ev = protocol(model, test, float(ckpt["eps"]), plan.study, device, result.best, run_cfg,
+                      run_dir / "study-eval", progress, log)  # fmt: skip
     hist = result.history
     train_s = sum(h["seconds"] for h in hist)
     record = {

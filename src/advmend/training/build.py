@@ -22,6 +22,7 @@ from advmend.data import (
     subset,
 )
 from advmend.errors import ConfigError
+from advmend.evaluation.load import test_split
 from advmend.registry import Registry
 from advmend.training.mart import MART, MART_BETA
 from advmend.training.objectives import AdversarialCE, fast_at_attack
@@ -70,7 +71,7 @@ def build_data(cfg: DataConfig, *, need_train: bool = True, need_test: bool = Tr
         if cfg.train_subset is not None:
             train = subset(train, cfg.train_subset, cfg.seed)
     if need_test:
-        test = load_dataset(cfg.name, "test", root=cfg.root, download=cfg.download, **opts)
+        test = test_split(cfg)
         if train is not None:  # a model trained on the train split must take the test split
             check_data_fits_model(test, image_shape=train.image_shape, num_classes=train.num_classes,
                                   source=f"a model trained on the training split of {cfg.name!r}",

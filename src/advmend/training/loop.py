@@ -1,9 +1,9 @@
-"""The training loop: the one place that owns `zero_grad`, `backward` and `step`, and run folders.
+"""The training loop: the one place that owns `zero_grad`, `backward` and `step`.
 
 `run_stage` trains a `training.stage.Stage` (what to train and how to judge it) into a folder; the
 classifier (`train`, its stage built by `classifier_stage`) and PSSR's regenerator
-(`training.pssr_loop.train_pssr`) are two stages of this one loop: run folder, resume, records and
-checkpoints below are the same code for both; DDP, EMA, early stopping and TensorBoard apply to the
+(`training.pssr_loop.train_pssr`) are two stages of this one loop: the run folder, resume, records and
+checkpoints (`training.run_folder`) are the same code for both; DDP, EMA, early stopping and TensorBoard apply to the
 stages that have them (the classifier's).
 
 Per epoch: a progress bar (train.progress), one log line, one JSONL record (losses, clean and PGD
@@ -23,27 +23,21 @@ a pure function of (epoch, step), so `resume=True` after a kill continues as if 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
-from safetensors import SafetensorError
 from torch import nn
 from tqdm.auto import tqdm
 
-from advmend.checkpoint import load_checkpoint, save_checkpoint
-from advmend.config import RunConfig, check_config, from_dict, parse_yaml, to_dict
+from advmend.config import RunConfig, check_config, to_dict
 from advmend.data import BatchLoader
 from advmend.defenses.build import build_model
-from advmend.errors import CheckpointError, ConfigError
+from advmend.errors import ConfigError
 from advmend.evaluation.evaluate import evaluate
-from advmend.io import atomic_write_text, stale_temp_files
 from advmend.training.build import (
     attack_threat,
     build_attack,
@@ -52,7 +46,6 @@ from advmend.training.build import (
     check_objective,
     resolve_device,
 )
-from advmend.training.curves import read_history
 from advmend.training.distributed import (
     DistContext,
     env_context,
@@ -62,22 +55,27 @@ from advmend.training.distributed import (
 )  # fmt: skip
 from advmend.training.ema import ModelEMA
 from advmend.training.precision import Precision, check_amp, to_channels_last
-from advmend.training.rng import restore_rng_state, rng_state_tensors
 from advmend.training.schedule import Schedule, learning_rate
+from advmend.training.run_folder import (  # noqa: F401  (LAST, BEST, prepare_out_dir, ...: where callers found them)
+    BEST,
+    LAST,
+    RESUME_FREE_KEYS,
+    append_metrics,
+    check_resume_config,
+    checkpoint_bytes,
+    config_changes,
+    open_run,
+    prepare_out_dir,
+    rng_tensors,
+    save_or_explain,
+    unchanged_except,
+)
 from advmend.training.stage import Phase, Stage
+from advmend.training.trainers import TRAINERS
 
-LAST, BEST = "last.safetensors", "best.safetensors"
 # Model selection on the held-out validation split (never the test set): the metric of each choice.
 SELECT = {"robust": "val_robust_acc", "clean": "val_clean_acc", "last": "epoch"}  # keys: config.SELECTS
 TIE_KEY = "val_clean_acc"  # breaks a tie of the selection metric (select_best)
-# Free space wanted before training: best + last + the temporary copy during an atomic rewrite.
-DISK_FACTOR = 3
-# Settings that may differ when a run is resumed, because they do not change what it computes: where it
-# is written, where and how visibly it runs, and whether the test-set evaluation follows training.
-# Every other key must equal the run's (its last checkpoint's record), or --resume is an error.
-RESUME_FREE_KEYS = ("out_dir", "train.device", "train.progress", "train.tensorboard", "eval.after_train")
-# What a run folder holds before its first checkpoint: a run killed then may be started over.
-STARTED_RUN_FILES = ("config.yaml", "metrics.jsonl", "tensorboard")
 
 
 @dataclass
@@ -87,6 +85,7 @@ class TrainResult:
     best: Path
     history: list[dict]
     stopped: dict | None = field(default=None)  # {"epoch", "reason"} when early stopping ended the run
+    selection: str = ""  # how the best checkpoint was chosen, in words (Stage.selection)
 
 
 def check_train_config(cfg: RunConfig, device: torch.device | None = None) -> None:
@@ -104,146 +103,6 @@ def check_train_config(cfg: RunConfig, device: torch.device | None = None) -> No
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401
         except ImportError:
             raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
-
-
-def _existing_ancestor(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def checkpoint_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, ema: bool) -> int:
-    """Bytes of one `last` checkpoint: weights and buffers, one optimizer slot per parameter (SGD
-    momentum) and the EMA copy; the JSON record is small next to them."""
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    slots = 1 if any(g.get("momentum", 0) for g in optimizer.param_groups) else 0
-    return weights + slots * params + (weights if ema else 0)
-
-
-def check_disk_space(out_dir: Path, need: int) -> None:
-    """ConfigError, before training, when the output filesystem cannot hold the checkpoints."""
-    free = shutil.disk_usage(_existing_ancestor(out_dir)).free
-    if free < DISK_FACTOR * need:
-        raise ConfigError(
-            f"not enough disk space for checkpoints in {out_dir}: {free / 2**20:.1f} MiB free, "
-            f"need about {DISK_FACTOR * need / 2**20:.1f} MiB ({DISK_FACTOR} x {need / 2**20:.1f} MiB); "
-            "free some space or choose another --out"
-        )
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_changes(saved: dict, cfg: RunConfig) -> dict[str, tuple[object, object]]:
-    """{dotted key: (the run's value, `cfg`'s value)} for every key outside RESUME_FREE_KEYS that differs.
-
-    `saved` (a checkpoint record's config, or a config.yaml) is resolved as a RunConfig first, so keys
-    it lacks compare as their defaults.
-    """
-    plain = lambda c: json.loads(json.dumps(to_dict(c), default=str))  # noqa: E731  (tuples vs lists)
-    old, new = _flat(plain(from_dict(RunConfig, saved))), _flat(plain(cfg))
-    missing = "<absent>"
-    return {
-        k: (old.get(k, missing), new.get(k, missing))
-        for k in sorted(old.keys() | new.keys())
-        if k not in RESUME_FREE_KEYS and old.get(k, missing) != new.get(k, missing)
-    }
-
-
-def _describe_changes(changes: dict[str, tuple[object, object]]) -> str:
-    return ", ".join(f"{k} ({a!r} in the run, {b!r} now)" for k, (a, b) in changes.items())
-
-
-def _is_started_run_of(out_dir: Path, entries: list[Path], cfg: RunConfig) -> bool:
-    """Whether `out_dir` holds only what a run of `cfg` writes before its first checkpoint."""
-    if not all(p.name in STARTED_RUN_FILES for p in entries) or not (out_dir / "config.yaml").is_file():
-        return False
-    try:
-        saved = parse_yaml((out_dir / "config.yaml").read_text())
-        return isinstance(saved, dict) and not config_changes(saved, cfg)
-    except (OSError, yaml.YAMLError, ValueError, TypeError):
-        return False
-
-
-def prepare_out_dir(out_dir: Path, resume: bool, rank: int = 0, *, cfg: RunConfig | None = None) -> None:
-    """Check the run folder before anything is written, create it, and check it is writable.
-
-    With `cfg` (a new run of that config, `resume` false) the folder must be absent, empty, or hold only
-    what a run of the same config wrote before being killed ahead of its first checkpoint: any other
-    content (e.g. a best.safetensors without last.safetensors) is never overwritten.
-    """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"output path {out_dir} exists and is not a folder")
-    if not resume and (out_dir / LAST).exists():
-        raise ConfigError(f"{out_dir} already holds a run: pass --resume to continue it, or choose another --out")
-    if resume and not (out_dir / LAST).exists():
-        hint = ""
-        if (out_dir / "config.yaml").is_file() and not (out_dir / BEST).exists():
-            hint = " (the run there wrote no checkpoint yet: run again without --resume to start it over)"
-        raise CheckpointError(f"--resume: no {LAST} in {out_dir} to resume from{hint}")
-    if cfg is not None and not resume and out_dir.is_dir():
-        # Leftovers of this or another rank's atomic writes and write probes are not run content.
-        ignore = set(stale_temp_files(out_dir))
-        entries = [p for p in out_dir.iterdir() if p not in ignore and not p.name.startswith(".advmend-write-test-")]
-        if entries and not _is_started_run_of(out_dir, entries, cfg):
-            names = ", ".join(sorted(p.name for p in entries)[:5]) + (", ..." if len(entries) > 5 else "")
-            raise ConfigError(
-                f"{out_dir} is not empty ({names}) and holds no run to resume (no {LAST}); refusing to "
-                "overwrite it: use --resume only on a run folder, choose another --out, or delete the folder"
-            )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    probe = out_dir / f".advmend-write-test-{rank}-{os.getpid()}"
-    try:
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"output folder {out_dir} is not writable ({e.strerror}); choose another --out") from None
-
-
-def unchanged_except(out_dir: Path, record: dict, cfg: RunConfig, may_change: tuple[str, ...]) -> dict[str, tuple]:
-    """The rule of every resumed stage: ConfigError naming each dotted key (other than `may_change` and
-    RESUME_FREE_KEYS) where `cfg` differs from the run's recorded config; returns the changes among
-    `may_change` as {key: (in the run, now)}, for the stage to judge."""
-    try:
-        changes = config_changes(record["config"], cfg)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"--resume: {out_dir / LAST} records a config this advmend cannot read ({e})") from None
-    allowed = {k: changes.pop(k) for k in may_change if k in changes}
-    if changes:
-        raise ConfigError(
-            f"--resume: the config differs from the run in {out_dir} at {_describe_changes(changes)}; resume "
-            "with the run's settings (its config.yaml), or start a new run with another --out"
-        )
-    return allowed
-
-
-def check_resume_config(out_dir: Path, record: dict, cfg: RunConfig) -> dict | None:
-    """ConfigError naming every dotted key where `cfg` differs from the run being resumed.
-
-    `train.epochs` may change to continue a run further (or end it sooner), as long as epochs remain to
-    be trained: otherwise nothing would be trained and the changed value would describe no checkpoint.
-    Returns the run's config (as recorded) with the new train.epochs when it changed, else None.
-    """
-    epochs = unchanged_except(out_dir, record, cfg, ("train.epochs",)).get("train.epochs")
-    if epochs is None:
-        return None
-    done, stopped = record["epoch"], (record.get("early_stopping") or {}).get("stopped")
-    if stopped or cfg.train.epochs <= done:
-        why = f"stopped early after epoch {stopped['epoch']}" if stopped else f"has already trained {done} epochs"
-        raise ConfigError(
-            f"--resume: train.epochs={cfg.train.epochs} ({epochs[0]} in the run), but the run in {out_dir} {why}: "
-            "nothing would be trained; keep train.epochs as it was, or start a new run with another --out"
-        )
-    return dict(record["config"], train=dict(record["config"]["train"], epochs=cfg.train.epochs))
 
 
 @contextlib.contextmanager
@@ -265,6 +124,8 @@ def _determinism(enabled: bool):
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
 
 
+@TRAINERS.register("none")
+@TRAINERS.register("fsr")
 def train(
     cfg: RunConfig,
     out_dir: str | Path,
@@ -333,6 +194,8 @@ def classifier_stage(cfg: RunConfig, out_dir: Path, ctx: DistContext, device: to
         validate=validate, val_every=t.val_every,
         # Without a validation split there is nothing to select on: best is the latest epoch.
         select_key=SELECT[t.select] if data.val is not None else "epoch",
+        selection=f"{SELECT[t.select]} (train.select={t.select})" if data.val is not None else
+        "the latest epoch (no validation split)",
         record={
             "num_classes": info["num_classes"],
             "image_shape": list(info["image_shape"]),
@@ -351,58 +214,15 @@ def classifier_stage(cfg: RunConfig, out_dir: Path, ctx: DistContext, device: to
 def run_stage(stage: Stage, out_dir: Path, *, resume: bool, log: Callable[[str], None]) -> TrainResult:
     """Train `stage` into `out_dir`: the one loop of both stages (see `training.stage` for why).
 
-    It owns the run folder: the disk-space and out-dir checks, --resume (weights, optimizer, GradScaler,
-    EMA, RNG states, early-stopping counters, history and best value), config.yaml and metrics.jsonl,
-    the per-epoch record, log line and TensorBoard scalars, model selection and the atomic `best` /
-    `last` checkpoints. `log` is called on every rank (pass a silent one on ranks other than 0).
+    The epochs: train, validate, log line and TensorBoard scalars, model selection, early stopping and
+    the checkpoint record; what is kept on disk (the folder's checks, --resume, config.yaml,
+    metrics.jsonl, the atomic `best` / `last` checkpoints) goes through `training.run_folder`. `log`
+    is called on every rank (pass a silent one on ranks other than 0).
     """
-    model, optimizer, precision, ctx, device = stage.model, stage.optimizer, stage.precision, stage.ctx, stage.device
-    check_disk_space(out_dir, stage.checkpoint_bytes)
-    prepare_out_dir(out_dir, resume, ctx.rank, cfg=stage.out_dir_config)
-    if ctx.is_main:
-        remove_stale_temp_files(out_dir, log)
-    ctx.barrier()
-
-    start_epoch, best_value, history, since_best, stopped = 0, None, [], 0, None
-    select_key = stage.select_key
-    # config.yaml describes the run's checkpoints: written when a run starts, and on resume only when
-    # missing or when the stage's resume check returns a changed config (e.g. train.epochs changed to
-    # continue the run: the new checkpoints record it too).
-    run_config = to_dict(stage.config)
-    if resume:
-        state, record = load_checkpoint(out_dir / LAST)
-        changed = stage.check_resume(record)
-        if changed is not None:
-            run_config = changed
-        elif (out_dir / "config.yaml").is_file():
-            run_config = None  # never rewritten: it already describes the checkpoints
-        else:
-            run_config = record["config"]
-        model.load_state_dict(state)
-        optimizer.load_state_dict(record["optimizer_state"])
-        extra = record.get("extra_tensors", {})
-        precision.load_state(record.get("scaler"))
-        if stage.ema is not None:
-            if any(k.startswith("ema.") for k in extra):
-                stage.ema.load_state_tensors(extra, (record.get("ema") or {}).get("updates", 0))
-            else:
-                stage.ema = ModelEMA(model, stage.ema.decay)
-                log("--resume: the checkpoint has no EMA; the average restarts from the current weights")
-        prefix = f"rng.rank{ctx.rank}." if stage.rng_by_rank else "rng."
-        rng = {k[len(prefix):]: v for k, v in extra.items() if k.startswith(prefix)}
-        if rng:
-            restore_rng_state(rng, device)
-        else:
-            log("--resume: no RNG state for this rank in the checkpoint; the run continues, but not bit-exactly")
-        start_epoch, best_value = record["epoch"], record["best"]["value"]
-        early = record.get("early_stopping") or {}
-        since_best, stopped = early.get("validations_since_best", 0), early.get("stopped")
-        history = read_history(out_dir / "metrics.jsonl", start_epoch)
-        log(f"resuming {out_dir} after epoch {start_epoch}")
-    if ctx.is_main:
-        if run_config is not None:
-            atomic_write_text(out_dir / "config.yaml", yaml.safe_dump(run_config, sort_keys=False))
-        atomic_write_text(out_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    model, optimizer, precision, ctx = stage.model, stage.optimizer, stage.precision, stage.ctx
+    state = open_run(stage, out_dir, resume=resume, log=log)
+    start_epoch, best_value, history = state.start_epoch, state.best_value, state.history
+    since_best, stopped, select_key = state.since_best, state.stopped, stage.select_key
     writer = None
     if stage.tensorboard and ctx.is_main:
         from torch.utils.tensorboard import SummaryWriter
@@ -424,15 +244,14 @@ def run_stage(stage: Stage, out_dir: Path, *, resume: bool, log: Callable[[str],
                 rec["stage"] = label
             history.append(rec)
             if ctx.is_main:
-                with open(out_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                append_metrics(out_dir, rec)
                 if writer is not None:
                     for k, v in rec.items():
                         if k != "epoch" and isinstance(v, (int, float)):
                             writer.add_scalar(k, v, rec["epoch"])
                     writer.flush()
             log(log_line(rec, epochs) + stage.log_suffix(rec))
-            is_best, best_value, best_epoch = select_best(history, select_key, best_value)
+            is_best, best_value, best_epoch = select_best(history, select_key, best_value, stage.select_goal)
             if stage.patience is not None and rec.get(select_key) is not None:  # a validated epoch
                 since_best = 0 if is_best else since_best + 1
                 if since_best >= stage.patience:
@@ -449,7 +268,7 @@ def run_stage(stage: Stage, out_dir: Path, *, resume: bool, log: Callable[[str],
                     early_stopping={"patience": stage.patience, "metric": select_key,
                                     "validations_since_best": since_best, "stopped": stopped},
                 )  # fmt: skip
-            extra = _gather_rng(ctx, device) if stage.rng_by_rank else _rng(device)
+            extra = rng_tensors(stage)
             if ema is not None:
                 extra.update(ema.state_tensors())
             if ctx.is_main:
@@ -462,63 +281,27 @@ def run_stage(stage: Stage, out_dir: Path, *, resume: bool, log: Callable[[str],
     finally:
         if writer is not None:
             writer.close()
-    return TrainResult(out_dir, out_dir / LAST, out_dir / BEST, history, stopped)
+    return TrainResult(out_dir, out_dir / LAST, out_dir / BEST, history, stopped, stage.selection or select_key)
 
 
-def remove_stale_temp_files(out_dir: Path, log: Callable[[str], None]) -> None:
-    """Delete the temporary files a kill during an atomic write left in `out_dir` (never loaded)."""
-    for tmp in stale_temp_files(out_dir):
-        tmp.unlink(missing_ok=True)
-        log(f"removed {tmp.name}, an incomplete write from an interrupted run")
-
-
-def select_best(history: list[dict], select_key: str, best_value: float | None) -> tuple[bool, float | None, int | None]:
+def select_best(history: list[dict], select_key: str, best_value: float | None,
+                goal: Callable[[dict], bool] | None = None) -> tuple[bool, float | None, int | None]:  # fmt: skip
     """Model selection after the epoch `history[-1]`: (is it the new best, best value, best epoch).
 
-    Epochs without the selection metric (no validation that epoch) are not candidates. A tie on the
-    metric goes to the epoch with the higher validation clean accuracy (`TIE_KEY`), then to the earlier
-    one: behind PSSR a plain classifier's robust metric (the worst of gray-box and white-box) is 0 at
-    every epoch, and the first validated epoch would otherwise be kept whatever the later ones reach.
-    `best_value` (the checkpoint's, on resume) wins only when the history that reached it is gone.
+    Epochs without the selection metric (no validation that epoch) are not candidates. With a `goal`
+    (a rule on the epoch record, e.g. PSSR's clean-accuracy goal), epochs that meet it rank above
+    every epoch that does not, whatever their metric. A tie on the metric goes to the epoch with the
+    higher validation clean accuracy (`TIE_KEY`), then to the earlier one. `best_value` (the
+    checkpoint's, on resume) wins only when the history that reached it is gone.
     """
     validated = [h for h in history if h.get(select_key) is not None]
     if not validated:
         return False, best_value, None
-    best = max(validated, key=lambda h: (h[select_key], h.get(TIE_KEY, float("-inf")), -h["epoch"]))
-    if best_value is not None and best_value > best[select_key]:
+    met = goal if goal is not None else (lambda h: True)
+    best = max(validated, key=lambda h: (met(h), h[select_key], h.get(TIE_KEY, float("-inf")), -h["epoch"]))
+    if best_value is not None and best_value > best[select_key] and goal is None:
         return False, best_value, None
     return best is history[-1], best[select_key], best["epoch"]
-
-
-def save_or_explain(path: Path, model: nn.Module, record: dict, optimizer=None, extra=None) -> None:
-    """save_checkpoint, with a full disk or a permission problem turned into one CheckpointError line.
-
-    safetensors reports its own write failures (a full disk among them) as SafetensorError, not OSError.
-    Either way nothing was renamed: the previous checkpoint and its sidecar are intact, temp files gone.
-    """
-    try:
-        save_checkpoint(path, model, record, optimizer, extra_tensors=extra)
-    except (OSError, SafetensorError) as e:
-        why = (e.strerror if isinstance(e, OSError) else None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(
-            f"could not write {path} ({why[:200]}); the previous checkpoint is intact: "
-            "free disk space or fix permissions, then rerun with --resume"
-        ) from None
-
-
-def _gather_rng(ctx: DistContext, device: torch.device) -> dict[str, torch.Tensor]:
-    """Every rank's RNG states (all ranks must call this), named rng.rank<r>.<generator>."""
-    out = {}
-    for name, state in rng_state_tensors(device).items():
-        comm_device = device if device.type == "cuda" else torch.device("cpu")  # nccl gathers on the GPU
-        for r, s in enumerate(ctx.all_gather(state.to(comm_device))):
-            out[f"rng.rank{r}.{name}"] = s.cpu()
-    return out
-
-
-def _rng(device: torch.device) -> dict[str, torch.Tensor]:
-    """This process's RNG states, named rng.<generator> (a stage with `rng_by_rank` false)."""
-    return {f"rng.{k}": v for k, v in rng_state_tensors(device).items()}
 
 
 def _validate(model, val_data, attack, cfg: RunConfig, device, ctx: DistContext) -> dict:

@@ -12,7 +12,8 @@ for `--resume`) and `best` checkpoints written atomically, by the same code. The
   for `pssr.threat: graybox` or against the whole pipeline for `adaptive`);
 - validation reports the pipeline's clean accuracy, its accuracy on `train.val_attack` examples
   crafted on f (gray-box) and on the pipeline itself (white box, mask constant), and their
-  per-example worst case (`val_robust_acc`, the selection metric of `train.select: robust`).
+  per-example worst case (`val_robust_acc`); `train.select: robust` selects on the gray-box accuracy
+  among the epochs that keep PSSR's clean accuracy within 3 points of the classifier's (`pssr_selection`).
 
 The checkpoints hold the whole pipeline (f and G) and a config whose `model`/`fsr` sections are the
 classifier's, so `advmend eval` and `load_trained_model` rebuild it unchanged.
@@ -33,16 +34,17 @@ from advmend.defenses.build import build_model
 from advmend.defenses.pssr.objective import PSSRObjective
 from advmend.defenses.pssr.pipeline import PSSRModel, check_pssr_config
 from advmend.errors import CheckpointError, ConfigError
+from advmend.evaluation.evaluate import evaluate
 from advmend.evaluation.pssr import GRAYBOX, MASK, evaluate_pssr, restoration
 from advmend.evaluation.run import load_trained_model
 from advmend.io import file_sha256
 from advmend.training.build import attack_threat, build_attack, build_data, resolve_device
-from advmend.training.loop import (
-    BEST, LAST, SELECT, TrainResult, check_train_config, run_stage, train, unchanged_except,
-)
+from advmend.training.loop import SELECT, TrainResult, check_train_config, run_stage, train
+from advmend.training.run_folder import BEST, LAST, unchanged_except
 from advmend.training.precision import Precision
 from advmend.training.schedule import Schedule
 from advmend.training.stage import Phase, Stage
+from advmend.training.trainers import TRAINERS
 
 CLASSIFIER_DIR = "classifier"
 
@@ -140,9 +142,10 @@ def _regenerator_stage(cfg: RunConfig, out_dir: Path, data, clf_path: Path, f, d
     loader = BatchLoader(data.train, p.batch_size, shuffle=True, device=device, augment=info["augment"],
                          drop_last=len(data.train) >= 2 * p.batch_size, seed=t.seed)  # fmt: skip
     weights = sum(v.numel() * v.element_size() for v in model.state_dict().values())
-    validate = None
+    validate, select_key, goal, selection = None, "epoch", None, "the latest epoch (no validation split)"
     if data.val is not None:
         validate = lambda m: _validate(m, data.val, val_attack, cfg, device)  # noqa: E731
+        select_key, goal, selection = pssr_selection(t.select, f, data.val, cfg, device)
     # G's stage runs on one process with the classifier loop's precision switch (train.amp): the attack on
     # f, the surgery and both passes through G and f run under autocast. channels_last is left out: a quick
     # check on CPU found it slower for the U-Net (bf16's gain: python -m advmend.bench.pssr_speed --amp bf16).
@@ -151,7 +154,7 @@ def _regenerator_stage(cfg: RunConfig, out_dir: Path, data, clf_path: Path, f, d
         phases=(Phase(pretrain, p.pretrain_epochs, "pretrain"), Phase(objective, p.epochs, "adversarial")),
         optimizer=optimizer, schedule=Schedule(lr=p.lr, epochs=total, kind="cosine"),  # Adam, cosine (spec)
         loader=loader, device=device, precision=Precision(t.amp, device),
-        validate=validate, val_every=t.val_every, select_key=SELECT[t.select] if data.val is not None else "epoch",
+        validate=validate, val_every=t.val_every, select_key=select_key, select_goal=goal, selection=selection,
         record={
             "num_classes": info["num_classes"], "image_shape": list(info["image_shape"]),
             **asdict(attack_threat(p.attack, info["eps"])),
@@ -161,6 +164,33 @@ def _regenerator_stage(cfg: RunConfig, out_dir: Path, data, clf_path: Path, f, d
         checkpoint_bytes=weights + 2 * sum(q.numel() * q.element_size() for q in trainable),  # Adam: 2 slots
         progress=t.progress, rng_by_rank=False, lr_key="pssr.lr", log_suffix=_log_suffix,
     )  # fmt: skip
+
+
+# PSSR's clean-accuracy goal: the pipeline's clean accuracy at most this many points below the classifier's alone.
+CLEAN_GOAL_POINTS = 3.0
+
+
+def pssr_selection(select: str, f, val_data, cfg: RunConfig, device) -> tuple[str, Callable[[dict], bool] | None, str]:
+    """(metric, goal, description) of PSSR's model selection for `train.select`.
+
+    "robust" selects on what PSSR can provide: its gray-box validation accuracy (the attack crafted on
+    f), among the epochs whose clean accuracy meets the goal (within CLEAN_GOAL_POINTS of f alone on
+    the same split; epochs missing it rank below every one meeting it). White-box accuracy is recorded
+    but does not select: behind PSSR a plain classifier's is 0 at every epoch, and a metric that is
+    identically 0 would leave the choice to chance. "clean" and "last" select as for a classifier.
+    """
+    if select != "robust":
+        return SELECT[select], None, f"{SELECT[select]} (train.select={select})"
+    alone = 100 * evaluate(f, val_data, [], batch_size=cfg.eval.batch_size, device=device).clean_accuracy
+    floor = alone - CLEAN_GOAL_POINTS
+
+    def goal(rec: dict) -> bool:
+        return rec.get("val_clean_acc", float("-inf")) >= floor
+
+    return "val_graybox_acc", goal, (
+        f"val_graybox_acc among epochs with val_clean_acc >= {floor:.2f} (the classifier's {alone:.2f} "
+        f"- {CLEAN_GOAL_POINTS:g}) (train.select=robust)"
+    )
 
 
 def _check_resume(out_dir: Path, record: dict, cfg: RunConfig, info: dict, clf_path: Path) -> dict:
@@ -253,3 +283,6 @@ def _validate(model: PSSRModel, val_data, attack, cfg: RunConfig, device) -> dic
         "val_ssim": round(quality["ssim"], 4),
         "val_seconds": round(ev.result.seconds, 2),
     }
+
+
+TRAINERS.register("pssr", prepare_evaluation=with_transfer_surrogate)(train_pssr)

@@ -54,6 +54,10 @@ class Stage:
             validate on, and the best checkpoint is the latest epoch (select_key "epoch").
         val_every: validate every this many epochs, and after the last.
         select_key: the metric the best checkpoint maximises (a key of the epoch record).
+        select_goal: a rule on the epoch record; epochs that meet it rank above those that do not
+            (`loop.select_best`), or None. PSSR's: its clean accuracy within a few points of the
+            classifier's alone.
+        selection: how the best checkpoint is chosen, in words, for the log and the command's output.
         record: the stage's own checkpoint record fields (num_classes, image_shape, threat model, ...).
         check_resume: called with the record of the `last` checkpoint being resumed; raises when the
             run cannot continue with this stage, else returns the config the continued run records when
@@ -90,6 +94,8 @@ class Stage:
     check_resume: Callable[[dict], dict | None]
     checkpoint_bytes: int
     out_dir_config: RunConfig | None = None
+    select_goal: Callable[[dict], bool] | None = None
+    selection: str = ""
     ema: ModelEMA | None = None
     ctx: DistContext = field(default_factory=DistContext)
     patience: int | None = None

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from advmend.config import PSSR_MODES, PSSRConfig, RunConfig
+from advmend.config import PSSR_MODES, PSSRConfig, RunConfig, from_dict
 from advmend.defenses.classifier import build_classifier
 from advmend.defenses.pssr.regenerator import Regenerator
+from advmend.defenses.registry import DEFENSES
 from advmend.defenses.pssr.surgery import MASKS, apply_surgery, salient_mask, score_map
 from advmend.errors import ConfigError
 from advmend.validate import check_images
@@ -161,17 +162,35 @@ def check_pssr_config(p: PSSRConfig) -> None:
     p.checked()
 
 
+# PSSR is asked first: it wraps a classifier that may carry FSR blocks. Its transfer source is a config key
+# (a surrogate classifier, `evaluation.pssr`), and its training loads its own classifier's split.
+@DEFENSES.register("pssr", enabled=lambda cfg: cfg.pssr.enabled, order=0, label="PSSR", eval_prefix="pssr-",
+                   transfer_key="pssr.surrogate", test_with_train_split=False)  # fmt: skip
 def build_pssr_model(cfg: RunConfig, num_classes: int, image_shape: tuple[int, int, int]) -> PSSRModel:
     """The PSSR pipeline of `cfg`: f from cfg.model/cfg.fsr (built by `build_classifier`), G from cfg.pssr.
 
     Weights are not loaded here: a PSSR checkpoint holds f's and G's together.
     """
-    p = cfg.pssr
-    check_pssr_config(p)
-    classifier = build_classifier(cfg, num_classes, image_shape)
+    check_pssr_config(cfg.pssr)
+    return _assemble(build_classifier(cfg, num_classes, image_shape), image_shape, cfg.pssr)
+
+
+def _assemble(classifier: nn.Module, image_shape: tuple[int, int, int], p: PSSRConfig) -> PSSRModel:
+    """PS + a fresh G of section `p` in front of `classifier`."""
     regenerator = Regenerator(image_shape[0], image_shape[1:], width=p.width, dropout=p.dropout, depth=p.depth,
                               residual=p.residual)  # fmt: skip
     return PSSRModel(
         classifier, regenerator, mask=p.mask, alpha=p.alpha, rho=p.rho, fill=p.fill, surgery=p.surgery,
         mode=p.mode, finetune_classifier=p.finetune_classifier,
     )  # fmt: skip
+
+
+def pssr_pipeline(classifier: nn.Module, image_shape: tuple[int, int, int], **options) -> PSSRModel:
+    """PS + G in front of `classifier` for images of `image_shape` (C, H, W), with a fresh regenerator.
+
+    `options` are `pssr.*` settings of the surgery and the regenerator (mask, alpha, rho, fill, surgery,
+    mode, width, depth, dropout, residual, finetune_classifier), checked as the config checks them.
+    """
+    p = from_dict(PSSRConfig, dict(options, enabled=True))  # unknown keys and bad values: one ConfigError line
+    check_pssr_config(p)
+    return _assemble(classifier, image_shape, p)
