@@ -178,9 +178,16 @@ MUTANTS: list[Mutant] = [
     ),
     Mutant(
         "fsr-tau-ignored", "FSRBlock._mask",
-        "gumbel_sigmoid_mask(self.separation(f), float(self.tau), stochastic=stochastic)",
-        "gumbel_sigmoid_mask(self.separation(f), 0.1, stochastic=stochastic)",
+        "return gumbel_sigmoid_mask(z, float(self.tau), stochastic=stochastic)",
+        "return gumbel_sigmoid_mask(z, 0.1, stochastic=stochastic)",
         (T_FSR + "test_tau_sets_the_mask_sharpness",), "the block uses tau = 0.1 whatever it was built with",
+    ),
+    Mutant(
+        "fsr-bpda-backward-at-model-tau", "_SigmoidSoftBackward.backward",
+        "soft = torch.sigmoid(z / ctx.backward_tau)",
+        "soft = torch.sigmoid(z / 0.1)",
+        (T_FSR + "test_mask_bpda_gradient_reaches_a_saturated_mask",),
+        "the adaptive attack through FSR's mask differentiates the model's own near-step mask",
     ),
     Mutant(
         "fsr-sep-nonrobust-term-on-true-label", "fsr_terms",
