@@ -83,7 +83,7 @@ def test_every_parameter_gets_a_gradient():
 
 
 def _spec_y_adv(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """shared/specs/fsr.md: the top-1 class when it is wrong, else the top-2 class."""
+    """docs/fsr.md: the top-1 class when it is wrong, else the top-2 class."""
     top2 = logits.topk(2, dim=1).indices
     return torch.where(top2[:, 0] != y, top2[:, 0], top2[:, 1])
 
@@ -110,7 +110,7 @@ def test_y_adv_is_top1_when_wrong_and_top2_when_right():
 
 
 def _spec_block(block: FSRBlock, f: torch.Tensor, tau: float) -> dict[str, torch.Tensor]:
-    """The block's outputs recomputed from shared/specs/fsr.md with its own sub-nets (deterministic mask)."""
+    """The block's outputs recomputed from docs/fsr.md with its own sub-nets (deterministic mask)."""
     m = torch.sigmoid(block.separation(f) / tau)
     f_plus, f_minus = m * f, (1 - m) * f
     f_tilde = f_minus + (1 - m) * block.recalibration(f_minus)

@@ -1,6 +1,6 @@
 """Objectives reduce to known results in their limit cases, and their FSR terms match the spec.
 
-The FSR terms are recomputed here from shared/specs/fsr.md, from each block's input feature map and
+The FSR terms are recomputed here from docs/fsr.md, from each block's input feature map and
 its sub-nets, never through `fsr_losses`: a test against the implementation itself cannot fail.
 """
 

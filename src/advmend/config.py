@@ -92,7 +92,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class FSRConfig:
-    """Feature Separation and Recalibration blocks (../shared/specs/fsr.md)."""
+    """Feature Separation and Recalibration blocks (docs/fsr.md)."""
 
     enabled: bool = False
     layers: tuple[str, ...] | None = None  # None: the model's reference placement
@@ -235,7 +235,7 @@ class EvalConfig:
 # --- PSSR (owned by the PSSR feature; see src/advmend/defenses/pssr/)
 @dataclass(frozen=True)
 class PSSRConfig:
-    """Pixel Surgery and Semantic Regeneration (../shared/specs/pssr.md); values are checked with
+    """Pixel Surgery and Semantic Regeneration (docs/pssr.md); values are checked with
     the rest of the config (`checked`). `train` trains the classifier (when `classifier`
     is null); `epochs`, `batch_size`, `lr` and `attack` here train the regenerator."""
 

@@ -1,7 +1,7 @@
 """PSSR's cost: inference per image as a multiple of the classifier's forward pass, and regenerator
 training images/s. Run: `python -m advmend.bench.pssr_speed [--models small_cnn,resnet18] [--batch-size 64]`.
 
-The spec (../shared/specs/pssr.md) budgets inference at about 3 classifier passes plus one pass of
+The spec (docs/pssr.md) budgets inference at about 3 classifier passes plus one pass of
 the regenerator G: PS is one forward and one backward pass of the scorer (f), then G, then f. The
 target is `pipeline_minus_g <= 4`, where
 

@@ -161,7 +161,7 @@ def _read_npz(path: Path, split: str, default_classes: tuple[str, ...] | None) -
             if not need <= keys:
                 raise DataError(
                     f"{path} lacks arrays {sorted(need - keys)} (has {sorted(keys)}); expected the layout "
-                    "of shared/data/cifar10.npz: x_train, y_train, x_test, y_test, optional classes"
+                    "of cifar10.npz (docs/getting-started.md#data): x_train, y_train, x_test, y_test, optional classes"
                 )
             x, y = data[f"x_{split}"], data[f"y_{split}"]
             if "classes" in keys:
@@ -192,7 +192,7 @@ def _read_npz(path: Path, split: str, default_classes: tuple[str, ...] | None) -
 
 @DATASETS.register("npz")
 def load_npz(root: Path, split: str, download: bool, *, path: str | None = None) -> ArrayDataset:
-    """A ``.npz`` file with the layout of shared/data/cifar10.npz (option ``path``).
+    """A ``.npz`` file with the layout of cifar10.npz (docs/getting-started.md#data) (option ``path``).
 
     A relative ``path`` is looked up in the current directory, then in the data root.
     """
@@ -214,7 +214,7 @@ def _missing(name: str, root: Path, download: bool, err: BaseException) -> DataE
         head = f"{name} not found in {root}"
         tail = ", or allow downloading with --set data.download=true"
     return DataError(
-        f"{head}: put {name}.npz (the layout of shared/data/cifar10.npz) there, set ADVMEND_DATA "
+        f"{head}: put {name}.npz (the layout of cifar10.npz (docs/getting-started.md#data)) there, set ADVMEND_DATA "
         f"or --set data.root=DIR to a folder that has it{tail}"
     )
 

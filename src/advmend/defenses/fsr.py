@@ -1,7 +1,7 @@
 """The FSR block: Feature Separation and Recalibration.
 
 Kim, Cho, Jung, Yoon, "Feature Separation and Recalibration for Adversarial Robustness", CVPR 2023,
-https://arxiv.org/abs/2303.13846. Specification: shared/specs/fsr.md.
+https://arxiv.org/abs/2303.13846. Specification: docs/fsr.md.
 
 A feature map f is split by a Gumbel-sigmoid mask m into a robust part m*f and a non-robust part
 (1-m)*f; a recalibration net R adds back (1-m)*R((1-m)*f). On the main path the block is therefore a

@@ -2,7 +2,7 @@
 
 PSSR is an input transformation, the family that adaptive attacks have broken before (Athalye et al.,
 "Obfuscated Gradients Give a False Sense of Security", ICML 2018; Tramer et al., "On Adaptive Attacks
-to Adversarial Example Defenses", NeurIPS 2020). ../shared/specs/pssr.md and evaluation.md ask for:
+to Adversarial Example Defenses", NeurIPS 2020). docs/pssr.md and docs/evaluation.md ask for:
 
 1. graybox: examples crafted on the classifier f alone (PGD's last iterate), then passed through PSSR;
 2. whitebox BPDA, two ways, the stronger counting per example:

@@ -13,7 +13,7 @@ Examples", ICLR 2020, and its reference code:
   p(x') and the weight, as in the reference.
 
 With an FSR model, lambda_sep * L_sep + lambda_rec * L_rec are added on the adversarial batch
-(shared/specs/fsr.md); the clean pass is an ordinary train-mode pass (stochastic masks).
+(docs/fsr.md); the clean pass is an ordinary train-mode pass (stochastic masks).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 PGD-AT (Madry et al. 2018): minimise CE on adversarial examples made by the shared PGD core with the
 model in eval mode; the loss pass then runs in the model's current (train) mode. With an `FSRModel`,
-the FSR terms of shared/specs/fsr.md are added: L = CE + lambda_sep * L_sep + lambda_rec * L_rec, in
+the FSR terms of docs/fsr.md are added: L = CE + lambda_sep * L_sep + lambda_rec * L_rec, in
 the same single forward pass. "standard" training is the same objective with no attack, and fast AT
 (Wong et al. 2020) is the same objective with a one-step attack (`fast_at_attack`).
 
@@ -58,7 +58,7 @@ def adversarial_forward(
     """The loss pass on the adversarial batch: (final logits, weighted FSR terms or None, metrics).
 
     For an `FSRModel` with a non-zero weight, one `forward_with_aux` pass gives both the logits and the
-    blocks' auxiliary outputs, so the FSR terms cost no extra forward pass (shared/specs/fsr.md:
+    blocks' auxiliary outputs, so the FSR terms cost no extra forward pass (docs/fsr.md:
     L_sep and L_rec on the method's adversarial batch, y_adv from the final logits on x'). Otherwise
     a plain forward pass: with both weights 0 a method is exactly the method without FSR.
     """

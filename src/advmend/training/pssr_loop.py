@@ -1,4 +1,4 @@
-"""Training PSSR's regenerator against a frozen classifier (../shared/specs/pssr.md).
+"""Training PSSR's regenerator against a frozen classifier (docs/pssr.md).
 
 `train_pssr(cfg, out_dir)` describes G's training as a `training.stage.Stage` and runs it with the
 classifier's loop (`advmend.training.loop.run_stage`): a progress bar, one log line and one
@@ -235,7 +235,7 @@ def transfer_surrogate(cfg, checkpoint: Path, log=print) -> Path:
     """The default transfer source of a PSSR checkpoint: its classifier's recipe with the next seed,
     trained into `<checkpoint's folder>/transfer-surrogate-seed<N>/` and reused from there next time.
 
-    "Independently trained" (../shared/specs/pssr.md): same architecture, data and training settings,
+    "Independently trained" (docs/pssr.md): same architecture, data and training settings,
     another seed, so the transfer threat model needs no user input. The recipe is the classifier
     checkpoint's own config when that file is still there, else this run's model/fsr/train sections.
     """

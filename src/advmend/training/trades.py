@@ -11,7 +11,7 @@ Accuracy", ICML 2019 (arXiv 1901.08573), and its reference code:
   beta = 1/lambda of the paper, 6 in its CIFAR-10 recipe.
 
 With an FSR model, lambda_sep * L_sep + lambda_rec * L_rec are added on the adversarial batch
-(shared/specs/fsr.md); the clean pass is an ordinary train-mode pass (stochastic masks).
+(docs/fsr.md); the clean pass is an ordinary train-mode pass (stochastic masks).
 """
 
 from __future__ import annotations

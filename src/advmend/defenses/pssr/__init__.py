@@ -2,7 +2,7 @@
 
 An input-level "remove then restore" defense: PS removes the salient pixels of an input (scored by
 the input gradient of the classifier's top-1 probability), the regenerator G restores the image, and
-the protected classifier predicts on it. Design: ../shared/specs/pssr.md; docs/pssr.md.
+the protected classifier predicts on it. Design: docs/pssr.md.
 
 The training objective lives in `advmend.defenses.pssr.objective` (not imported here: it builds on
 `advmend.training`, which itself imports `advmend.defenses`).

@@ -4,7 +4,7 @@ Fu, Zhou, Ma, Zhang, "Invariance-powered Trustworthy Defense via Remove Then Res
 2402.00304 (2024): Semantic Regeneration restores the image "with pixel consistency and semantic
 consistency", and "a self-augmentation regularizer with adversarial R-drop" balances robustness and
 accuracy. R-Drop: Liang et al., "R-Drop: Regularized Dropout for Neural Networks", NeurIPS 2021.
-Our reading (../shared/specs/pssr.md):
+Our reading (docs/pssr.md):
 
     L = l_pix L_pix(adv) + l_pix_cln L_pix(cln) + l_sem (L_sem(adv) + L_sem(cln)) + l_rd L_rd
     L_pix(v)  = mean | x_hat_v - x |                                   (L1 to the clean image)

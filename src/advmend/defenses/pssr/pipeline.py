@@ -1,7 +1,7 @@
 """The PSSR pipeline as one classifier: x -> PS -> G -> f -> logits.
 
 Fu, Zhou, Ma, Zhang, "Invariance-powered Trustworthy Defense via Remove Then Restore", arXiv
-2402.00304 (2024); ../shared/specs/pssr.md. `PSSRModel(x)` returns the protected classifier's logits on
+2402.00304 (2024); docs/pssr.md. `PSSRModel(x)` returns the protected classifier's logits on
 the regenerated image, so every attack, `evaluate` and `advmend eval` use it like any classifier; the
 intermediates (score map, mask, surgical and regenerated images) come from the explicit
 `forward_with_intermediates(x)`.

@@ -3,7 +3,7 @@
 Fu, Zhou, Ma, Zhang, "Invariance-powered Trustworthy Defense via Remove Then Restore", arXiv
 2402.00304 (2024): SR "is built on a conditional alignment extrapolator" that restores the
 discriminative content removed by Pixel Surgery. The paper gives no architecture; ours
-(../shared/specs/pssr.md) is a small U-Net (Ronneberger et al. 2015) conditioned on the surgery: its
+(docs/pssr.md) is a small U-Net (Ronneberger et al. 2015) conditioned on the surgery: its
 input is concat(x_s, M_s) (C + 1 channels) so it knows which pixels are missing, its output a full
 image in [0, 1] (sigmoid), with dropout in the decoder because the adversarial R-drop regulariser
 compares two dropout draws.

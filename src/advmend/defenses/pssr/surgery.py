@@ -1,7 +1,7 @@
 """Pixel Surgery (PS): remove the salient part of an input, keep the trivial part.
 
 Fu, Zhou, Ma, Zhang, "Invariance-powered Trustworthy Defense via Remove Then Restore",
-arXiv 2402.00304 (2024); design in ../shared/specs/pssr.md. The paper calls PS "score-based": an
+arXiv 2402.00304 (2024); design in docs/pssr.md. The paper calls PS "score-based": an
 adversarial perturbation splits into a salient attack (the part that dominates the attack) and a
 trivial attack (the rest). We score pixels by
 
