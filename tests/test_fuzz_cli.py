@@ -1,4 +1,4 @@
-"""Fuzzing the `advmend` command (issue 12): whatever a user writes, the command ends with exit code 0 or
+"""Fuzzing the `advmend` command: whatever a user writes, the command ends with exit code 0 or
 2, never a traceback, and an exit 2 is one `advmend: error:` line that leaves nothing behind (the --out
 folder does not appear, or is unchanged for --resume; no stray folder in the working directory).
 

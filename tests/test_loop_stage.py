@@ -1,4 +1,4 @@
-"""One training loop for both stages (issue 11): the classifier (`train`) and PSSR's regenerator
+"""One training loop for both stages: the classifier (`train`) and PSSR's regenerator
 (`train_pssr`) are `Stage` descriptions run by `loop.run_stage`, which owns the run folder, resume,
 metrics.jsonl and the checkpoint records. Tiny synthetic runs, a few seconds each."""
 

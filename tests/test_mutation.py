@@ -89,7 +89,7 @@ def test_a_stale_or_ambiguous_mutant_is_an_error(tmp_path):
 
 
 def test_the_required_mutants_are_listed():
-    """The bugs issue 12 found the tests blind to, plus the attack core, FSR, objective and sanity ones."""
+    """Bugs the tests were once blind to, plus the attack core, FSR, objective and sanity ones."""
     required = {
         "pgd-restart-loop-removed", "pgd-restarts-start-at-x", "fsr-y-adv-always-top2",
         "fsr-recalibrated-logits-from-unrecalibrated-features", "S03-always-pass", "S03-scored-on-best-iterate",

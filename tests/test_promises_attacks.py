@@ -1,4 +1,4 @@
-"""Issue 12 ("every promise holds"), the attack side: probabilities rejected before evaluation, attacks
+"""Every promise holds, the attack side: probabilities rejected before evaluation, attacks
 under no_grad/inference_mode, AutoAttack on any tensor layout, objectives on the last PGD iterate, one
 transfer rule for both transfer paths, and a real accuracy-versus-eps curve in the report."""
 

@@ -1,4 +1,4 @@
-"""Issue 12, bad input: each case ends in exit code 2, one `advmend: error:` line naming what was wrong,
+"""Bad input: each case ends in exit code 2, one `advmend: error:` line naming what was wrong,
 no traceback, and nothing written (the --out folder never appears).
 
 One tiny run (synthetic 3x8x8 images, 4 classes, small_cnn width 4, one epoch) is shared by the module.

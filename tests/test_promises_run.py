@@ -1,4 +1,4 @@
-"""Issue 12 promises about run folders, resume and evaluation output, driven through `advmend.cli.main`:
+"""Promises about run folders, resume and evaluation output, driven through `advmend.cli.main`:
 a checkpoint's record is sealed and validated, `--resume` never trains under a silently changed config
 nor rewrites config.yaml, a folder that is not a resumable run is never overwritten, and `advmend eval`
 checks its output before working and leaves nothing behind when it fails.

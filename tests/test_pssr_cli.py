@@ -202,7 +202,7 @@ def test_bad_pssr_inputs_are_one_line_errors_and_write_nothing(run, tmp_path, ca
         assert not (out / "last.safetensors").exists()
 
 
-# --------------------------------------------------------------------------- one evaluation front (issue 10)
+# --------------------------------------------------------------------------- one evaluation front
 
 CARD_KEYS = {"meta", "versions", "n_examples", "clean_accuracy", "attacks", "worst_case", "cascade", "seconds",
              "per_example", "sanity"}  # fmt: skip

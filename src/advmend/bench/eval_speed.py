@@ -3,7 +3,7 @@
     python -m advmend.bench.eval_speed --models small_cnn,resnet18 --n 64
 
 A counting wrapper records, per example, how many forward passes the model ran and how many backward
-passes went through its output. The target (issue 4): PGD-20 evaluation costs no more than 21
+passes went through its output. The target: PGD-20 evaluation costs no more than 21
 forward+backward passes per example: 20 forward+backward steps plus one forward pass to score the last
 iterate (`pgd_tracked` reuses each step's forward pass to track success, so scoring needs no more).
 The cascade's saving is measured on the paper protocol: examples attacked and seconds, off and on.

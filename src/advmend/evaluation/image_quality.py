@@ -1,6 +1,6 @@
 """How faithfully a pre-processor restores clean images: PSNR and SSIM against the originals.
 
-PSSR's regenerator must give back the clean image when there is no attack (issue 10: PSNR >= 28 dB).
+PSSR's regenerator must give back the clean image when there is no attack (the goal: PSNR >= 28 dB).
 Both numbers come from torchmetrics (a maintained implementation, not ours): PSNR per image with
 data range 1 and then averaged over images (the usual reporting; one blurry image does not hide in a
 pooled MSE), SSIM with torchmetrics' defaults (11x11 Gaussian window, sigma 1.5), averaged over images.

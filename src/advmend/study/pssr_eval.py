@@ -1,7 +1,7 @@
 """The study protocol for a PSSR run: the classifier alone and PSSR in front of it, on the same examples.
 
 A PSSR row of a study (its config has `pssr.enabled`) is judged against the classifier it protects,
-example by example (issue 10): on the study's clean subset, f alone and the pipeline's clean accuracy
+example by example: on the study's clean subset, f alone and the pipeline's clean accuracy
 and the restoration quality of G(PS(x)) (PSNR, SSIM); on the attack subset, f alone under PGD-20 and
 the pipeline under every threat model (gray-box, the two white-box BPDA variants, transfer from an
 independently trained surrogate) with the same PGD-20; on the AutoAttack subset, AutoAttack standard

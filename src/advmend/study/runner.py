@@ -57,7 +57,7 @@ class StudyPlan:
 
     def pending(self) -> list[RunSpec]:
         """Runs without a record, seed-major (every row's first seed before any second seed), so that
-        the paired comparisons fill in early when a study is spread over sessions."""
+        the paired comparisons fill in early when a study is spread over several sittings."""
         rows = {r.name: k for k, r in enumerate(self.study.rows)}
         todo = [s for s in self.specs if not record_path(self.records_dir, s.run_id).exists()]
         return sorted(todo, key=lambda s: (s.row.seeds.index(s.seed), rows[s.row.name]))

@@ -6,7 +6,7 @@
   The attack runs inside the same autocast region, and the PGD core scales its own loss under fp16
   so input gradients do not underflow (attacks/pgd.py).
 - channels_last: model weights and batches in NHWC memory format (faster convolutions on tensor cores).
-All are off by default: they have not been measured on a GPU by this project (see the README).
+All are off by default: they have not been measured on a GPU by this project (see docs/performance.md).
 """
 
 from __future__ import annotations
