@@ -335,7 +335,8 @@ def test_table_and_paired_interval_from_known_records(tmp_path):
     _write_syn(tmp_path / "rec", records, rows)
     text, _ = render(tmp_path / "rec", plot=False)
     assert "4 of 5 runs finished; still missing: fsr-s2." in text
-    assert "| at | 2/2 | 45.00 ± 7.07 | 25.00 ± 7.07 | 15.00 ± 7.07 | 15.00 ± 7.07 | 1.0 ± 0.0 | 100 ± 0 |" in text
+    # ... | worst | missed by PGD-20 (PGD-20 keeps 10 that AutoAttack breaks, both seeds) | train min | img/s |
+    assert "| at | 2/2 | 45.00 ± 7.07 | 25.00 ± 7.07 | 15.00 ± 7.07 | 15.00 ± 7.07 | 10.00 ± 0.00 | 1.0 ± 0.0 | 100 ± 0 |" in text
     assert "| fsr | 2/3 | 45.00 ± 7.07 |" in text
     line = next(line for line in text.splitlines() if line.startswith("| fsr − at |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
@@ -344,6 +345,38 @@ def test_table_and_paired_interval_from_known_records(tmp_path):
     mean, low, high = (float(x) for x in cells[4].replace("[", "").replace("]", "").replace(",", "").split())
     assert mean == 10.0 and 4.0 < low < 10.0 < high < 16.0
     assert cells[-1] == "met"  # +10 AutoAttack points, clean unchanged
+
+
+def _cells(text: str, row: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| {row} |"))
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_masking_indicator_known_answers(tmp_path):
+    """missed by PGD-20 = share of AutoAttack's examples that survive PGD-20 but not AutoAttack: identical
+    rows differ by exactly 0 (a zero-width interval); a row planted with 20 such examples (of 100) more
+    than its baseline differs by +20, whatever their accuracies under each attack alone."""
+    n = 100
+    bits = lambda *ones: "".join("1" if any(a <= i < b for a, b in ones) else "0" for i in range(n))  # noqa: E731
+    # PGD-20 runs on 40 more examples than AutoAttack, whose examples are the first 100 of them.
+    at = {"PGD-20": bits((0, 30)) + "1" * 40, "AutoAttack": bits((0, 25))}  # 5 missed by PGD-20
+    masked = {"PGD-20": bits((0, 45)) + "1" * 40, "AutoAttack": bits((0, 20))}  # 25 missed: 20 more
+    records = [_record("at-s0", bits((0, 60)), at, bits((0, 25))),
+               _record("same-s0", bits((0, 60)), at, bits((0, 25))),
+               _record("masked-s0", bits((0, 60)), masked, bits((0, 20)))]  # fmt: skip
+    rows = [{"name": "at", "seeds": [0]}, {"name": "same", "seeds": [0], "baseline": "at"},
+            {"name": "masked", "seeds": [0], "baseline": "at"}]  # fmt: skip
+    _write_syn(tmp_path / "rec", records, rows)
+    text, _ = render(tmp_path / "rec", plot=False)
+    head = _cells(text, "row")
+    col = head.index("missed by PGD-20")
+    assert _cells(text, "at")[col] == "5.00" and _cells(text, "masked")[col] == "25.00"
+    diff_head = _cells(text, "row − baseline")
+    dcol = diff_head.index("missed by PGD-20")
+    assert _cells(text, "same − at")[dcol] == "+0.00 [+0.00, +0.00]"
+    mean, low, high = (float(x) for x in _cells(text, "masked − at")[dcol].strip("[]").replace("[", "")
+                       .replace("]", "").replace(",", "").split())  # fmt: skip
+    assert mean == 20.0 and 10.0 < low < 20.0 < high < 30.0
 
 
 def test_an_ablation_is_compared_with_its_parent_as_well_as_judged_against_its_baseline(tmp_path):

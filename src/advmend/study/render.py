@@ -17,7 +17,7 @@ from advmend.study.records import (
 from advmend.study.finding import (
     FINDING_PNG, FINDINGS_DIR, ONLY_TEST, OPTIONAL_ROWS, REMOVED_TEST, ROWS, attack_kept, finding_folders, load_finding,
 )  # fmt: skip
-from advmend.study.stats import mean_std, paired_bootstrap
+from advmend.study.stats import mean_std, missed_by_first, paired_bootstrap
 
 # The goal FSR is held to: >= 2 AutoAttack points over its baseline with clean accuracy within 1 point.
 GOAL_AA_GAIN, GOAL_CLEAN_LOSS = 2.0, 1.0
@@ -54,8 +54,18 @@ def load_study_records(folder: Path) -> Study:
     return Study(index["id"], index["definition"], runs, records, folder, str(index.get("source", "?")))
 
 
+# The gradient-masking indicator, a column of its own: per AutoAttack example, 1 when PGD-20 misses what
+# AutoAttack finds (the model survives PGD-20, not AutoAttack). Higher than the baseline's: the defense
+# hides weak points from a plain gradient attack rather than removing them.
+MISSED = "missed by PGD-20"
+
+
 def _correct(rec: dict, metric: str) -> list[int]:
     ev = rec["eval"]
+    if metric == MISSED:
+        aa = np.array(unbits(ev["attacks"]["AutoAttack"]["correct"], rec["run"]))
+        pgd = np.array(unbits(ev["attacks"]["PGD-20"]["correct"], rec["run"]))[: len(aa)]  # AA's subset is a prefix
+        return missed_by_first(pgd, aa).tolist()
     if metric == "clean":
         return unbits(ev["clean"]["correct"], rec["run"])
     if metric == "worst":
@@ -89,10 +99,14 @@ ORDER = ("FGSM", "PGD-20", "CW-30", "AutoAttack", "graybox/PGD-20", "transfer/PG
 GOAL_PSSR_CLEAN_LOSS, GOAL_PSSR_PSNR, GOAL_PSSR_GRAYBOX_GAIN = 3.0, 28.0, 20.0
 
 
-def _metrics(study: Study) -> list[str]:
+def _metrics(study: Study, *, indicators: bool = True) -> list[str]:
+    """The accuracy columns (clean, each attack, worst case), then the masking indicator where every record
+    has both PGD-20 and AutoAttack (`indicators`)."""
     names = {k for rec in study.records.values() if rec.get("eval") for k in rec["eval"]["attacks"]}
     known = [k for k in ORDER if k in names]
-    return ["clean", *known, *sorted(names - set(known)), "worst"]
+    both = study.records and all({"PGD-20", "AutoAttack"} <= set(r["eval"]["attacks"]) for r in study.records.values()
+                                 if r.get("eval"))  # fmt: skip
+    return ["clean", *known, *sorted(names - set(known)), "worst", *([MISSED] if indicators and both else [])]
 
 
 def _rows(study: Study) -> list[dict]:
@@ -260,11 +274,14 @@ def render_study(study: Study, png_name: str | None) -> str:
         recs = _row_records(study, row)
         cells = [row["name"], f"{len(recs)}/{len(row['seeds'])}"]
         for m in metrics:
-            cells.append(_pm([_acc(r, m) for r in recs if m in ("clean", "worst") or m in r["eval"]["attacks"]]))
+            cells.append(_pm([_acc(r, m) for r in recs if m in ("clean", "worst", MISSED) or m in r["eval"]["attacks"]]))
         cells.append(_pm([r["train"]["seconds"] / 60 for r in recs], 1))
         cells.append(_pm([r["train"]["images_per_s"] for r in recs], 0))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Mean ± sample standard deviation over seeds, in percent (n of each column above)."]
+    lines += ["", "Mean ± sample standard deviation over seeds, in percent (n of each column above)."
+              + (f" \"{MISSED}\": the share of the AutoAttack examples that survive PGD-20 but not AutoAttack, "
+                 "a sign of gradient masking when a defense raises it over its baseline (docs/evaluation.md)."
+                 if MISSED in metrics else "")]  # fmt: skip
     by_name = {r["name"]: r for r in rows}
     # Each row against its baseline (judged against the goal), then against the rows it is also compared with.
     comps = [(r, by_name[r["baseline"]], True) for r in rows if r.get("baseline")]
@@ -322,7 +339,7 @@ def plot_study(study: Study, path: Path) -> None:
     from advmend.plotting import pyplot, save_png
 
     plt = pyplot("advmend results")
-    metrics = _metrics(study)
+    metrics = _metrics(study, indicators=False)  # accuracies only
     rows = [r for r in _rows(study) if _row_records(study, r)]
     fig, ax = plt.subplots(figsize=(1.6 * len(metrics) + 2, 4))
     width = 0.8 / max(len(rows), 1)
