@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
 
 def run_study_command(args: argparse.Namespace) -> int:
     from advmend.errors import ConfigError
-    from advmend.study.runner import plan_study, run_study
+    from advmend.study.runner import run_study
 
     if args.max_runs is not None and args.max_runs < 0:
         raise ConfigError(f"--max-runs must be >= 0, got {args.max_runs}")

@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from advmend.errors import ConfigError
 from advmend.launch.executor import Resources, make_executor, require_launcher, submit

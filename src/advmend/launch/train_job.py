@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 from advmend.errors import ConfigError
 from advmend.launch.executor import Resources, make_executor, require_launcher, submit
