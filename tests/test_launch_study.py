@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -67,7 +68,11 @@ def test_launched_study_writes_the_in_process_records_once(tmp_path, job_env):
     assert "4 job(s) submitted" in res.stdout
     jobs = launch_dir / "runs" / "tiny" / "jobs"
     assert _trainings(jobs) == ["at-s0", "at-s1", "at_fsr-s0", "at_fsr-s1"]  # each run trained by one job
-    assert all(len(v) == 1 for v in _ledgers(jobs).values()) and len(_ledgers(jobs)) == 4
+    ledgers = _ledgers(jobs)
+    assert sorted(ledgers) == ["at-s0", "at-s1", "at_fsr-s0", "at_fsr-s1"] and all(len(v) == 1 for v in ledgers.values())
+    for run_id, (job_id,) in ledgers.items():  # each job wrote its own run's record, and no other
+        status, records = pickle.loads((jobs / f"{job_id}_0_result.pkl").read_bytes())
+        assert status == "success" and [Path(r).name for r in records] == [f"{run_id}.json"]
     for want in ref:
         got = json.loads((launch_dir / "rec" / "tiny" / want.name).read_text())
         w = json.loads(want.read_text())
