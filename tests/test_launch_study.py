@@ -89,7 +89,11 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the job's process through /proc")
-def test_a_preempted_job_is_requeued_and_resumes_to_the_uninterrupted_record(tmp_path, job_env, monkeypatch):
+# submitit reads the warning signal as a time limit when the job has run 80% of its time or is within
+# 10 minutes of it (always, with a 5-minute limit), else as a preemption: both requeue the job.
+@pytest.mark.parametrize("case, time_min", [("preempted", 24 * 60), ("timed-out", 5)])
+def test_a_preempted_job_is_requeued_and_resumes_to_the_uninterrupted_record(tmp_path, job_env, monkeypatch, case,
+                                                                             time_min):  # fmt: skip
     from advmend.launch.study_jobs import launch_study
 
     rows = [{"name": "at", "seeds": [0]}]
@@ -98,7 +102,7 @@ def test_a_preempted_job_is_requeued_and_resumes_to_the_uninterrupted_record(tmp
     ref = run_study(_study(ref_dir, rows), log=_quiet)[0]
     path = _study(pre_dir, rows)
     monkeypatch.chdir(pre_dir)
-    _, (job,) = launch_study(path, "local", log=_quiet)
+    _, (job,) = launch_study(path, "local", overrides={"time_min": time_min}, log=_quiet)
     last_json = pre_dir / "runs" / "tiny" / "at-s0" / "last.json"
     deadline = time.monotonic() + 180
     while not (last_json.exists() and json.loads(last_json.read_text() or "{}").get("epoch", 0) >= 1):
@@ -110,7 +114,7 @@ def test_a_preempted_job_is_requeued_and_resumes_to_the_uninterrupted_record(tmp
     os.kill(task, signal.SIGUSR2)
     job.wait()
     out = job.stdout()
-    assert "this job is preempted" in job.stderr() and "resuming" in out, out
+    assert f"this job is {case}" in job.stderr() and "resuming" in out, out
     got = json.loads((pre_dir / "rec" / "tiny" / "at-s0.json").read_text())
     assert got["train"]["epochs"] == 3 and len(got["metrics"]) == 3
     want = json.loads(ref.read_text())
@@ -142,14 +146,22 @@ def test_a_failing_job_is_launched_a_bounded_number_of_times_and_shown_failed(tm
 def test_two_launches_at_once_train_each_run_once(tmp_path, job_env):
     rows = [{"name": "at", "seeds": [0, 1]}]
     path = _study(tmp_path, rows)
+    from advmend.launch.ledger import launch_lock
+
     cmd = [sys.executable, "-m", "advmend", "study", str(path), "--launcher", "local"]
-    procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]  # fmt: skip
+    jobs = tmp_path / "runs" / "tiny" / "jobs"
+    # Both launches start while a third holds the study's launch lock: they wait for it, then take turns.
+    with launch_lock(jobs):
+        procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]  # fmt: skip
+        start = time.monotonic()  # long enough for both to load advmend and check the study
+        while time.monotonic() < start + 20 and not list(jobs.glob("*.pkl")):
+            time.sleep(0.2)
+        assert all(p.poll() is None for p in procs) and not list(jobs.glob("*.pkl")), "a launch did not wait"
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     submitted = sorted(int(o.split(" job(s) submitted")[0].split()[-1]) for o, _ in outs)
     assert submitted == [0, 2], outs  # one launch submitted both runs, the other found them queued
-    jobs = tmp_path / "runs" / "tiny" / "jobs"
     deadline = time.monotonic() + 300
     while any(not (jobs / f"{j}_0_result.pkl").exists() for v in _ledgers(jobs).values() for j in v):
         assert time.monotonic() < deadline, _plan(path)
