@@ -4,6 +4,7 @@ refusals before anything is written (no submitit, no SLURM commands, bad resourc
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import replace
 
@@ -100,3 +101,32 @@ def test_train_launch_refusals(tmp_path, capsys):
         assert main(["train", "quickstart", "--out", out, *argv]) == 2
         assert message in error_line(capsys)
     assert _written(tmp_path) == []
+
+
+def test_plan_shows_each_runs_slurm_job_as_sacct_reports_it(tmp_path, capsys, monkeypatch):
+    from advmend.launch.ledger import add_job
+
+    path = _study(tmp_path, [{"name": "at", "seeds": [0, 1, 2]}, {"name": "b", "seeds": [0], "baseline": "at"}])
+    jobs = tmp_path / "runs" / "tiny" / "jobs"
+    # A stand-in for the cluster's accounting command: `sacct ... --parsable2 -j ID ...` prints the header and
+    # the lines of the jobs asked for, from this table of three jobs.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "accounts").write_text("101|PENDING|None assigned\n102|RUNNING|gpu1\n102.batch|RUNNING|gpu1\n"
+                                      "103|CANCELLED by 42|gpu2\n")  # fmt: skip
+    (bin_dir / "sacct").write_text("#!/bin/sh\necho 'JobID|State|NodeList'\nwhile [ $# -gt 0 ]; do\n"
+                                   f'  [ "$1" = -j ] && grep "^$2[|.]" {bin_dir / "accounts"}\n  shift\ndone\n')  # fmt: skip
+    (bin_dir / "sacct").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    for run_id, job_id in [("at-s0", "101"), ("at-s1", "102"), ("at-s2", "103")]:
+        add_job(jobs, run_id, "slurm", job_id)
+    (jobs / "103_0_log.err").write_text("loading\nsrun: error: gpu2: task 0: Killed\n")
+    assert main(["study", str(path), "--plan"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "queued  at-s0 (slurm job 101)",
+        "pending b-s0",
+        "running at-s1 (slurm job 102)",
+        "failed  at-s2 (slurm job 103, 1 failed)",  # cancelled without a result: counts as a failed attempt
+        "    | loading",
+        "    | srun: error: gpu2: task 0: Killed",
+    ]

@@ -94,7 +94,8 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.parametrize("case, time_min", [("preempted", 24 * 60), ("timed-out", 5)])
 def test_a_preempted_job_is_requeued_and_resumes_to_the_uninterrupted_record(tmp_path, job_env, monkeypatch, case,
                                                                              time_min):  # fmt: skip
-    from advmend.launch.study_jobs import launch_study
+    from advmend.launch.study_jobs import launch_states, launch_study
+    from advmend.study.runner import plan_study
 
     rows = [{"name": "at", "seeds": [0]}]
     ref_dir, pre_dir = tmp_path / "ref", tmp_path / "pre"
@@ -103,6 +104,8 @@ def test_a_preempted_job_is_requeued_and_resumes_to_the_uninterrupted_record(tmp
     path = _study(pre_dir, rows)
     monkeypatch.chdir(pre_dir)
     _, (job,) = launch_study(path, "local", overrides={"time_min": time_min}, log=_quiet)
+    state = launch_states(plan_study(path))["at-s0"]
+    assert (state.state, state.job_id, state.launcher, state.failures) == ("running", job.job_id, "local", 0)
     last_json = pre_dir / "runs" / "tiny" / "at-s0" / "last.json"
     deadline = time.monotonic() + 180
     while not (last_json.exists() and json.loads(last_json.read_text() or "{}").get("epoch", 0) >= 1):

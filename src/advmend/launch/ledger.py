@@ -58,6 +58,7 @@ def add_job(jobs_dir: Path, run_id: str, launcher: str, job_id: str) -> None:
     ledger = read_ledger(jobs_dir, run_id) or {"launcher": launcher, "jobs": []}
     ledger["launcher"] = launcher
     ledger["jobs"].append({"job_id": job_id, "submitted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    jobs_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(ledger_path(jobs_dir, run_id), json.dumps(ledger, indent=1) + "\n")
 
 
@@ -94,9 +95,13 @@ def _process_alive(pid: int) -> bool:
 
 
 def _slurm_state(jobs_dir: Path, job_id: str) -> str:
-    import submitit
-
-    return submitit.SlurmJob(jobs_dir, job_id).state.split()[0].upper()
+    """The job's state as `sacct` gives it now (UNKNOWN where sacct or submitit cannot be asked)."""
+    try:
+        import submitit
+    except ImportError:
+        return "UNKNOWN"
+    state = submitit.SlurmJob(jobs_dir, job_id).state or "UNKNOWN"  # a new job makes submitit ask sacct
+    return state.split()[0].upper()  # "CANCELLED by 123" -> CANCELLED
 
 
 def _job_state(jobs_dir: Path, launcher: str, job_id: str) -> tuple[str, bool]:
