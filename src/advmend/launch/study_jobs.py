@@ -75,7 +75,6 @@ def launch_study(study_file: str | Path, launcher: str, *, only: list[str] | Non
         raise ConfigError(f"--max-attempts must be >= 1, got {wanted.max_attempts}")
     require_launcher(launcher)
     folder = jobs_dir(plan)
-    study_path = str(Path(study_file).resolve()) if Path(study_file).is_file() else str(study_file)
     submitted: list[Submitted] = []
     jobs: list = []
     with launch_lock(folder):
@@ -95,7 +94,8 @@ def launch_study(study_file: str | Path, launcher: str, *, only: list[str] | Non
                 continue
             if launcher == "slurm":
                 executor.update_parameters(job_name=f"{plan.study.id}/{spec.run_id}")
-            job = submit(executor, StudyRunJob(study_path, spec.run_id, os.getcwd()))
+            # The study file as given (the job starts in this folder): study.json names it as a run by hand does.
+            job = submit(executor, StudyRunJob(str(study_file), spec.run_id, os.getcwd()))
             add_job(folder, spec.run_id, launcher, str(job.job_id))
             submitted.append(Submitted(spec.run_id, str(job.job_id)))
             jobs.append(job)
