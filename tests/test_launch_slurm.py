@@ -130,3 +130,27 @@ def test_plan_shows_each_runs_slurm_job_as_sacct_reports_it(tmp_path, capsys, mo
         "    | loading",
         "    | srun: error: gpu2: task 0: Killed",
     ]
+
+
+def test_a_local_job_whose_process_is_gone_without_a_result_counts_as_failed(tmp_path):
+    import subprocess
+
+    from advmend.launch.ledger import add_job, run_job_state
+
+    jobs = tmp_path / "jobs"
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        while ended.poll() is None:
+            pass
+        # A zombie (ended, not yet reaped) is not a running job either.
+        zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+        os.waitid(os.P_PID, zombie.pid, os.WEXITED | os.WNOWAIT)  # wait for its end, leave it unreaped
+        for run_id, proc in [("a-s0", running), ("b-s0", ended), ("c-s0", zombie)]:
+            add_job(jobs, run_id, "local", str(proc.pid))
+        states = {r: run_job_state(jobs, r) for r in ("a-s0", "b-s0", "c-s0")}
+        assert [(s.state, s.failures) for s in states.values()] == [("running", 0), ("failed", 1), ("failed", 1)]
+    finally:
+        running.kill()
+        running.wait()
+        zombie.wait()
