@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"config", "models", "data"},
     {"defenses", "attacks"},
     {"bench", "evaluation", "training"},
-    {"study"},
+    {"study", "launch"},
     {"cli", "__main__", "__init__"},
 ]
 LAYER = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}

@@ -1,14 +1,18 @@
 """`advmend train CONFIG [--set key=value ...] [--out DIR] [--resume]`.
 
-Multi-GPU / multi-node: `torchrun --nproc_per_node N -m advmend train CONFIG ...`; rank 0 alone prints
-and runs the after-training evaluation.
+Multi-GPU / multi-node: `torchrun --nproc_per_node N -m advmend train CONFIG ...`, or through a scheduler
+`advmend train CONFIG --launcher slurm --nodes N --gpus-per-node G` (docs/cluster.md); rank 0 alone
+prints and runs the after-training evaluation.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from pathlib import Path
+
+from advmend.cli.launcher_flags import TRAIN_FLAGS, add_launcher_flags, check_launcher_flags, launch_train_command
 
 
 def add_parser(sub) -> None:
@@ -18,10 +22,20 @@ def add_parser(sub) -> None:
                    help="override a config value, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--out", help="output folder (default: out_dir from the config, else runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in the output folder from last.safetensors")
+    add_launcher_flags(p, study=False)
     p.set_defaults(func=run)
 
 
+def run_launched(args: argparse.Namespace, resume: bool) -> int:
+    """This command in one rank of a launched job (the launch set RANK, WORLD_SIZE, ... as torchrun does)."""
+    launch = dict.fromkeys(TRAIN_FLAGS)  # the launch's flags are spent: this rank trains
+    return run(argparse.Namespace(**{**vars(args), **launch, "launcher": None, "resume": resume}))
+
+
 def run(args: argparse.Namespace) -> int:
+    check_launcher_flags(args, TRAIN_FLAGS)
+    if args.launcher:
+        return launch_train_command(args, functools.partial(run_launched, args))
     from advmend.config import load_run_config
     from advmend.training.run import train_and_evaluate
 

@@ -155,15 +155,17 @@ def still_training(checkpoint: Path) -> bool:
 
 
 def run_study(study_file: str | Path, *, only: list[str] | None = None, max_runs: int | None = None,
-              progress: bool = False, log: Callable[[str], None] = print) -> list[Path]:  # fmt: skip
-    """Run every pending run of the study (or of the rows in `only`); returns the records written."""
+              progress: bool = False, log: Callable[[str], None] = print,
+              run_ids: list[str] | None = None) -> list[Path]:  # fmt: skip
+    """Run every pending run of the study (or of the rows in `only`, or the runs `run_ids`: a launched
+    job's one run); returns the records written."""
     plan = plan_study(study_file)
     if only:
         unknown = sorted(set(only) - {r.name for r in plan.study.rows})
         if unknown:
             raise RecordError(f"--only: no row {unknown[0]!r} in study {plan.study.id!r}")
     write_study_file(plan)
-    todo = [s for s in plan.pending() if not only or s.row.name in only]
+    todo = [s for s in plan.pending() if (not only or s.row.name in only) and (run_ids is None or s.run_id in run_ids)]
     done = len(plan.specs) - len(plan.pending())
     log(f"study {plan.study.id}: {len(plan.specs)} runs, {done} recorded, {len(todo)} to run now")
     written: list[Path] = []

@@ -51,6 +51,22 @@ class StudyRow:
 
 
 @dataclass(frozen=True)
+class StudyLaunch:
+    """What each (row, seed) asks of a cluster when the study is launched as one job per run
+    (`advmend study STUDY --launcher slurm`; the command line's flags override these). Nothing here
+    changes a result: it is not part of any run's config hash."""
+
+    partition: str | None = None
+    account: str | None = None
+    gpus: int = 1  # per run
+    cpus: int = 8  # per run
+    mem_gb: float | None = None  # None: the partition's default
+    time_min: int = 24 * 60  # a run that reaches it is requeued and resumes from its last epoch
+    max_attempts: int = 3  # launches of a run that failed for an error before it is left as failed
+    sbatch: tuple[str, ...] = ()  # further sbatch options, e.g. ["qos=high", "constraint=a100"]
+
+
+@dataclass(frozen=True)
 class StudyConfig:
     id: str
     title: str = ""
@@ -61,6 +77,7 @@ class StudyConfig:
     runs: str = "runs/study"  # checkpoints go to <runs>/<id>/<row>-s<seed>/ (not committed)
     eval: StudyEval = field(default_factory=StudyEval)
     rows: tuple[StudyRow, ...] = ()
+    launch: StudyLaunch = field(default_factory=StudyLaunch)
 
 
 @dataclass(frozen=True)
