@@ -36,6 +36,10 @@ def test_advmend_help_does_not_import_torch():
 @pytest.mark.slow
 def test_the_docstring_examples_run(tmp_path, monkeypatch):
     """Every example as written (three of them train a one-epoch quickstart on 256 images)."""
+    from advmend.data.sources import resolve_root
+
+    if not (resolve_root(None) / "cifar10.npz").is_file():  # the quickstart reads real CIFAR-10
+        pytest.skip("CIFAR-10 data not available (set ADVMEND_DATA)")
     monkeypatch.chdir(tmp_path)
     failed, attempted = doctest.testmod(advmend, optionflags=doctest.ELLIPSIS, raise_on_error=False)
     assert attempted >= 5 and failed == 0
