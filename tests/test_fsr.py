@@ -278,3 +278,33 @@ def test_pgd_through_mask_bpda_stays_in_the_ball_and_scores_the_model():
     assert torch.equal(x, x0)
     assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
     assert not net.training and net[1].backward_tau is None
+
+
+def test_fsr_adaptive_protocol_runs_the_attacks_through_the_soft_mask():
+    from advmend.attacks.pgd import PGD
+    from advmend.attacks.presets import PROTOCOLS, protocol_attacks
+    from advmend.defenses.fsr_adaptive import ThroughSoftMask
+
+    assert "fsr-adaptive" in PROTOCOLS.names() and PROTOCOLS.meta("fsr-adaptive")["cascade"] is False
+    attacks = protocol_attacks("fsr-adaptive", 8 / 255)
+    names = [a.describe()["name"] for a in attacks]
+    assert names == ["PGD-20", "PGD-20 BPDA-mask", "CW-30", "CW-30 BPDA-mask"]
+    assert attacks[1].attack == attacks[0] and attacks[1].eps == 8 / 255 and attacks[1].norm == "linf"
+    net = _fsr_net()
+    x, y = torch.rand(6, 3, 8, 8), torch.randint(0, 10, (6,))
+    attack = PGD(eps=8 / 255, steps=3, random_start=False)
+    through = ThroughSoftMask(attack, backward_tau=2.0).run(net, x, y, device=torch.device("cpu"), batch_size=4)
+    direct = attack.run(MaskBPDA_(net, 2.0), x, y, device=torch.device("cpu"), batch_size=4)
+    assert torch.equal(through.x_adv, direct.x_adv) and torch.equal(through.fooled, direct.fooled)
+    seen = []  # the backward temperature each forward pass of the block ran with
+    net[1].register_forward_hook(lambda m, i, o: seen.append(m.backward_tau))
+    ThroughSoftMask(attack, backward_tau=2.0).run(net, x, y, device=torch.device("cpu"), batch_size=4)
+    assert seen and set(seen) == {2.0} and net[1].backward_tau is None
+    with pytest.raises(ConfigError, match="FSR blocks"):
+        ThroughSoftMask(attack).run(nn.Sequential(nn.Flatten(), nn.Linear(192, 10)), x, y, device=torch.device("cpu"))
+
+
+def MaskBPDA_(model, tau):  # noqa: N802 - the class under its own name, imported late like the others
+    from advmend.defenses.fsr import MaskBPDA
+
+    return MaskBPDA(model, tau)
