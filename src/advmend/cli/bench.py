@@ -23,6 +23,9 @@ def add_parser(sub) -> None:
                    "attack) under --switches (default off,channels_last,bf16)")
     p.add_argument("--folder-memory", metavar="DIR", help="instead: peak RSS of a PGD evaluation streamed from "
                    "generated image folders of 200 and 2,000 224-pixel images, written under DIR")
+    p.add_argument("--loop", nargs="?", const="cifar10/pgdat_small_cnn_cpu", metavar="CONFIG",
+                   help="instead: images/s of `advmend train` against a minimal PGD-AT loop on the same images "
+                        "(fp32 + channels_last, 5,000 images; default config: the CPU study's recipe)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=run)
 
@@ -42,6 +45,17 @@ def run(args: argparse.Namespace) -> int:
         print(format_result(res, 200, 2000))
         if args.json:
             Path(args.json).write_text(json.dumps({str(k): v for k, v in res.items()}, indent=2) + "\n")
+        return 0
+    if args.loop:
+        from advmend.bench.loop_overhead import bench_loop, format_loop_rows
+
+        rows = bench_loop(args.loop)
+        where = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        print(f"device: {where}\n\n" + format_loop_rows(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"device": where, "torch": torch.__version__, "loop": [
+                {"loop": r.loop, "epochs_images_per_s": r.epochs_ips, "images_per_s": r.ips} for r in rows]},
+                indent=2) + "\n")  # fmt: skip
         return 0
     device = resolve_device(args.device, "--device")
     names = [n.strip() for n in args.models.split(",") if n.strip()]
