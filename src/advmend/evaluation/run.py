@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -34,6 +35,7 @@ from advmend.evaluation.pssr import (
 from advmend.evaluation.report import write_report
 from advmend.evaluation.sanity import run_sanity
 from advmend.io import atomic_write_bytes, file_sha256
+from advmend.models import describe_normalization
 from advmend.types import ThreatModel
 
 ADV_SUFFIXES = (".pt", ".pth", ".safetensors")
@@ -44,7 +46,9 @@ def load_trained_model(path: str | Path, device: torch.device) -> tuple[nn.Modul
     state, record = load_checkpoint(path)
     try:
         cfg = from_dict(RunConfig, record["config"])
-        model = build_model(cfg, record["num_classes"], tuple(record["image_shape"]))
+        # The trained weights replace the initial ones: no model.weights file or download is needed again.
+        model = build_model(replace(cfg, model=cfg.model.architecture()), record["num_classes"],
+                            tuple(record["image_shape"]))  # fmt: skip
         float(record["eps"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its recorded config cannot rebuild the model ({e})") from None
@@ -147,6 +151,7 @@ def run_protocol(
                 timings={"evaluation_s": round(result.seconds, 3), "sanity_s": round(sanity_seconds, 3)},
                 hardware={"device": str(device), "cpu_count": os.cpu_count(),
                           "torch_threads": torch.get_num_threads()})  # fmt: skip
+    meta["normalization"] = describe_normalization(model)
     if meta.get("checkpoint") and not meta.get("checkpoint_sha256"):
         meta["checkpoint_sha256"] = file_sha256(meta["checkpoint"])
     out_dir = Path(out_dir)

@@ -41,6 +41,7 @@ from advmend.checkpoint import load_checkpoint, save_checkpoint
 from advmend.config import RunConfig, check_config, from_dict, parse_yaml, to_dict
 from advmend.data import BatchLoader
 from advmend.defenses.build import build_model
+from advmend.models import describe_normalization
 from advmend.errors import CheckpointError, ConfigError
 from advmend.evaluation.evaluate import evaluate
 from advmend.io import atomic_write_text, stale_temp_files
@@ -340,6 +341,7 @@ def classifier_stage(cfg: RunConfig, out_dir: Path, ctx: DistContext, device: to
             # evaluation reads it back as the checkpoint's threat model.
             **asdict(attack_threat(t.attack, info["eps"])),
             "world_size": ctx.world_size,
+            "normalization": describe_normalization(model),  # its source; the values are sealed buffers too
         },
         check_resume=lambda record: check_resume_config(out_dir, record, cfg),
         checkpoint_bytes=checkpoint_bytes(model, optimizer, ema is not None), out_dir_config=cfg,
