@@ -249,3 +249,19 @@ def test_layers_command_lists_insertion_points_and_refuses_bad_names():
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "close names" in bad.stderr
     listed = _advmend("list", "--models", "torchvision", "--filter", "squeeze")
     assert listed.stdout.split() == ["torchvision/squeezenet1_0", "torchvision/squeezenet1_1"]
+
+
+def test_a_checkpoint_rebuilds_without_its_initial_weights_file(tmp_path):
+    """The trained weights replace model.weights: evaluating the checkpoint needs neither the file nor a
+    download (model.pretrained), which may be gone or offline by then."""
+    path = tmp_path / "init.safetensors"
+    from safetensors.torch import save_file
+
+    net = build_classifier(_cfg("timm/test_resnet", {}, None), 10, SHAPE).net
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    cfg = _cfg("timm/test_resnet", {}, None, model={"weights": str(path)})
+    result = train(cfg, tmp_path / "run", log=lambda s: None)
+    assert load_checkpoint(result.last)[1]["config"]["model"]["weights"] == str(path)
+    path.unlink()
+    model, loaded, _ = load_trained_model(result.last, torch.device("cpu"))
+    assert loaded.model.weights == str(path)  # the record still says where training started
