@@ -8,7 +8,6 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -100,7 +99,7 @@ def test_train_evaluate_reload_and_resume(tmp_path, name, options, layer):
     with torch.no_grad():
         assert torch.equal(model(x), again(x))
 
-    stopped = dict(train={"epochs": 1}, eval={"after_train": False})
+    stopped = {"train": {"epochs": 1}, "eval": {"after_train": False}}
     train(_cfg(name, options, layer, **stopped), tmp_path / "part", log=lambda s: None)
     train(_cfg(name, options, layer, train={"epochs": 2}, eval={"after_train": False}), tmp_path / "part",
           resume=True, log=lambda s: None)  # fmt: skip
@@ -237,14 +236,14 @@ def test_new_keys_at_their_defaults_leave_resolved_configs_unchanged():
 
 
 def _advmend(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "advmend", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "advmend", *args], capture_output=True, text=True, timeout=300, check=False)
 
 
 def test_layers_command_lists_insertion_points_and_refuses_bad_names():
     ok = _advmend("layers", "timm/test_vit", "--set", "model.options.img_size=32")
     assert ok.returncode == 0, ok.stderr
-    assert re.search(r"^  net\.patch_embed\.proj +64 x 2 x 2$", ok.stdout, re.M)
-    assert not re.search(r"^  net\.blocks\.0 ", ok.stdout, re.M)  # tokens (N, 5, 64), no feature map
+    assert re.search(r"^  net\.patch_embed\.proj +64 x 2 x 2$", ok.stdout, re.MULTILINE)
+    assert not re.search(r"^  net\.blocks\.0 ", ok.stdout, re.MULTILINE)  # tokens (N, 5, 64), no feature map
     bad = _advmend("layers", "timm/tset_vit")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "close names" in bad.stderr
     listed = _advmend("list", "--models", "torchvision", "--filter", "squeeze")
@@ -263,5 +262,14 @@ def test_a_checkpoint_rebuilds_without_its_initial_weights_file(tmp_path):
     result = train(cfg, tmp_path / "run", log=lambda s: None)
     assert load_checkpoint(result.last)[1]["config"]["model"]["weights"] == str(path)
     path.unlink()
-    model, loaded, _ = load_trained_model(result.last, torch.device("cpu"))
+    _, loaded, _ = load_trained_model(result.last, torch.device("cpu"))
     assert loaded.model.weights == str(path)  # the record still says where training started
+
+
+def test_bench_compares_the_evaluation_with_the_bare_models_pgd():
+    from advmend.bench.external_speed import bench_external_eval
+
+    row = bench_external_eval("torchvision/squeezenet1_1", n=4, batch_size=2, steps=1, repeats=1)
+    assert row.advmend_s > 0 and row.bare_s > 0 and row.ratio == row.advmend_s / row.bare_s
+    bad = _advmend("bench", "--external-eval", "--models", "small_cnn")
+    assert bad.returncode == 2 and "timm/ARCH and torchvision/ARCH" in bad.stderr
