@@ -83,7 +83,7 @@ class FSRModel(nn.Module):
             return self.backbone.get_submodule(path)
         except AttributeError:
             names = [n for n, _ in self.backbone.named_modules() if n]
-            close = difflib.get_close_matches(path, names, n=6, cutoff=0.4) or [n for n in names if "." not in n]
+            close = difflib.get_close_matches(path, names, n=6, cutoff=0.6) or [n for n in names if "." not in n]
             raise ConfigError(f"fsr.layers: unknown layer {path!r} for FSR; nearest: {', '.join(close[:6])} "
                               "(`advmend layers MODEL` lists them with their output shapes)") from None
 
