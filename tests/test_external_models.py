@@ -207,6 +207,8 @@ def test_fsr_layer_that_does_not_exist_names_the_nearest():
 def test_output_that_is_not_one_logit_vector_per_image():
     msg = _error({"name": "timm/test_resnet", "options": {"features_only": True}})  # a list of feature maps
     assert "must return one vector of 10 logits per image, got list" in msg
+    msg = _error({"name": "torchvision/googlenet", "options": {"aux_logits": True, "init_weights": False}})
+    assert "GoogLeNetOutputs" in msg and "training mode" in msg  # its auxiliary heads, in training only
 
 
 def test_options_the_architecture_does_not_take():

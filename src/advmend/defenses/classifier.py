@@ -43,18 +43,24 @@ def build_classifier(cfg: RunConfig, num_classes: int, image_shape: tuple[int, i
 
 
 def _probe_input(model: nn.Module, name: str, image_shape: tuple[int, int, int], num_classes: int) -> None:
-    """One eval-mode forward pass on zeros, so images the architecture cannot take (too small for its
-    pooling, say) or an output that is not one logit vector per image are a ConfigError now rather than
-    an error in the first training step."""
+    """Forward passes on zeros, in eval and in training mode, so that images the architecture cannot take
+    (too small for its pooling, say) or an output that is not one logit vector per image (a list of
+    feature maps, torchvision's GoogLeNet with auxiliary heads in training) are a ConfigError now rather
+    than an error in the first training step. Modes, buffers (BatchNorm statistics) and the RNG are left
+    as they were."""
     modes = [(m, m.training) for m in model.modules()]
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
     try:
-        model.eval()  # BatchNorm running statistics stay untouched; no random layer draws
-        with torch.no_grad():
-            out = model(torch.zeros(1, *image_shape))
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes):
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ConfigError(f"model {name!r} must return one vector of {num_classes} logits per image, "
-                              f"got {got} for one image")  # fmt: skip
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            for training in (False, True):
+                model.train(training)
+                # Two images in training: BatchNorm needs more than one value per channel.
+                n = 2 if training else 1
+                out = model(torch.zeros(n, *image_shape))
+                if not isinstance(out, torch.Tensor) or tuple(out.shape) != (n, num_classes):
+                    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                    raise ConfigError(f"model {name!r} must return one vector of {num_classes} logits per image, got "
+                                      f"{got} for {n} image(s) in {'training' if training else 'eval'} mode")  # fmt: skip
     except (RuntimeError, AssertionError) as e:  # timm checks image sizes with assert
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(
@@ -65,3 +71,6 @@ def _probe_input(model: nn.Module, name: str, image_shape: tuple[int, int, int],
     finally:
         for m, mode in modes:
             m.training = mode
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                b.copy_(buffers[k])
