@@ -221,6 +221,13 @@ def test_missing_library_names_the_install_command(monkeypatch):
     assert 'pip install "advmend[timm]"' in _error({"name": "timm/test_resnet"})
 
 
+def test_normalize_mapping_errors_name_the_problem():
+    with pytest.raises(ConfigError, match="equal length, got 1 and 3"):
+        from_dict(ModelConfig, {"name": "timm/test_resnet", "normalize": {"mean": [0.5], "std": [1, 1, 1]}})
+    with pytest.raises(ConfigError, match=r"model\.normalize\.std: every value must be > 0"):
+        from_dict(RunConfig, {"model": {"name": "timm/test_resnet", "normalize": {"mean": [0.5], "std": [0]}}})
+
+
 def test_weights_and_pretrained_are_for_library_models_only():
     with pytest.raises(ConfigError, match="built in"):
         from_dict(ModelConfig, {"name": "small_cnn", "weights": "w.pt"})
@@ -248,6 +255,8 @@ def test_layers_command_lists_insertion_points_and_refuses_bad_names():
     assert not re.search(r"^  net\.blocks\.0 ", ok.stdout, re.MULTILINE)  # tokens (N, 5, 64), no feature map
     bad = _advmend("layers", "timm/tset_vit")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "close names" in bad.stderr
+    offline = _advmend("layers", "timm/test_resnet", "--set", "model.pretrained=true")  # no network here
+    assert offline.returncode == 2 and offline.stderr.count("\n") == 1 and "model.pretrained" in offline.stderr
     listed = _advmend("list", "--models", "torchvision", "--filter", "squeeze")
     assert listed.stdout.split() == ["torchvision/squeezenet1_0", "torchvision/squeezenet1_1"]
 

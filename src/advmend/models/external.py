@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import logging
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -116,6 +117,11 @@ def _build_net(lib: str, arch: str, num_classes: int, in_channels: int, pretrain
                     f"{num_classes}; use timm/{arch} if timm has it (its head is re-initialised) or model.weights"
                 )
             return models.get_model(arch, weights=weights, **options)
+    # huggingface_hub logs each failed request as a warning before raising: the raised error, made one
+    # line below, is the message.
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
     try:
         return build()
     except ConfigError:
@@ -134,6 +140,8 @@ def _build_net(lib: str, arch: str, num_classes: int, in_channels: int, pretrain
             ) from None
         shown = ", ".join(f"model.options.{k}={v!r}" for k, v in options.items()) or "no model.options"
         raise ConfigError(f"model {name!r} cannot be built with {shown} ({_first_line(e)})") from None
+    finally:
+        hub_log.setLevel(level)
 
 
 def _first_line(e: BaseException) -> str:
