@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from advmend.attacks.pgd import PGD
 from advmend.data import ArrayDataset
 from advmend.evaluation.evaluate import evaluate
-from advmend.models import create_model
+from advmend.models import Normalize, create_model
 from advmend.models.external import ExternalModel
 
 
@@ -74,8 +74,8 @@ def bench_external_eval(name: str, *, n: int = 64, batch_size: int = 32, steps: 
         raise TypeError(f"{name!r} is not a timm/ or torchvision/ model")
     net = model.net
     norm = model.normalize
-    mean = norm.mean if hasattr(norm, "mean") else torch.zeros(1, 3, 1, 1, device=device)
-    std = norm.std if hasattr(norm, "std") else torch.ones(1, 3, 1, 1, device=device)
+    mean = norm.mean if isinstance(norm, Normalize) else torch.zeros(1, 3, 1, 1, device=device)
+    std = norm.std if isinstance(norm, Normalize) else torch.ones(1, 3, 1, 1, device=device)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 3, image_size, image_size), generator=g, dtype=torch.uint8)
     with torch.no_grad():

@@ -6,6 +6,8 @@ picks between the two; keeping the classifier here lets the pipeline build it wi
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -21,6 +23,7 @@ def build_classifier(cfg: RunConfig, num_classes: int, image_shape: tuple[int, i
     """The classifier of `cfg.model`, with FSR blocks when `cfg.fsr.enabled` (`cfg.pssr` is not read)."""
     check_config(cfg)  # a RunConfig built in Python skips from_dict's checks (finite numbers, options)
     m = cfg.model
+    norm: dict[str, Any]
     if isinstance(m.normalize, NormalizeStats):
         norm = {"mean": m.normalize.mean, "std": m.normalize.std, "normalize_source": "model.normalize"}
     elif m.normalize:
