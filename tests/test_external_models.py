@@ -202,6 +202,8 @@ def test_fsr_layer_that_does_not_exist_names_the_nearest():
     assert "nearest: net.layer2" in _error({"name": "timm/test_resnet"}, layer="net.layer_2")
     msg = _error({"name": "timm/test_vit", "options": {"img_size": 32}}, layer="net.blocks.0")
     assert "(N, C, H, W)" in msg and "token sequence" in msg
+    # torchvision's blocks call one ReLU twice: a block after it would run on two different maps
+    assert _error({"name": "torchvision/resnet18"}, layer="net.layer1.0.relu").endswith("FSR needs a layer that runs once")
 
 
 def test_output_that_is_not_one_logit_vector_per_image():
