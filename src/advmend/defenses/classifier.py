@@ -68,8 +68,8 @@ def _probe_input(model: nn.Module, name: str, image_shape: tuple[int, int, int],
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(
             f"model {name!r} cannot take {image_shape[0]}x{image_shape[1]}x{image_shape[2]} images ({first}); "
-            "use larger images (e.g. data.options.image_size), another model.name, or for a timm model that takes "
-            "one, model.options.img_size"
+            "use larger images (e.g. data.options.image_size), another model.name, or a timm model's img_size "
+            "option (model.options)"
         ) from None
     finally:
         for m, mode in modes:
