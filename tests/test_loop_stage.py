@@ -67,7 +67,7 @@ def test_both_stages_are_trained_by_the_one_loop_and_write_its_records(tmp_path,
     assert LOOP_RECORD_KEYS <= set(c) and LOOP_RECORD_KEYS <= set(p)
     # Each stage adds only its own fields; the PSSR records keep their format (no ema / early_stopping).
     assert set(c) - LOOP_RECORD_KEYS - FORMAT_KEYS == {"num_classes", "image_shape", "norm", "eps", "world_size",
-                                                       "ema", "early_stopping"}  # fmt: skip
+                                                       "ema", "early_stopping", "normalization"}  # fmt: skip
     assert set(p) - LOOP_RECORD_KEYS - FORMAT_KEYS == {"num_classes", "image_shape", "norm", "eps", "classifier"}
     assert set(c["extra_tensors"]) == {"rng.rank0.cpu"} and set(p["extra_tensors"]) == {"rng.cpu"}
     # PSSR's train.select=robust selects on gray-box accuracy (white box is 0 behind a plain classifier).

@@ -18,6 +18,7 @@ import yaml
 
 from advmend.data.corruptions import check_corruptions
 from advmend.errors import ConfigError
+from advmend.models.external import is_external
 from advmend.models.registry import check_model_options
 from advmend.values import from_dict
 
@@ -73,21 +74,63 @@ class DataConfig:
         return self
 
 
+# A field with this metadata is left out of the resolved config (`to_dict`) while it holds its default: a
+# setting added after configs were written leaves their resolved dicts, and the study records' config
+# hashes (`advmend.study.spec.config_digest`), as they were.
+RECORDED_WHEN_SET = {"recorded_when_set": True}
+
+
+@dataclass(frozen=True)
+class NormalizeStats:
+    """Per-channel input statistics given in the config: ``model.normalize: {mean: [...], std: [...]}``."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def checked(self, path: str = "") -> NormalizeStats:
+        p = path or "model.normalize"
+        if not self.mean or len(self.mean) != len(self.std):
+            raise ConfigError(f"{p}: mean and std must be non-empty lists of equal length, "
+                              f"got {len(self.mean)} and {len(self.std)} values")  # fmt: skip
+        if any(not s > 0 for s in self.std):
+            raise ConfigError(f"{p}.std: every value must be > 0, got {list(self.std)}")
+        return self
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """The classifier. `normalize` puts the dataset's mean/std inside the model ([0,1] in)."""
+    """The classifier: a registered model, or ``timm/<arch>`` / ``torchvision/<arch>`` by name.
+
+    `normalize` puts input statistics inside the model ([0,1] in): false keeps the model's own (none for
+    the registered models, the pretrained metadata for timm/torchvision ones), true the data set's, and
+    ``{mean, std}`` those. `weights` (a state dict file) or `pretrained` (the library's download) give a
+    timm/torchvision model its initial weights."""
 
     name: str = "resnet18"
-    normalize: bool = False
+    normalize: bool | NormalizeStats = False
     options: dict[str, Any] = field(default_factory=dict)  # model-specific keyword arguments
+    weights: str | None = field(default=None, metadata=RECORDED_WHEN_SET)
+    pretrained: bool = field(default=False, metadata=RECORDED_WHEN_SET)
 
     def checked(self, path: str = "") -> ModelConfig:
         """model.options are the model factory's keyword arguments: check their names and types now, so
         `--set model.options.nope=1` fails before data is loaded, not as a TypeError in the factory."""
-        if not self.options:
+        p = path or "model"
+        if self.weights is not None and self.pretrained:
+            raise ConfigError(f"{p}.weights and {p}.pretrained both give initial weights: keep one")
+        if self.weights is not None and not self.weights.strip():
+            raise ConfigError(f"{p}.weights must be a file path, got {self.weights!r}")
+        if (self.weights is not None or self.pretrained) and not is_external(self.name):
+            raise ConfigError(f"{p}.weights and {p}.pretrained are for timm/ and torchvision/ models; "
+                              f"{self.name!r} is built in")  # fmt: skip
+        if not self.options and not is_external(self.name):
             return self
-        options = check_model_options(self.name, self.options, f"{path or 'model'}.options")
+        options = check_model_options(self.name, self.options, f"{p}.options")
         return dataclasses.replace(self, options=options)
+
+    def architecture(self) -> ModelConfig:
+        """This model without its initial weights (file or download): what rebuilding a checkpoint needs."""
+        return dataclasses.replace(self, weights=None, pretrained=False)
 
 
 @dataclass(frozen=True)
@@ -330,16 +373,20 @@ def check_config(cfg: Any) -> None:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain, YAML/JSON-ready mapping of a config dataclass (tuples become lists)."""
+    """Plain, YAML/JSON-ready mapping of a config dataclass (tuples become lists); a field marked
+    RECORDED_WHEN_SET is left out while it holds its default."""
 
     def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)
+                    if not (f.metadata.get("recorded_when_set") and getattr(v, f.name) == f.default)}  # fmt: skip
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
         if isinstance(v, dict):
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return plain(dataclasses.asdict(cfg))
+    return plain(cfg)
 
 
 Override = tuple[str, Any]  # a dotted key and its value, parsed

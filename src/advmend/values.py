@@ -60,6 +60,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        sections = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(sections) == 1:  # a mapping can only mean the section: its own error
+            return _coerce(value, sections[0], path)
         errors = []
         for arg in args:
             if arg is type(None):

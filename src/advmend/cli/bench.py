@@ -26,6 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--loop", nargs="?", const="cifar10/pgdat_small_cnn_cpu", metavar="CONFIG",
                    help="instead: images/s of `advmend train` against a minimal PGD-AT loop on the same images "
                         "(fp32 + channels_last, 5,000 images; default config: the CPU study's recipe)")
+    p.add_argument("--external-eval", action="store_true", help="instead: seconds of a PGD-10 evaluation of each "
+                   "--models name (timm/ARCH, torchvision/ARCH) through advmend vs the same PGD on the bare model")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=run)
 
@@ -58,11 +60,13 @@ def run(args: argparse.Namespace) -> int:
                 indent=2) + "\n")  # fmt: skip
         return 0
     device = resolve_device(args.device, "--device")
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
-    for n in names:
-        MODELS.get(n)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")  # fmt: skip
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    if args.external_eval:
+        return _run_external(args, names, device, where)
+    for n in names:
+        MODELS.get(n)
     if args.config:
         return _run_recipe(args, device, where)
     args.batch_size = 64 if args.batch_size is None else args.batch_size
@@ -79,6 +83,28 @@ def run(args: argparse.Namespace) -> int:
         payload = {"device": where, "torch": torch.__version__, "rows": [
             {**r.__dict__, "at_cost": r.at_cost, "fsr_overhead": r.fsr_overhead} for r in rows]}  # fmt: skip
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+def _run_external(args: argparse.Namespace, names: list[str], device, where: str) -> int:
+    from advmend.bench.external_speed import bench_external_eval, format_external_rows
+    from advmend.errors import ConfigError
+    from advmend.models.external import check_name, is_external
+
+    bad = [n for n in names if not is_external(n)]
+    if bad:
+        raise ConfigError(f"--external-eval compares timm/ARCH and torchvision/ARCH models, not {bad}")
+    for n in names:
+        check_name(n)
+    batch = 32 if args.batch_size is None else args.batch_size
+    if batch < 1 or args.iters < 1:
+        raise ConfigError("--batch-size and --iters must be >= 1")
+    rows = [bench_external_eval(n, n=2 * batch, batch_size=batch, repeats=args.iters, device=device)
+            for n in names]  # fmt: skip
+    print(format_external_rows(rows, where))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": where, "external_eval": [
+            {**r.__dict__, "ratio": r.ratio} for r in rows]}, indent=2) + "\n")  # fmt: skip
     return 0
 
 

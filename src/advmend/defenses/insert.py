@@ -7,6 +7,7 @@ the auxiliary outputs come from the explicit `forward_with_aux(x)`.
 
 from __future__ import annotations
 
+import difflib
 import functools
 from dataclasses import dataclass
 from typing import Sequence
@@ -81,9 +82,10 @@ class FSRModel(nn.Module):
         try:
             return self.backbone.get_submodule(path)
         except AttributeError:
-            names = [n for n, _ in self.backbone.named_modules() if n and n.count(".") <= 1]
-            shown = ", ".join(names[:40]) + (", ..." if len(names) > 40 else "")
-            raise ConfigError(f"unknown layer {path!r} for FSR; layers of this model: {shown}") from None
+            names = [n for n, _ in self.backbone.named_modules() if n]
+            close = difflib.get_close_matches(path, names, n=6, cutoff=0.6) or [n for n in names if "." not in n]
+            raise ConfigError(f"fsr.layers: unknown layer {path!r} for FSR; nearest: {', '.join(close[:6])} "
+                              "(`advmend layers MODEL` lists them with their output shapes)") from None
 
     def _apply_block(self, key: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         block = self.fsr[key]
@@ -120,37 +122,63 @@ class FSRModel(nn.Module):
         return self.backbone.features(x)
 
 
-def _probe_output_shapes(
-    backbone: nn.Module, targets: dict[str, nn.Module], input_shape: Sequence[int]
-) -> dict[str, tuple[int, ...]]:
-    """One eval-mode forward pass on zeros to read each target layer's output shape (C, H, W)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    handles = []
-    for path, module in targets.items():
+def layer_outputs(
+    backbone: nn.Module, input_shape: Sequence[int], paths: Sequence[str] | None = None
+) -> dict[str, list[tuple | str]]:
+    """What each named submodule (all of them, or `paths`) outputs in one eval-mode forward pass on zeros:
+    path -> one entry per call, the output's shape without the batch axis, or its type name when it is not
+    a tensor. A module never called is absent. Modes, BatchNorm statistics and the RNG are left as they were."""
+    modules = dict(backbone.named_modules())
+    targets = {p: modules[p] for p in (paths if paths is not None else [n for n in modules if n])}
+    outputs: dict[str, list[tuple | str]] = {}
 
-        def hook(_m, _i, out, path=path):
-            if not isinstance(out, torch.Tensor) or out.dim() != 4:
-                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                raise ConfigError(f"FSR needs a (N, C, H, W) feature map after {path!r}, got {got}")
-            shapes[path] = tuple(out.shape[1:])
+    def hook(path: str, _m: nn.Module, _i: tuple, out: object) -> None:
+        shape = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
+        outputs.setdefault(path, []).append(shape)
 
-        handles.append(module.register_forward_hook(hook))
+    handles = [m.register_forward_hook(functools.partial(hook, p)) for p, m in targets.items()]
     modes = [(m, m.training) for m in backbone.modules()]
     param = next(backbone.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     try:
         backbone.eval()  # keep BatchNorm running statistics untouched
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
             backbone(torch.zeros(1, *input_shape, device=device, dtype=dtype))
     finally:
         for h in handles:
             h.remove()
         for m, mode in modes:
             m.training = mode
-    missing = [p for p in targets if p not in shapes]
-    if missing:
-        raise ConfigError(f"layer(s) {missing} are never called in the backbone's forward pass")
+    return outputs
+
+
+def insertion_points(backbone: nn.Module, input_shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
+    """The layers FSR can follow: called once per forward pass, with a (C, H, W) feature map (per image)."""
+    return {p: calls[0] for p, calls in layer_outputs(backbone, input_shape).items()
+            if len(calls) == 1 and isinstance(calls[0], tuple) and len(calls[0]) == 3}  # fmt: skip
+
+
+def _probe_output_shapes(
+    backbone: nn.Module, targets: dict[str, nn.Module], input_shape: Sequence[int]
+) -> dict[str, tuple[int, ...]]:
+    """Each target layer's output shape (C, H, W); a ConfigError for a layer FSR cannot follow."""
+    outputs = layer_outputs(backbone, input_shape, list(targets))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in targets:
+        calls = outputs.get(path)
+        if not calls:
+            raise ConfigError(f"fsr.layers: layer {path!r} is never called in the model's forward pass")
+        if len(calls) > 1:
+            raise ConfigError(f"fsr.layers: layer {path!r} runs {len(calls)} times per forward pass (a shared "
+                              "module); FSR needs a layer that runs once")  # fmt: skip
+        got = calls[0]
+        if not isinstance(got, tuple) or len(got) != 3:
+            token_hint = (" (a transformer's token sequence: choose a convolutional layer, e.g. its patch "
+                          "embedding's projection)" if isinstance(got, tuple) and len(got) == 2 else "")
+            raise ConfigError(f"fsr.layers: FSR needs a (N, C, H, W) feature map after {path!r}, got "
+                              f"{('N',) + got if isinstance(got, tuple) else got}{token_hint}")  # fmt: skip
+        shapes[path] = got
     return shapes
 
 
@@ -164,4 +192,4 @@ def fsr_losses(out: FSROutput, y: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return fsr_terms(out.blocks, out.logits, y)
 
 
-__all__ = ["FSRModel", "FSROutput", "insert_fsr", "fsr_losses"]
+__all__ = ["FSRModel", "FSROutput", "insert_fsr", "fsr_losses", "insertion_points", "layer_outputs"]

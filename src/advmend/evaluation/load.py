@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,7 +20,9 @@ def load_trained_model(path: str | Path, device: torch.device) -> tuple[nn.Modul
     state, record = load_checkpoint(path)
     try:
         cfg = from_dict(RunConfig, record["config"])
-        model = build_model(cfg, record["num_classes"], tuple(record["image_shape"]))
+        # The trained weights replace the initial ones: no model.weights file or download is needed again.
+        model = build_model(replace(cfg, model=cfg.model.architecture()), record["num_classes"],
+                            tuple(record["image_shape"]))  # fmt: skip
         float(record["eps"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: its recorded config cannot rebuild the model ({e})") from None

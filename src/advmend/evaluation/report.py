@@ -166,6 +166,10 @@ def markdown_report(
         lines += ["", f"Checkpoint: `{meta['checkpoint']}` (sha256 `{meta.get('checkpoint_sha256', '')}`)"]
     if meta.get("model"):
         lines += ["", f"Model: `{meta['model']}`"]
+    if meta.get("normalization"):
+        n = meta["normalization"]
+        stats = f": mean {_short(n['mean'])}, std {_short(n['std'])}" if "mean" in n else ""
+        lines += ["", f"Input normalisation (inside the model; attacks work in [0, 1] pixels): {n['source']}{stats}"]
     if meta.get("plot"):
         lines += ["", f"![accuracy against eps]({meta['plot']})"]
     elif meta.get("plot_note"):

@@ -27,6 +27,7 @@ from advmend.evaluation.report import write_report
 from advmend.evaluation.sanity import run_sanity
 from advmend.evaluation.sections import SECTIONS
 from advmend.io import atomic_write_bytes, file_sha256
+from advmend.models import describe_normalization
 from advmend.types import ThreatModel
 
 ADV_SUFFIXES = (".pt", ".pth", ".safetensors")
@@ -126,6 +127,7 @@ def run_protocol(
                 timings={"evaluation_s": round(result.seconds, 3), "sanity_s": round(sanity_seconds, 3)},
                 hardware={"device": str(device), "cpu_count": os.cpu_count(),
                           "torch_threads": torch.get_num_threads()})  # fmt: skip
+    meta["normalization"] = describe_normalization(model)
     if meta.get("checkpoint") and not meta.get("checkpoint_sha256"):
         meta["checkpoint_sha256"] = file_sha256(meta["checkpoint"])
     out_dir = Path(out_dir)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +20,8 @@ class Normalize(nn.Module):
     Args:
         mean: Per-channel means.
         std: Per-channel standard deviations, all > 0.
+        source: Where the statistics come from (the data set, model.normalize, a model's metadata), for
+            the report card; not saved with the weights.
 
     Raises:
         ConfigError: If the lengths differ, are zero, or a std is not positive.
@@ -28,8 +30,9 @@ class Normalize(nn.Module):
     mean: torch.Tensor
     std: torch.Tensor
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, mean: Sequence[float], std: Sequence[float], *, source: str = "given") -> None:
         super().__init__()
+        self.source = source
         mean, std = [float(m) for m in mean], [float(s) for s in std]
         if len(mean) == 0 or len(mean) != len(std):
             raise ConfigError(
@@ -47,3 +50,12 @@ class Normalize(nn.Module):
     def extra_repr(self) -> str:
         fmt = lambda t: "(" + ", ".join(f"{v:.4g}" for v in t.flatten().tolist()) + ")"  # noqa: E731
         return f"mean={fmt(self.mean)}, std={fmt(self.std)}"
+
+
+def describe_normalization(model: nn.Module) -> dict[str, Any]:
+    """The input normalisation inside `model` (its first `Normalize`), as the report card states it:
+    ``{"source", "mean", "std"}``, or ``{"source": "none"}`` when the model has none."""
+    norm = next((m for m in model.modules() if isinstance(m, Normalize)), None)
+    if norm is None:
+        return {"source": "none"}
+    return {"source": norm.source, "mean": norm.mean.flatten().tolist(), "std": norm.std.flatten().tolist()}

@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence, Union
 from torch import nn
 
 from advmend.errors import ConfigError
+from advmend.models.external import create_external, is_external
 from advmend.models.normalize import Normalize
 from advmend.registry import Registry
 from advmend.values import coerce_value
@@ -69,7 +70,19 @@ def check_model_options(name: str, options: dict[str, Any], key: str = "model.op
     Raises:
         ConfigError: Unknown model, an option the factory does not take, or a value of the wrong type;
             the message names ``<key>.<option>`` and lists the valid options.
+
+    A ``timm/<arch>`` or ``torchvision/<arch>`` name is checked against the installed library's list; its
+    options are checked by the library's factory when the model is built (their signatures are **kwargs).
     """
+    if is_external(name):
+        from advmend.models.external import check_name
+
+        check_name(name)
+        for opt in options:
+            if opt in _BUILT_IN_ARGS + ("in_chans", "pretrained", "weights"):
+                raise ConfigError(f"{key}.{opt}: advmend sets it for {name!r} (from the data, model.normalize, "
+                                  f"model.pretrained or model.weights); remove {key}.{opt}")  # fmt: skip
+        return dict(options)
     factory = MODELS.get(name)
     valid = model_options(name)
     takes_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values())
@@ -99,6 +112,9 @@ def create_model(
     in_channels: int = 3,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    normalize_source: str = "given",
+    weights: str | None = None,
+    pretrained: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Builds a registered model that takes [0, 1] images.
@@ -109,12 +125,15 @@ def create_model(
         in_channels: Input image channels, >= 1.
         mean: Per-channel normalisation mean; used together with ``std``.
         std: Per-channel normalisation std; used together with ``mean``.
+        normalize_source: Where ``mean``/``std`` come from, for the report card.
+        weights: A ``timm/`` or ``torchvision/`` model's initial weights: a state dict file.
+        pretrained: A ``timm/`` or ``torchvision/`` model's initial weights from the library's download.
         **kwargs: Model-specific options; ``None`` values are dropped (timm style).
 
     Raises:
         ConfigError: Unknown name, bad sizes, or mismatched normalisation statistics.
     """
-    factory = MODELS.get(name)
+    factory = None if is_external(name) else MODELS.get(name)
     # num_classes, in_channels, mean and std come from the data set, not from config keys: the messages
     # name the create_model arguments.
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -125,13 +144,19 @@ def create_model(
         raise ConfigError("create_model: mean and std must be given together")
     normalize = None
     if mean is not None and std is not None:
-        normalize = Normalize(mean, std)
+        normalize = Normalize(mean, std, source=normalize_source)
         if normalize.mean.numel() != in_channels:
             raise ConfigError(
                 f"create_model: mean/std have {normalize.mean.numel()} values but in_channels={in_channels}"
             )
     kwargs = check_model_options(name, kwargs)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if factory is None:
+        return create_external(name, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std,
+                               source=normalize_source, weights=weights, pretrained=pretrained, options=kwargs)
+    if weights is not None or pretrained:
+        raise ConfigError(f"model.weights and model.pretrained are for timm/ and torchvision/ models; {name!r} is "
+                          "built in (continue from its checkpoint instead)")
     try:
         return factory(num_classes=num_classes, in_channels=in_channels, normalize=normalize, **kwargs)
     except (RuntimeError, MemoryError) as e:  # e.g. width=10**6: weights beyond memory (or int64 sizes)

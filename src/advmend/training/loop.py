@@ -37,6 +37,7 @@ from advmend.config import RunConfig, check_config, to_dict
 from advmend.data import BatchLoader
 from advmend.defenses.build import build_model
 from advmend.errors import ConfigError
+from advmend.models import describe_normalization
 from advmend.evaluation.evaluate import evaluate
 from advmend.training.build import (
     attack_threat,
@@ -203,6 +204,7 @@ def classifier_stage(cfg: RunConfig, out_dir: Path, ctx: DistContext, device: to
             # evaluation reads it back as the checkpoint's threat model.
             **asdict(attack_threat(t.attack, info["eps"])),
             "world_size": ctx.world_size,
+            "normalization": describe_normalization(model),  # its source; the values are sealed buffers too
         },
         check_resume=lambda record: check_resume_config(out_dir, record, cfg),
         checkpoint_bytes=checkpoint_bytes(model, optimizer, ema is not None), out_dir_config=cfg,
