@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from advmend.checkpoint import load_checkpoint
-from advmend.cli.evaluate import evaluate_after_training
+from advmend.training.run import evaluate_after_training
 from advmend.config import ModelConfig, RunConfig, from_dict, load_run_config, to_dict
 from advmend.defenses.classifier import build_classifier
 from advmend.errors import ConfigError
