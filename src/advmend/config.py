@@ -498,9 +498,7 @@ def resolve_config_path(name_or_path: str) -> Path:
     bundled = CONFIG_DIR / (name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
     if bundled.is_file():
         return bundled
-    raise ConfigError(
-        f"config {name_or_path!r} not found: give a YAML path or one of: {', '.join(bundled_configs())}"
-    )
+    raise ConfigError(f"config {name_or_path!r} not found: give a YAML path or one of: {', '.join(bundled_configs())}")
 
 
 def load_run_config(name_or_path: str, overrides: list[str] | None = None) -> RunConfig:

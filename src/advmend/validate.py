@@ -5,7 +5,7 @@ expected, so a user sees one line that says how to fix the call."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -74,7 +74,9 @@ def minimal_pgd_at(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
             for _ in range(steps):
                 (g,) = torch.autograd.grad(F.cross_entropy(model(x + delta), y, reduction="sum"), delta)
-                delta = ((x + (delta.detach() + alpha * g.sign()).clamp(-eps, eps)).clamp(0, 1) - x).requires_grad_(True)
+                delta = ((x + (delta.detach() + alpha * g.sign()).clamp(-eps, eps)).clamp(0, 1) - x).requires_grad_(
+                    True
+                )
             for p in model.parameters():
                 p.requires_grad_(True)
             model.train()
@@ -120,8 +122,15 @@ def bench_loop(base: str = "cifar10/pgdat_small_cnn_cpu", *, n_images: int = 500
             model = model.to(memory_format=torch.channels_last)
         attack = cfg.train.attack
         minimal.epochs_ips += minimal_pgd_at(
-            model, train_set.images, train_set.labels, epochs=epochs, batch_size=cfg.train.batch_size,
-            lr=cfg.train.lr, eps=attack.eps, steps=attack.steps, channels_last=cfg.train.channels_last,
+            model,
+            train_set.images,
+            train_set.labels,
+            epochs=epochs,
+            batch_size=cfg.train.batch_size,
+            lr=cfg.train.lr,
+            eps=attack.eps,
+            steps=attack.steps,
+            channels_last=cfg.train.channels_last,
         )[1:]
     return [product, minimal]
 

@@ -15,8 +15,8 @@ import torch
 from advmend.bench.throughput import _images_per_s, switched_step
 from advmend.config import RunConfig
 from advmend.data.sources import dataset_info
-from advmend.errors import ConfigError
 from advmend.defenses.build import build_model
+from advmend.errors import ConfigError
 from advmend.training.build import build_objective
 
 

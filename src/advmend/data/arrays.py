@@ -6,8 +6,8 @@ batches are index slices made by :class:`advmend.data.batches.BatchLoader`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -64,9 +64,7 @@ class ArrayDataset:
         if labels.dtype != torch.int64:
             raise DataError(f"labels must be int64, got {labels.dtype}")
         if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-            raise DataError(
-                f"labels must be ({images.shape[0]},) to match images, got shape {tuple(labels.shape)}"
-            )
+            raise DataError(f"labels must be ({images.shape[0]},) to match images, got shape {tuple(labels.shape)}")
         if labels.device.type != "cpu":
             raise DataError(f"labels must live on the CPU, got device {labels.device}")
         classes = tuple(str(c) for c in self.classes)
@@ -76,8 +74,7 @@ class ArrayDataset:
             lo, hi = int(labels.min()), int(labels.max())
             if lo < 0 or hi >= len(classes):
                 raise DataError(
-                    f"labels must lie in [0, {len(classes) - 1}] for {len(classes)} classes, "
-                    f"got range [{lo}, {hi}]"
+                    f"labels must lie in [0, {len(classes) - 1}] for {len(classes)} classes, got range [{lo}, {hi}]"
                 )
         # Frozen dataclass: normalise in place with object.__setattr__ (cheap no-ops when already fine).
         object.__setattr__(self, "images", images.contiguous())
@@ -99,10 +96,7 @@ class ArrayDataset:
         return int(self.images.shape[0])
 
     def __repr__(self) -> str:
-        return (
-            f"ArrayDataset(n={len(self)}, image_shape={self.image_shape}, "
-            f"num_classes={self.num_classes})"
-        )
+        return f"ArrayDataset(n={len(self)}, image_shape={self.image_shape}, num_classes={self.num_classes})"
 
 
 def from_numpy(images: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> ArrayDataset:
@@ -157,14 +151,10 @@ def take(ds: ArrayDataset, indices: torch.Tensor | np.ndarray | Sequence[int]) -
     if idx.numel() == 0:
         idx = idx.reshape(0).long()
     if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex() or idx.ndim != 1:
-        raise DataError(
-            f"indices must be a 1-D integer sequence, got dtype {idx.dtype} shape {tuple(idx.shape)}"
-        )
+        raise DataError(f"indices must be a 1-D integer sequence, got dtype {idx.dtype} shape {tuple(idx.shape)}")
     idx = idx.to(device="cpu", dtype=torch.int64)
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(ds)):
-        raise DataError(
-            f"indices must lie in [0, {len(ds) - 1}], got range [{int(idx.min())}, {int(idx.max())}]"
-        )
+        raise DataError(f"indices must lie in [0, {len(ds) - 1}], got range [{int(idx.min())}, {int(idx.max())}]")
     if not isinstance(ds, ArrayDataset):  # an image folder streamed from disk selects files, decodes nothing
         return ds.select(idx)
     return ArrayDataset(ds.images[idx], ds.labels[idx], ds.classes)
@@ -202,9 +192,7 @@ def subset(ds: ArrayDataset, n: int, seed: int) -> ArrayDataset:
     return take(ds, torch.randperm(len(ds), generator=gen)[:n])
 
 
-def split_train_val(
-    ds: ArrayDataset, val_size: int, seed: int
-) -> tuple[ArrayDataset, ArrayDataset | None]:
+def split_train_val(ds: ArrayDataset, val_size: int, seed: int) -> tuple[ArrayDataset, ArrayDataset | None]:
     """Splits off a seeded, disjoint, held-out validation set.
 
     Args:
@@ -222,9 +210,7 @@ def split_train_val(
     if val_size == 0:
         return ds, None
     if val_size < 0 or val_size >= len(ds):
-        raise DataError(
-            f"val_size must lie in [0, {len(ds) - 1}] for a data set of {len(ds)} examples, got {val_size}"
-        )
+        raise DataError(f"val_size must lie in [0, {len(ds) - 1}] for a data set of {len(ds)} examples, got {val_size}")
     gen = torch.Generator().manual_seed(derive_seed(_check_int("seed", seed), 1))
     perm = torch.randperm(len(ds), generator=gen)
     # Keep the training part in its original order (memory locality; loaders shuffle anyway).

@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 Prepare = Callable  # (cfg, checkpoint, meta, log) -> (cfg, meta)
 
@@ -237,5 +237,3 @@ def evaluate_checkpoint(
         print(result.corruptions.console())
     print(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}")
     return result
-
-

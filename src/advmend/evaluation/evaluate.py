@@ -16,8 +16,9 @@ objects with `eps`, `norm`, `describe()` and `run(model, x, y, *, device, batch_
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn

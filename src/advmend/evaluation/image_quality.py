@@ -8,7 +8,7 @@ pooled MSE), SSIM with torchmetrics' defaults (11x11 Gaussian window, sigma 1.5)
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure

@@ -254,8 +254,9 @@ def not_run_text(ev: PSSREvalResult) -> str:
     return "".join(f"{t}: {NOT_RUN} ({ev.not_run.get(t, '')})\n" for t in ev.threat_models if not ev.ran(t))
 
 
-def restoration(model: PSSRModel, ds: ArrayDataset, *, batch_size: int = 256,
-                device: torch.device | str = "cpu") -> dict:
+def restoration(
+    model: PSSRModel, ds: ArrayDataset, *, batch_size: int = 256, device: torch.device | str = "cpu"
+) -> dict:
     """How PSSR treats the clean images of `ds`, the pipeline in eval mode (modes restored afterwards).
 
     PSNR (dB) and SSIM of G(PS(x)) against x, per image and averaged; PSNR pooled over the kept and over
@@ -306,7 +307,9 @@ def console_text(ev: PSSREvalResult) -> str:
                  f"(weakest: {ev.headline_threat})\n")  # fmt: skip
     if ev.restoration is not None:
         q = ev.restoration
-        text += f"restoration of clean images: PSNR {q['psnr']:.2f} dB, SSIM {q['ssim']:.4f} ({q['n_examples']} images)\n"
+        text += (
+            f"restoration of clean images: PSNR {q['psnr']:.2f} dB, SSIM {q['ssim']:.4f} ({q['n_examples']} images)\n"
+        )
         text += "".join(f"  {line}\n" for line in restoration_breakdown(q))
     return text
 
@@ -402,8 +405,11 @@ def markdown(ev: PSSREvalResult, meta: dict | None = None) -> str:
         " plot's sweep attack the whole pipeline (white box, mask constant).",
     ]
     if meta.get("surrogate"):
-        lines += ["", f"Transfer source: `{meta['surrogate']}` ({meta.get('surrogate_origin') or 'user'}; "
-                  "an independently trained classifier: the same recipe with another seed when advmend trained it)."]
+        lines += [
+            "",
+            f"Transfer source: `{meta['surrogate']}` ({meta.get('surrogate_origin') or 'user'}; "
+            "an independently trained classifier: the same recipe with another seed when advmend trained it).",
+        ]
     if ev.restoration is not None:
         q = ev.restoration
         lines += ["", "## Restoration of clean images", "",

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -60,7 +60,9 @@ def save_adversarial(path: str | Path, result: EvalResult) -> str:
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        atomic_write_bytes(path, lambda tmp: save_file({"adv_complete": adv, "labels": result.labels.contiguous()}, tmp))
+        atomic_write_bytes(
+            path, lambda tmp: save_file({"adv_complete": adv, "labels": result.labels.contiguous()}, tmp)
+        )
         return "safetensors: adv_complete (N, C, H, W) float32 in [0, 1], labels (N,) int64"
     atomic_write_bytes(path, lambda tmp: torch.save({"adv_complete": adv}, tmp))
     return "RobustBench external evaluation: torch.save({'adv_complete': (N, C, H, W) float32 in [0, 1]})"
@@ -104,7 +106,9 @@ def run_protocol(
     threats, defense = None, defense_of(cfg)
     if defense in SECTIONS:  # a defense with its own threat models (PSSR)
         if extra_attacks:
-            raise ConfigError(f"a {defense} model's transfer source is a config key (--transfer-from), not an extra attack")
+            raise ConfigError(
+                f"a {defense} model's transfer source is a config key (--transfer-from), not an extra attack"
+            )
         threats, result, attacked, meta = SECTIONS.get(defense)(model, ds, cfg, attacks, device, meta, progress, cascade,
                                                               save_adv is not None)  # fmt: skip
     else:

@@ -80,8 +80,10 @@ def build_data(cfg: DataConfig, *, need_train: bool = True, need_test: bool = Tr
     info["num_classes"] = ref.num_classes
     info["image_shape"] = ref.image_shape
     if ref.image_shape[0] != len(info["mean"]):
-        info.update(dataset_info(cfg.name, channels=ref.image_shape[0]) | {
-            "num_classes": ref.num_classes, "image_shape": ref.image_shape})
+        info.update(
+            dataset_info(cfg.name, channels=ref.image_shape[0])
+            | {"num_classes": ref.num_classes, "image_shape": ref.image_shape}
+        )
     info["augment"] = info["augment"] if cfg.augment is None else cfg.augment
     return DataSplits(train, val, test, info)
 
@@ -166,9 +168,7 @@ def _fast_at(cfg: RunConfig, eps: float) -> AdversarialCE:
             "catastrophically, Wong et al. 2020); for plain FGSM training use method pgd_at with steps 1"
         )
     if a.loss != "ce" or a.restarts != 1:
-        raise ConfigError(
-            f"method fast_at needs train.attack.loss ce and restarts 1, got {a.loss!r} and {a.restarts}"
-        )
+        raise ConfigError(f"method fast_at needs train.attack.loss ce and restarts 1, got {a.loss!r} and {a.restarts}")
     attack = fast_at_attack(attack_threat(a, eps).eps, norm=a.norm, step_size=a.step_size)
     return AdversarialCE(attack, cfg.fsr.lambda_sep, cfg.fsr.lambda_rec)
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import yaml
@@ -89,7 +89,7 @@ def open_run(stage: Stage, out_dir: Path, *, resume: bool, log: Callable[[str], 
                 stage.ema = ModelEMA(model, stage.ema.decay)
                 log("--resume: the checkpoint has no EMA; the average restarts from the current weights")
         prefix = f"rng.rank{ctx.rank}." if stage.rng_by_rank else "rng."
-        rng = {k[len(prefix):]: v for k, v in extra.items() if k.startswith(prefix)}
+        rng = {k[len(prefix) :]: v for k, v in extra.items() if k.startswith(prefix)}
         if rng:
             restore_rng_state(rng, device)
         else:

@@ -25,8 +25,8 @@ through PS and G in one batched pass; only G's parameters receive gradients unle
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -152,7 +152,8 @@ class PSSRObjective:
         loss = (
             self.lambda_pix * pix_adv
             + (self.lambda_pix if self.lambda_pix_clean is None else self.lambda_pix_clean) * pix_cln
-            + self.lambda_sem * (self.lambda_ce * (ce_adv + ce_cln) + self.lambda_feat * feat_adv + lambda_feat_cln * feat_cln)
+            + self.lambda_sem
+            * (self.lambda_ce * (ce_adv + ce_cln) + self.lambda_feat * feat_adv + lambda_feat_cln * feat_cln)
             + self.lambda_rd * rd
         )
         metrics = {
