@@ -86,12 +86,14 @@ MUTANTS: list[Mutant] = [
         "pgd-restarts-reuse-first-start", "_pgd_tracked",
         "        x_adv, fooled, loss = _run_once(model, x, y, cfg, generator)\n"
         "        for _ in range(cfg.restarts - 1):\n"
+        "            assert fooled is not None and loss is not None  # _run_once tracks when restarts > 1\n"
         "            todo = (~fooled).nonzero().squeeze(1)\n"
         "            if todo.numel() == 0:\n"
         "                break\n",
         "        state = generator.get_state() if generator is not None else torch.get_rng_state()\n"
         "        x_adv, fooled, loss = _run_once(model, x, y, cfg, generator)\n"
         "        for _ in range(cfg.restarts - 1):\n"
+        "            assert fooled is not None and loss is not None  # _run_once tracks when restarts > 1\n"
         "            todo = (~fooled).nonzero().squeeze(1)\n"
         "            if todo.numel() == 0:\n"
         "                break\n"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol, overload
 
 import numpy as np
 import torch
@@ -32,6 +33,29 @@ def derive_seed(*parts: int) -> int:
     entropy = [int(p) & 0xFFFF_FFFF_FFFF_FFFF for p in parts]
     lo, hi = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     return (int(hi) << 32 | int(lo)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class ImageDataset(Protocol):
+    """What evaluation reads from a data set: an in-memory `ArrayDataset` or a streamed `folder.ImageFolder`."""
+
+    @property
+    def images(self) -> Any: ...  # (N, C, H, W) uint8: a tensor, or folder.FolderImages, which decodes on indexing
+
+    @property
+    def labels(self) -> torch.Tensor: ...
+
+    @property
+    def classes(self) -> tuple[str, ...]: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]: ...
+
+    def __len__(self) -> int: ...
+
+    def select(self, idx: torch.Tensor) -> ImageDataset: ...
 
 
 @dataclass(frozen=True)
@@ -95,6 +119,10 @@ class ArrayDataset:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def select(self, idx: torch.Tensor) -> ArrayDataset:
+        """The examples at `idx` (a copy, in that order), as `take` gives them."""
+        return take(self, idx)
+
     def __repr__(self) -> str:
         return f"ArrayDataset(n={len(self)}, image_shape={self.image_shape}, num_classes={self.num_classes})"
 
@@ -134,7 +162,11 @@ def from_numpy(images: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -
     )
 
 
-def take(ds: ArrayDataset, indices: torch.Tensor | np.ndarray | Sequence[int]) -> ArrayDataset:
+@overload
+def take(ds: ArrayDataset, indices: torch.Tensor | np.ndarray | Sequence[int]) -> ArrayDataset: ...
+@overload
+def take(ds: ImageDataset, indices: torch.Tensor | np.ndarray | Sequence[int]) -> ImageDataset: ...
+def take(ds: ImageDataset, indices: torch.Tensor | np.ndarray | Sequence[int]) -> ImageDataset:
     """Selects examples by integer index (a copy, in the given order).
 
     Args:
@@ -166,7 +198,11 @@ def _check_int(name: str, value: object) -> int:
     return int(value)
 
 
-def subset(ds: ArrayDataset, n: int, seed: int) -> ArrayDataset:
+@overload
+def subset(ds: ArrayDataset, n: int, seed: int) -> ArrayDataset: ...
+@overload
+def subset(ds: ImageDataset, n: int, seed: int) -> ImageDataset: ...
+def subset(ds: ImageDataset, n: int, seed: int) -> ImageDataset:
     """A seeded random subset of ``n`` examples (in random order).
 
     The subset for ``n`` is a prefix of the one for a larger ``n`` with the same seed, so
@@ -192,7 +228,11 @@ def subset(ds: ArrayDataset, n: int, seed: int) -> ArrayDataset:
     return take(ds, torch.randperm(len(ds), generator=gen)[:n])
 
 
-def split_train_val(ds: ArrayDataset, val_size: int, seed: int) -> tuple[ArrayDataset, ArrayDataset | None]:
+@overload
+def split_train_val(ds: ArrayDataset, val_size: int, seed: int) -> tuple[ArrayDataset, ArrayDataset | None]: ...
+@overload
+def split_train_val(ds: ImageDataset, val_size: int, seed: int) -> tuple[ImageDataset, ImageDataset | None]: ...
+def split_train_val(ds: ImageDataset, val_size: int, seed: int) -> tuple[ImageDataset, ImageDataset | None]:
     """Splits off a seeded, disjoint, held-out validation set.
 
     Args:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from advmend.data.arrays import ArrayDataset, derive_seed
+from advmend.data.arrays import ImageDataset, derive_seed
 from advmend.data.folder import ImageFolder
 from advmend.errors import ConfigError, InputError
 
@@ -112,7 +112,7 @@ class BatchLoader:
 
     def __init__(
         self,
-        ds: ArrayDataset | ImageFolder,
+        ds: ImageDataset,
         batch_size: int,
         *,
         shuffle: bool,

@@ -364,7 +364,8 @@ class FolderImages:
                 raise IndexError(f"indices out of range for {n} images")
             idx = idx % max(n, 1)
         out = self._folder.decode(idx)
-        return out[(slice(None), *rest)] if rest else out
+        key = (slice(None), *rest)  # out[(slice(None), *rest)], spelt so that mypy parses it as Python 3.10
+        return out[key] if rest else out
 
     def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
         if dim != 0:

@@ -25,7 +25,8 @@ from torch import nn
 
 from advmend.attacks.modes import attack_mode
 from advmend.attacks.pgd import PGD, random_targets  # noqa: F401  (random_targets: where callers found it)
-from advmend.data import ArrayDataset, BatchLoader, subset
+from advmend.data import BatchLoader, subset
+from advmend.data.arrays import ImageDataset
 from advmend.errors import ModelContractError
 from advmend.types import AttackRun
 from advmend.validate import check_logits
@@ -152,14 +153,14 @@ def check_not_probabilities(logits: torch.Tensor) -> None:
         )
 
 
-def _images(ds: ArrayDataset, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _images(ds: ImageDataset, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     idx = idx.cpu()
     return ds.images[idx].to(device).float().div_(255), ds.labels[idx].to(device)
 
 
 def evaluate(
     model: nn.Module,
-    ds: ArrayDataset,
+    ds: ImageDataset,
     attacks: Sequence[PGD | ExternalAttack],
     *,
     batch_size: int = 256,
@@ -241,7 +242,7 @@ CURVE_EXAMPLES = 200
 
 def accuracy_curve(
     model: nn.Module,
-    ds: ArrayDataset,
+    ds: ImageDataset,
     eps: float,
     norm: str = "linf",
     *,

@@ -14,7 +14,8 @@ import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchmetrics.image import PeakSignalNoiseRatio
 
-from advmend.data import ArrayDataset, BatchLoader
+from advmend.data import BatchLoader
+from advmend.data.arrays import ImageDataset
 
 
 class RestorationMeter:
@@ -63,7 +64,7 @@ class RestorationMeter:
 @torch.no_grad()
 def restoration_quality(
     restore: Callable[[torch.Tensor], torch.Tensor],
-    ds: ArrayDataset,
+    ds: ImageDataset,
     *,
     batch_size: int = 256,
     device: torch.device | str = "cpu",

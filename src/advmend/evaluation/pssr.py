@@ -41,7 +41,8 @@ from advmend.attacks.modes import attack_mode
 from advmend.attacks.pgd import PGD
 from advmend.attacks.transfer import Transfer
 from advmend.config import RunConfig
-from advmend.data import ArrayDataset, BatchLoader
+from advmend.data import BatchLoader
+from advmend.data.arrays import ImageDataset
 from advmend.defenses.pssr.pipeline import PSSRModel, PSSRPreprocess
 from advmend.defenses.pssr.regenerator import fill_holes
 from advmend.errors import ConfigError
@@ -66,7 +67,7 @@ class AdvStore:
     """Per example, the first adversarial example (over every threat model) that fooled PSSR; the clean
     image where none did: the worst-case examples `--save-adv` writes (`EvalResult.adv`)."""
 
-    def __init__(self, ds: ArrayDataset):
+    def __init__(self, ds: ImageDataset):
         self.adv = ds.images.float().div(255)
         self.labels = ds.labels.clone()
         self.filled = torch.zeros(len(ds), dtype=torch.bool)
@@ -87,7 +88,7 @@ class AdvStore:
 def transfer_attack(
     source: nn.Module,
     target: nn.Module,
-    ds: ArrayDataset,
+    ds: ImageDataset,
     attack: PGD,
     clean_correct: torch.Tensor,
     *,
@@ -178,7 +179,7 @@ class PSSREvalResult:
 
 def evaluate_pssr(
     model: PSSRModel,
-    ds: ArrayDataset,
+    ds: ImageDataset,
     attacks: list[PGD],
     *,
     surrogate: nn.Module | None = None,
@@ -255,7 +256,7 @@ def not_run_text(ev: PSSREvalResult) -> str:
 
 
 def restoration(
-    model: PSSRModel, ds: ArrayDataset, *, batch_size: int = 256, device: torch.device | str = "cpu"
+    model: PSSRModel, ds: ImageDataset, *, batch_size: int = 256, device: torch.device | str = "cpu"
 ) -> dict:
     """How PSSR treats the clean images of `ds`, the pipeline in eval mode (modes restored afterwards).
 
@@ -280,7 +281,7 @@ def restoration(
     return quality
 
 
-def check_surrogate(model: PSSRModel, surrogate: nn.Module, record: dict, ds: ArrayDataset, source: str,
+def check_surrogate(model: PSSRModel, surrogate: nn.Module, record: dict, ds: ImageDataset, source: str,
                     device: torch.device | str = "cpu") -> None:  # fmt: skip
     """ConfigError unless `surrogate` (loaded from checkpoint `source`, with its `record`) can be the
     transfer source of `model` on `ds`: a classifier, of the same image shape and class count."""
@@ -419,7 +420,7 @@ def markdown(ev: PSSREvalResult, meta: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_section(model: PSSRModel, ds: ArrayDataset, cfg: RunConfig, attacks: list, device: torch.device,
+def evaluate_section(model: PSSRModel, ds: ImageDataset, cfg: RunConfig, attacks: list, device: torch.device,
                      meta: dict, progress: bool, cascade: bool, keep_adv: bool) -> tuple:  # fmt: skip
     """PSSR's section of `run_protocol`: its threat models on `ds` with the transfer source
     `cfg.pssr.surrogate` (checked to fit) and the restoration quality of its clean images; returns

@@ -16,7 +16,8 @@ from torch import nn
 import advmend.evaluation.pssr  # noqa: F401  (registers PSSR's evaluation section)
 from advmend.attacks.presets import PROTOCOLS, protocol_attacks
 from advmend.config import RunConfig, check_config
-from advmend.data import ArrayDataset, subset
+from advmend.data import subset
+from advmend.data.arrays import ImageDataset
 from advmend.defenses.registry import defense_of
 from advmend.errors import ConfigError
 from advmend.evaluation.corruptions import run_corruptions
@@ -70,7 +71,7 @@ def save_adversarial(path: str | Path, result: EvalResult) -> str:
 
 def run_protocol(
     model: nn.Module,
-    test: ArrayDataset,
+    test: ImageDataset,
     cfg: RunConfig,
     eps: float,
     device: torch.device,

@@ -27,7 +27,7 @@ from torch import nn
 from advmend.attacks.l1 import random_l1
 from advmend.attacks.modes import attack_mode
 from advmend.attacks.pgd import PGD, fgsm, pgd
-from advmend.data import ArrayDataset
+from advmend.data.arrays import ImageDataset
 from advmend.evaluation.evaluate import EvalResult, evaluate
 
 PASS, WARN, SKIP = "pass", "warn", "skip"
@@ -124,7 +124,7 @@ class SanityReport:
                 "eps_sweep": [{"eps": e, "accuracy": a} for e, a in self.sweep]}  # fmt: skip
 
 
-def _sample(ds: ArrayDataset, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample(ds: ImageDataset, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     n = min(n, len(ds))
     return ds.images[:n].to(device).float().div_(255), ds.labels[:n].to(device)
 
@@ -194,7 +194,7 @@ def check_eval_mode(model: nn.Module, x: torch.Tensor) -> Check:
     return Check("S12-eval-mode", WARN if problems else PASS, values, "; ".join(problems))
 
 
-def check_gradients(model: nn.Module, ds: ArrayDataset, batch_size: int, device: torch.device) -> Check:
+def check_gradients(model: nn.Module, ds: ImageDataset, batch_size: int, device: torch.device) -> Check:
     zero = nonfinite = 0
     with attack_mode(model):
         for i in range(0, len(ds), batch_size):
@@ -211,7 +211,7 @@ def check_gradients(model: nn.Module, ds: ArrayDataset, batch_size: int, device:
     return Check("S09-gradients", status, {"all_zero": zero, "non_finite": nonfinite, "n": len(ds)}, detail)
 
 
-def check_noise(model: nn.Module, ds: ArrayDataset, eps: float, norm: str, clean_acc: float, batch_size: int,
+def check_noise(model: nn.Module, ds: ImageDataset, eps: float, norm: str, clean_acc: float, batch_size: int,
                 device: torch.device, seed: int) -> Check:  # fmt: skip
     gen = torch.Generator(device=device).manual_seed(seed)
     correct = 0
@@ -360,7 +360,7 @@ def check_restarts(model, ds, eps, norm, batch_size, device, seed) -> Check:
 
 def run_sanity(
     model: nn.Module,
-    ds: ArrayDataset,
+    ds: ImageDataset,
     result: EvalResult,
     eps: float,
     norm: str = "linf",

@@ -18,7 +18,8 @@ import torch
 
 from advmend.attacks.autoattack import AutoAttackSpec
 from advmend.attacks.presets import protocol_attacks
-from advmend.data import ArrayDataset, take
+from advmend.data import take
+from advmend.data.arrays import ImageDataset
 from advmend.evaluation.evaluate import AttackResult, evaluate
 from advmend.evaluation.load import load_trained_model
 from advmend.evaluation.pssr import GRAYBOX, IDENTITY, MASK, THREAT_MODELS, TRANSFER, evaluate_pssr, restoration
@@ -35,7 +36,7 @@ def _entry(a: AttackResult, n: int) -> dict:
             "seconds": round(a.seconds, 2), **({"stages": a.stages} if a.stages else {})}  # fmt: skip
 
 
-def evaluate_pssr_run(model, test: ArrayDataset, eps: float, study, device, checkpoint: Path, surrogate: Path,
+def evaluate_pssr_run(model, test: ImageDataset, eps: float, study, device, checkpoint: Path, surrogate: Path,
                       cache_dir: Path, progress: bool, log: Callable[[str], None], *, indices) -> dict:  # fmt: skip
     """The PSSR study protocol (module docstring) on the best checkpoint; `surrogate` is the transfer source,
     `indices` the (clean or None, attack, AutoAttack) subsets of the test split."""
@@ -127,7 +128,7 @@ def evaluate_pssr_run(model, test: ArrayDataset, eps: float, study, device, chec
 
 
 @STUDY_PROTOCOLS.register("pssr")
-def pssr_protocol(model, test: ArrayDataset, eps: float, study, device, checkpoint: Path, run_cfg, cache_dir: Path,
+def pssr_protocol(model, test: ImageDataset, eps: float, study, device, checkpoint: Path, run_cfg, cache_dir: Path,
                   progress: bool, log: Callable[[str], None]) -> dict:  # fmt: skip
     """`evaluate_pssr_run` with the run's transfer source (`pssr.surrogate`, filled by `prepare_evaluation`)
     and the study's subsets."""

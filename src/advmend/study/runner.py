@@ -26,7 +26,8 @@ from advmend.attacks.autoattack import AutoAttackSpec
 from advmend.attacks.presets import protocol_attacks
 from advmend.checkpoint import load_checkpoint
 from advmend.config import to_dict
-from advmend.data import ArrayDataset, take
+from advmend.data import take
+from advmend.data.arrays import ImageDataset
 from advmend.defenses.registry import defense_of
 from advmend.evaluation.evaluate import EvalResult, evaluate
 from advmend.evaluation.load import load_trained_model, test_split
@@ -246,7 +247,7 @@ def _attack_entry(res: EvalResult, k: int) -> dict:
 
 @STUDY_PROTOCOLS.register("none")
 @STUDY_PROTOCOLS.register("fsr")
-def evaluate_run(model, test: ArrayDataset, eps: float, study: StudyConfig, device, checkpoint: Path, run_cfg,
+def evaluate_run(model, test: ImageDataset, eps: float, study: StudyConfig, device, checkpoint: Path, run_cfg,
                  cache_dir: Path, progress: bool, log) -> dict:  # fmt: skip
     """The study protocol on the best checkpoint: clean, the paper's attacks, AutoAttack, worst case."""
     e = study.eval

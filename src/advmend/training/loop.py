@@ -181,6 +181,7 @@ def classifier_stage(cfg: RunConfig, out_dir: Path, ctx: DistContext, device: to
     )
     # Each rank takes every world_size-th example of the shuffled order, batch_size / world_size at a
     # time: the union of the ranks' step-s batches is exactly the single-process step-s batch.
+    assert data.train is not None  # built with need_train
     loader = BatchLoader(
         data.train, t.batch_size // ctx.world_size, shuffle=True, device=device, augment=info["augment"],
         drop_last=len(data.train) >= 2 * t.batch_size, seed=t.seed, rank=ctx.rank, world_size=ctx.world_size,
@@ -372,11 +373,11 @@ def train_epoch(stage: Stage, epoch: int) -> dict:
         [sums[k].to(torch.float64) for k in keys]
         + [correct.to(torch.float64), torch.tensor(float(seen), dtype=torch.float64, device=device)]
     )
-    packed = ctx.all_reduce_sum(packed).tolist()
-    total = packed[-1]
-    rec = {"epoch": epoch + 1, "lr": lr}
-    rec.update({k: v / total for k, v in zip(keys, packed)})
-    rec["train_acc"] = 100 * packed[-2] / total
+    values: list[float] = ctx.all_reduce_sum(packed).tolist()
+    total = values[-1]
+    rec: dict[str, float | int] = {"epoch": epoch + 1, "lr": lr}
+    rec.update({k: v / total for k, v in zip(keys, values)})
+    rec["train_acc"] = 100 * values[-2] / total
     rec["seconds"] = round(seconds, 2)
     rec["images_per_s"] = round(total / seconds, 1)
     return rec
