@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -433,7 +434,7 @@ def parse_overrides(overrides: list[str], sections: tuple[str, ...] | None = Non
     return pairs
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str | Override]) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str | Override]) -> dict[str, Any]:
     """Apply ``key.sub=value`` strings, or (dotted key, value) pairs (a command's flags), in order to a
     raw mapping; the result is checked when it is built (`from_dict`)."""
     data = _deepcopy(data)

@@ -6,10 +6,14 @@ expected, so a user sees one line that says how to fix the call."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from advmend.errors import AdvmendError, DataError, InputError, ModelContractError
+
+if TYPE_CHECKING:
+    from advmend.data.arrays import ImageDataset
 
 
 def check_images(x: object, name: str = "x") -> torch.Tensor:
@@ -26,8 +30,8 @@ def check_images(x: object, name: str = "x") -> torch.Tensor:
     if x.numel() == 0:
         raise InputError(f"{name} is empty: shape {tuple(x.shape)}")
     # One reduction and one host sync for all three conditions.
-    lo, hi = torch.aminmax(x.detach())
-    lo, hi = float(lo), float(hi)
+    lo_t, hi_t = torch.aminmax(x.detach())
+    lo, hi = float(lo_t), float(hi_t)
     if lo != lo or hi != hi or abs(lo) == float("inf") or abs(hi) == float("inf"):
         raise InputError(f"{name} contains NaN or infinite values")
     if lo < 0.0 or hi > 1.0:
@@ -69,7 +73,7 @@ def check_logits(out: object, n: int) -> torch.Tensor:
 
 
 def check_data_fits_model(
-    ds: object,
+    ds: ImageDataset,
     *,
     image_shape: Sequence[int] | None = None,
     num_classes: int | None = None,

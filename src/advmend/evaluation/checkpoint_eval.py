@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 Prepare = Callable  # (cfg, checkpoint, meta, log) -> (cfg, meta)
@@ -115,7 +115,7 @@ def evaluate_source(
     model_ref: str | None = None,
     weights: str | None = None,
     dataset: str | None = None,
-    overrides: list[tuple[str, object]] = (),
+    overrides: Sequence[tuple[str, object]] = (),
     eps: float | None = None,
     device=None,
     out: str | Path | None = None,

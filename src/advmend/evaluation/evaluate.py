@@ -35,8 +35,11 @@ _TOL = 1e-5  # float32 slack on the ball constraint
 
 
 class ExternalAttack(Protocol):
-    eps: float
-    norm: str
+    @property
+    def eps(self) -> float: ...  # read-only: a frozen dataclass (AutoAttackSpec) qualifies
+
+    @property
+    def norm(self) -> str: ...
 
     def describe(self) -> dict: ...
 
@@ -187,7 +190,7 @@ def evaluate(
     start = time.perf_counter()
     device = torch.device(device)
     loader = BatchLoader(ds, batch_size, shuffle=False, device=device)
-    clean = []
+    clean: list[torch.Tensor] = []
     with attack_mode(model), torch.no_grad():
         for x, y in loader:
             logits = check_logits(model(x), x.shape[0])

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from advmend.attacks.autoattack import AutoAttackSpec
+from advmend.attacks.pgd import PGD
 from advmend.attacks.presets import protocol_attacks
 from advmend.data import take
 from advmend.data.arrays import ImageDataset
@@ -45,7 +46,7 @@ def evaluate_pssr_run(model, test: ImageDataset, eps: float, study, device, chec
     clean_idx, att_idx, aa_idx = indices
     kw = dict(batch_size=e.batch_size, device=device, seed=e.seed, progress=progress)
     f = model.classifier
-    pgd20 = [a for a in protocol_attacks("paper", eps, "linf") if a.name == PGD20]
+    pgd20 = [a for a in protocol_attacks("paper", eps, "linf") if isinstance(a, PGD) and a.name == PGD20]
 
     def clean_stage() -> dict:
         ds = test if clean_idx is None else take(test, clean_idx)

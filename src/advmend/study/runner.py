@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -209,7 +210,7 @@ def git_commit() -> dict:
     from, not the current folder), and whether that checkout's source had local changes."""
     here = Path(__file__).resolve().parent
     try:
-        run = dict(capture_output=True, text=True, timeout=10, check=True, cwd=here)
+        run: dict[str, Any] = dict(capture_output=True, text=True, timeout=10, check=True, cwd=here)
         sha = subprocess.run(["git", "rev-parse", "HEAD"], **run).stdout.strip()
         dirty = (
             subprocess.run(
@@ -232,7 +233,7 @@ def hardware() -> dict:
                 break
     except OSError:
         pass
-    out = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    out: dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}  # fmt: skip
     if hasattr(os, "getloadavg"):
         out["load_average_1m"] = round(os.getloadavg()[0], 2)
