@@ -6,14 +6,29 @@ expected, so a user sees one line that says how to fix the call."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
 from advmend.errors import AdvmendError, DataError, InputError, ModelContractError
 
-if TYPE_CHECKING:
-    from advmend.data.arrays import ImageDataset
+
+class ImageData(Protocol):
+    """What `check_data_fits_model` reads of a data set (advmend.data.arrays.ImageDataset, a layer above)."""
+
+    @property
+    def images(self) -> Any: ...
+
+    @property
+    def labels(self) -> torch.Tensor: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]: ...
+
+    def __len__(self) -> int: ...
 
 
 def check_images(x: object, name: str = "x") -> torch.Tensor:
@@ -73,7 +88,7 @@ def check_logits(out: object, n: int) -> torch.Tensor:
 
 
 def check_data_fits_model(
-    ds: ImageDataset,
+    ds: ImageData,
     *,
     image_shape: Sequence[int] | None = None,
     num_classes: int | None = None,

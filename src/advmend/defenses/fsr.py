@@ -101,6 +101,8 @@ class FSRBlock(nn.Module):
         >>> f_out = block(torch.rand(2, 512, 4, 4))
     """
 
+    tau: torch.Tensor  # a buffer (register_buffer in __init__)
+
     def __init__(
         self,
         channels: int,

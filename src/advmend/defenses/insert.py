@@ -90,7 +90,7 @@ class FSRModel(nn.Module):
         block = self.fsr[key]
         if self._record is None:
             return block(output)
-        out = block.forward_with_aux(output)
+        out = block.forward_with_aux(output)  # type: ignore[operator]  # torch types a submodule attribute Tensor | Module
         self._record.append(out)
         return out.features
 
@@ -118,7 +118,7 @@ class FSRModel(nn.Module):
         """The backbone's penultimate features, with the FSR blocks active."""
         if not hasattr(self.backbone, "features"):
             raise AttributeError("the backbone has no features() method")
-        return self.backbone.features(x)
+        return self.backbone.features(x)  # type: ignore[operator]  # torch types a submodule attribute Tensor | Module
 
 
 def layer_outputs(

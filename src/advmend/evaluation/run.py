@@ -57,6 +57,7 @@ def save_adversarial(path: str | Path, result: EvalResult) -> str:
     if result.adv is None:
         raise ConfigError("no adversarial examples were kept (evaluate(..., keep_adv=True))")
     path.parent.mkdir(parents=True, exist_ok=True)
+    assert result.adv is not None  # checked above
     adv = result.adv.contiguous()
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file

@@ -195,7 +195,8 @@ def check_eval_mode(model: nn.Module, x: torch.Tensor) -> Check:
 
 
 def check_gradients(model: nn.Module, ds: ImageDataset, batch_size: int, device: torch.device) -> Check:
-    zero = nonfinite = 0
+    zero: int | torch.Tensor = 0
+    nonfinite: int | torch.Tensor = 0
     with attack_mode(model):
         for i in range(0, len(ds), batch_size):
             x = ds.images[i : i + batch_size].to(device).float().div_(255).requires_grad_(True)

@@ -289,8 +289,8 @@ def _validate(model: PSSRModel, val_data, attack, cfg: RunConfig, device) -> dic
                        device=device, seed=cfg.eval.seed)  # fmt: skip
     return {
         "val_clean_acc": 100 * ev.result.clean_accuracy,
-        "val_graybox_acc": 100 * ev.threat_accuracy(GRAYBOX),
-        "val_whitebox_acc": 100 * ev.threat_accuracy(MASK),
+        "val_graybox_acc": 100 * ev._ran_accuracy(GRAYBOX),
+        "val_whitebox_acc": 100 * ev._ran_accuracy(MASK),
         "val_robust_acc": 100 * ev.result.worst_accuracy,
         "val_psnr": round(quality["psnr"], 3),
         "val_ssim": round(quality["ssim"], 4),

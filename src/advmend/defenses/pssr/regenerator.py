@@ -122,6 +122,7 @@ class Regenerator(nn.Module):
         self.residual = bool(residual)
         if self.residual:  # identity at initialisation: the correction starts at zero
             nn.init.zeros_(self.head.weight)
+            assert self.head.bias is not None  # Conv2d's default bias=True
             nn.init.zeros_(self.head.bias)
 
     def forward(self, surgical: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
