@@ -110,6 +110,7 @@ def bench_loop(base: str = "cifar10/pgdat_small_cnn_cpu", *, n_images: int = 500
 
     cfg = loop_config(base, n_images, epochs)
     train_set = build_data(cfg.data, need_test=False).train  # the images `advmend train` trains on
+    assert train_set is not None  # need_train
     product, minimal = LoopRow("advmend train", []), LoopRow("minimal PGD-AT loop", [])
     for _ in range(rounds):
         with tempfile.TemporaryDirectory() as tmp:
@@ -117,10 +118,13 @@ def bench_loop(base: str = "cifar10/pgdat_small_cnn_cpu", *, n_images: int = 500
             lines = (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
             product.epochs_ips += [json.loads(line)["images_per_s"] for line in lines][1:]
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg, train_set.num_classes, tuple(train_set.image_shape))
+        model = build_model(cfg, train_set.num_classes, train_set.image_shape)
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         attack = cfg.train.attack
+        assert (
+            attack.eps is not None
+        )  # TODO: a base config without train.attack.eps (the data set's) is not resolved here
         minimal.epochs_ips += minimal_pgd_at(
             model,
             train_set.images,

@@ -77,12 +77,12 @@ def run(args: argparse.Namespace) -> int:
     if args.loop:
         from advmend.bench.loop_overhead import bench_loop, format_loop_rows
 
-        rows = bench_loop(args.loop)
+        loop_rows = bench_loop(args.loop)
         where = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-        print(f"device: {where}\n\n" + format_loop_rows(rows))
+        print(f"device: {where}\n\n" + format_loop_rows(loop_rows))
         if args.json:
             Path(args.json).write_text(json.dumps({"device": where, "torch": torch.__version__, "loop": [
-                {"loop": r.loop, "epochs_images_per_s": r.epochs_ips, "images_per_s": r.ips} for r in rows]},
+                {"loop": r.loop, "epochs_images_per_s": r.epochs_ips, "images_per_s": r.ips} for r in loop_rows]},
                 indent=2) + "\n")  # fmt: skip
         return 0
     device = resolve_device(args.device, "--device")

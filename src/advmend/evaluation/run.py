@@ -62,9 +62,10 @@ def save_adversarial(path: str | Path, result: EvalResult) -> str:
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        atomic_write_bytes(
-            path, lambda tmp: save_file({"adv_complete": adv, "labels": result.labels.contiguous()}, tmp)
-        )
+        labels = result.labels
+        assert labels is not None  # kept with the adversarial examples
+
+        atomic_write_bytes(path, lambda tmp: save_file({"adv_complete": adv, "labels": labels.contiguous()}, tmp))
         return "safetensors: adv_complete (N, C, H, W) float32 in [0, 1], labels (N,) int64"
     atomic_write_bytes(path, lambda tmp: torch.save({"adv_complete": adv}, tmp))
     return "RobustBench external evaluation: torch.save({'adv_complete': (N, C, H, W) float32 in [0, 1]})"

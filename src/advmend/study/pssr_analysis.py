@@ -110,11 +110,13 @@ def run_finding(settings: FindingSettings) -> tuple[list[str], Path, bool]:
     alpha = base.alpha if settings.alpha is None else settings.alpha
     rho = base.rho if settings.rho is None else settings.rho
     test = build_data(cfg.data, need_train=False).test
+    assert test is not None  # need_test
     ds = subset(test, settings.n_examples, settings.seed) if settings.n_examples < len(test) else test
     eps = float(record["eps"])
     attack = PGD(eps=eps, steps=settings.steps, keep_best=False, name=f"PGD-{settings.steps}")
     gen = torch.Generator(device=device).manual_seed(settings.seed)
-    correct = {name: [] for name, _ in ROWS if pipeline or name not in PIPELINE_ROWS}
+    correct: dict[str, list[torch.Tensor]] = {name: [] for name, _ in ROWS if pipeline or name not in PIPELINE_ROWS}
+    grid: list[torch.Tensor | None] | None
     removed, grid, quality = [], None, RestorationMeter()
     loop_started = time.perf_counter()
     for x, y in BatchLoader(ds, settings.batch_size, shuffle=False, device=device):

@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -68,7 +69,7 @@ def open_run(stage: Stage, out_dir: Path, *, resume: bool, log: Callable[[str], 
     # config.yaml describes the run's checkpoints: written when a run starts, and on resume only when
     # missing or when the stage's resume check returns a changed config (e.g. train.epochs changed to
     # continue the run: the new checkpoints record it too).
-    run_config = to_dict(stage.config)
+    run_config: dict[str, Any] | None = to_dict(stage.config)
     if resume:
         state, record = load_checkpoint(out_dir / LAST)
         changed = stage.check_resume(record)
