@@ -63,7 +63,10 @@ T_OBJ = "tests/test_objectives.py::"
 T_SAN = "tests/test_sanity.py::"
 T_PREC = "tests/test_precision.py::"
 
-RESTART_TESTS = (T_CORE + "test_each_restart_draws_its_own_random_start", T_CORE + "test_more_restarts_fool_strictly_more_examples")
+RESTART_TESTS = (
+    T_CORE + "test_each_restart_draws_its_own_random_start",
+    T_CORE + "test_more_restarts_fool_strictly_more_examples",
+)
 
 MUTANTS: list[Mutant] = [
     # ------------------------------------------------------------------ attack core (attacks/pgd.py, modes.py)
@@ -83,12 +86,14 @@ MUTANTS: list[Mutant] = [
         "pgd-restarts-reuse-first-start", "_pgd_tracked",
         "        x_adv, fooled, loss = _run_once(model, x, y, cfg, generator)\n"
         "        for _ in range(cfg.restarts - 1):\n"
+        "            assert fooled is not None and loss is not None  # _run_once tracks when restarts > 1\n"
         "            todo = (~fooled).nonzero().squeeze(1)\n"
         "            if todo.numel() == 0:\n"
         "                break\n",
         "        state = generator.get_state() if generator is not None else torch.get_rng_state()\n"
         "        x_adv, fooled, loss = _run_once(model, x, y, cfg, generator)\n"
         "        for _ in range(cfg.restarts - 1):\n"
+        "            assert fooled is not None and loss is not None  # _run_once tracks when restarts > 1\n"
         "            todo = (~fooled).nonzero().squeeze(1)\n"
         "            if todo.numel() == 0:\n"
         "                break\n"
@@ -338,7 +343,9 @@ def locate(m: Mutant, src: Path = SRC) -> tuple[Path, int, int]:
                 lines = text.splitlines(keepends=True)
                 first = min([node.lineno] + [d.lineno for d in node.decorator_list])
                 start = sum(len(line) for line in lines[: first - 1])
-                hits.append((path.relative_to(src), start, start + sum(len(x) for x in lines[first - 1 : node.end_lineno])))
+                hits.append(
+                    (path.relative_to(src), start, start + sum(len(x) for x in lines[first - 1 : node.end_lineno]))
+                )
     if len(hits) != 1:
         where = "is not defined" if not hits else "is defined in " + ", ".join(str(h[0]) for h in hits)
         raise MutantError(f"{m.name}: function {m.function!r} {where} in src/advmend; update the mutant")
@@ -560,7 +567,9 @@ def table(baseline: Outcome, outcomes: list[Outcome], mutants: list[Mutant]) -> 
     width = max(len(o.label) for o in outcomes)
     lines = [f"{'mutant':<{width}}  {'file':<22}  {'result':<8}  {'s':>5}  caught by", "-" * (width + 60)]
     for o in outcomes:
-        lines.append(f"{o.label:<{width}}  {str(mutant_file(by_name[o.label])):<22}  {o.result:<8}  {o.seconds:5.1f}  {o.detail}")
+        lines.append(
+            f"{o.label:<{width}}  {str(mutant_file(by_name[o.label])):<22}  {o.result:<8}  {o.seconds:5.1f}  {o.detail}"
+        )
     killed = [o for o in outcomes if o.result in ("killed", "timeout")]
     survived = [o for o in outcomes if o.result == "survived"]
     errors = [o for o in outcomes if o.result == "error"]

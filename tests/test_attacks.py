@@ -136,8 +136,11 @@ def test_pgd_beats_fgsm_and_restarts_never_hurt(tiny_net, batch):
     x = torch.rand(64, 3, 8, 8)
     y = tiny_net.eval()(x).argmax(1)  # all correct by construction
     fooled = {}
-    for name, cfg in {"fgsm": fgsm(0.05), "pgd": PGD(eps=0.05, steps=20, step_size=0.01, random_start=False),
-                      "pgd_r": PGD(eps=0.05, steps=20, step_size=0.01, random_start=False, restarts=3)}.items():
+    for name, cfg in {
+        "fgsm": fgsm(0.05),
+        "pgd": PGD(eps=0.05, steps=20, step_size=0.01, random_start=False),
+        "pgd_r": PGD(eps=0.05, steps=20, step_size=0.01, random_start=False, restarts=3),
+    }.items():
         _, f = pgd_tracked(tiny_net, x, y, cfg, generator=torch.Generator().manual_seed(0))
         fooled[name] = int(f.sum())
     assert fooled["pgd"] >= fooled["fgsm"]
@@ -200,8 +203,15 @@ def test_model_returning_tuple_rejected(batch):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"eps": -1.0}, {"eps": 0.1, "steps": -1}, {"eps": 0.1, "restarts": 0}, {"eps": 0.1, "norm": "l3"},
-               {"eps": 0.1, "loss": "nope"}, {"eps": float("nan")}]  # fmt: skip
+    "kwargs",
+    [
+        {"eps": -1.0},
+        {"eps": 0.1, "steps": -1},
+        {"eps": 0.1, "restarts": 0},
+        {"eps": 0.1, "norm": "l3"},
+        {"eps": 0.1, "loss": "nope"},
+        {"eps": float("nan")},
+    ],  # fmt: skip
 )
 def test_bad_settings_rejected(kwargs):
     with pytest.raises(ConfigError):

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from conftest import fit
 from torch import nn
 
 from advmend.attacks import BPDA, AutoAttackSpec
@@ -17,9 +18,6 @@ from advmend.data import load_dataset
 from advmend.errors import ConfigError
 from advmend.evaluation import evaluate
 from advmend.evaluation.sanity import run_sanity
-
-from conftest import fit
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -348,7 +348,7 @@ def test_pickle_payload_is_never_executed(tmp_path):
 
 def _failing_save_file(tensors, filename, metadata=None):
     with open(filename, "wb") as f:
-        f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"partial")
+        f.write(b'\x10\x00\x00\x00\x00\x00\x00\x00{"partial')
     raise RuntimeError("disk full (simulated)")
 
 

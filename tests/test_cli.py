@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import error_line as _error_line
 
 from advmend.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from advmend.cli import main
 from advmend.models import MODELS
-from conftest import error_line as _error_line
 
 CONFIG = {
     "name": "cli-test",
@@ -49,8 +49,6 @@ def _metrics(run: Path) -> list[dict]:
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 
 
 @pytest.fixture(scope="module")

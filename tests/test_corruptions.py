@@ -130,7 +130,7 @@ def test_images_must_be_uint8_batches():
 
 # --------------------------------------------------------------------------- the protocol
 
-USER_MODEL = '''
+USER_MODEL = """
 import torch
 from torch import nn
 
@@ -139,7 +139,7 @@ def tiny():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
                          nn.Linear(128, 10))
-'''
+"""
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from advmend.data import (
+    DATASETS,
     ArrayDataset,
     BatchLoader,
-    DATASETS,
     augment_batch,
     dataset_info,
     from_numpy,
@@ -298,9 +298,7 @@ def test_augment_is_shifted_copy_or_flip():
             for dy in range(2 * pad + 1)
             for dx in range(2 * pad + 1)
             for f in (False, True)
-            if torch.equal(
-                out[i], _shifted(x[i], pad, dy, dx).flip(-1) if f else _shifted(x[i], pad, dy, dx)
-            )
+            if torch.equal(out[i], _shifted(x[i], pad, dy, dx).flip(-1) if f else _shifted(x[i], pad, dy, dx))
         ]
         assert len(matches) == 1, f"example {i} is no shifted copy/flip"
         flips += matches[0][2]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import fit
 from safetensors.torch import save_file
 from torch import nn
 
@@ -18,8 +19,6 @@ from advmend.data import ArrayDataset
 from advmend.errors import ConfigError
 from advmend.evaluation import evaluate
 from advmend.evaluation.evaluate import check_bound
-
-from conftest import fit
 
 EPS = 8 / 255
 
@@ -57,8 +56,12 @@ def _linear_dataset(model: TwoClassLinear, n: int = 200) -> tuple[ArrayDataset, 
 
 @pytest.mark.parametrize(
     "attack",
-    [fgsm(EPS), PGD(eps=EPS, steps=20, step_size=EPS / 10, random_start=False, name="PGD-20"),
-     PGD(eps=EPS, steps=20, name="PGD-20-rand"), cw_margin(EPS, steps=20, step_size=EPS / 10)],
+    [
+        fgsm(EPS),
+        PGD(eps=EPS, steps=20, step_size=EPS / 10, random_start=False, name="PGD-20"),
+        PGD(eps=EPS, steps=20, name="PGD-20-rand"),
+        cw_margin(EPS, steps=20, step_size=EPS / 10),
+    ],
     ids=lambda a: a.describe()["name"],
 )
 def test_linear_model_robust_accuracy_matches_closed_form(attack):
@@ -199,9 +202,7 @@ def test_eval_writes_report_card_with_sanity_plot_transfer_and_adv(checkpoint, t
 
 def _write_user_module(folder: Path) -> None:
     (folder / "user_net_h3.py").write_text(
-        "from torch import nn\n\n"
-        "def build():\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))\n"
+        "from torch import nn\n\ndef build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))\n"
     )
 
 
@@ -238,8 +239,10 @@ def _error(capsys) -> str:
         (["--model", "no_such_module_h3:build", "--dataset", "synthetic"], "no_such_module_h3"),
         (["--model", "user_net_h3", "--dataset", "synthetic"], "module:function"),
         (["--model", "user_net_h3:nope", "--dataset", "synthetic"], "nope"),
-        (["--model", "user_net_h3:build", "--weights", "missing.safetensors", "--dataset", "synthetic"],
-         "missing.safetensors"),
+        (
+            ["--model", "user_net_h3:build", "--weights", "missing.safetensors", "--dataset", "synthetic"],
+            "missing.safetensors",
+        ),
         (["--model", "user_net_h3:build", "--weights", "bad.pt", "--dataset", "synthetic"], "bad.pt"),
         (["--model", "user_net_h3:build", "--dataset", "synthetic", "--eps", "-1"], "--eps"),
         (["--model", "user_net_h3:build", "--dataset", "synthetic", "--save-adv", "x.npy"], "--save-adv"),

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from advmend.checkpoint import load_checkpoint
-from advmend.training.run import evaluate_after_training
 from advmend.config import ModelConfig, RunConfig, from_dict, load_run_config, to_dict
 from advmend.defenses.classifier import build_classifier
 from advmend.errors import ConfigError
@@ -21,6 +20,7 @@ from advmend.evaluation.run import load_trained_model
 from advmend.models import describe_normalization
 from advmend.training.build import build_objective
 from advmend.training.loop import LAST, train
+from advmend.training.run import evaluate_after_training
 
 pytest.importorskip("timm")
 
@@ -203,7 +203,9 @@ def test_fsr_layer_that_does_not_exist_names_the_nearest():
     msg = _error({"name": "timm/test_vit", "options": {"img_size": 32}}, layer="net.blocks.0")
     assert "(N, C, H, W)" in msg and "token sequence" in msg
     # torchvision's blocks call one ReLU twice: a block after it would run on two different maps
-    assert _error({"name": "torchvision/resnet18"}, layer="net.layer1.0.relu").endswith("FSR needs a layer that runs once")
+    assert _error({"name": "torchvision/resnet18"}, layer="net.layer1.0.relu").endswith(
+        "FSR needs a layer that runs once"
+    )
 
 
 def test_output_that_is_not_one_logit_vector_per_image():
@@ -247,7 +249,9 @@ def test_new_keys_at_their_defaults_leave_resolved_configs_unchanged():
 
 
 def _advmend(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "advmend", *args], capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "advmend", *args], capture_output=True, text=True, timeout=300, check=False
+    )
 
 
 def test_layers_command_lists_insertion_points_and_refuses_bad_names():

@@ -227,8 +227,24 @@ def test_bad_folders_are_one_line_exit_2_nothing_written(tmp_path, user_model, c
         (base / "test").chmod(0)
         path, expect = base, "Permission denied"
     out = tmp_path / "report"
-    code = main(["eval", "--model", user_model, "--dataset", "folder", "--set", f"data.options.path={path}",
-                 "--set", "data.options.image_size=32", "--protocol", "quick", "--out", str(out), "--quiet"])
+    code = main(
+        [
+            "eval",
+            "--model",
+            user_model,
+            "--dataset",
+            "folder",
+            "--set",
+            f"data.options.path={path}",
+            "--set",
+            "data.options.image_size=32",
+            "--protocol",
+            "quick",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     if case == "no permission":
         (base / "test").chmod(0o755)
     err = capsys.readouterr().err.strip()

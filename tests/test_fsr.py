@@ -213,10 +213,15 @@ def test_bad_layer_names_and_shapes():
 
 # --- BPDA through the mask (MaskBPDA): the adaptive attack on FSR's near-step mask ---
 
+
 def _fsr_net(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), FSRBlock(8, 10, hidden=8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)
+        nn.Conv2d(3, 8, 3, padding=1),
+        FSRBlock(8, 10, hidden=8),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
     ).eval()
 
 
@@ -227,7 +232,7 @@ def test_mask_bpda_forward_is_exact_and_leaves_the_model_as_it_was():
     x = torch.rand(4, 3, 8, 8)
     assert torch.equal(MaskBPDA(net, backward_tau=2.0)(x), net(x))
     assert net[1].backward_tau is None and not net.training
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (any error of the forward will do)
         MaskBPDA(net)(torch.rand(4, 5, 8, 8))  # the forward raises: the blocks are restored all the same
     assert net[1].backward_tau is None
 
@@ -237,9 +242,9 @@ def test_mask_bpda_at_the_model_temperature_is_the_exact_gradient():
 
     net = _fsr_net()
     x = torch.rand(4, 3, 8, 8, requires_grad=True)
-    exact, = torch.autograd.grad(net(x).logsumexp(1).sum(), x)
-    same, = torch.autograd.grad(MaskBPDA(net, backward_tau=0.1)(x).logsumexp(1).sum(), x)
-    soft, = torch.autograd.grad(MaskBPDA(net, backward_tau=1.0)(x).logsumexp(1).sum(), x)
+    (exact,) = torch.autograd.grad(net(x).logsumexp(1).sum(), x)
+    (same,) = torch.autograd.grad(MaskBPDA(net, backward_tau=0.1)(x).logsumexp(1).sum(), x)
+    (soft,) = torch.autograd.grad(MaskBPDA(net, backward_tau=1.0)(x).logsumexp(1).sum(), x)
     torch.testing.assert_close(same, exact, rtol=1e-5, atol=1e-9)  # the same formula up to rounding
     assert not torch.allclose(exact, soft, rtol=1e-2, atol=1e-6)
 
@@ -249,8 +254,8 @@ def test_mask_bpda_gradient_reaches_a_saturated_mask():
     from advmend.defenses.fsr import _SigmoidSoftBackward
 
     z = torch.tensor([4.0, -4.0, 0.0], dtype=torch.float64, requires_grad=True)
-    exact, = torch.autograd.grad(torch.sigmoid(z / 0.1).sum(), z)
-    soft, = torch.autograd.grad(_SigmoidSoftBackward.apply(z, 0.1, 1.0).sum(), z)
+    (exact,) = torch.autograd.grad(torch.sigmoid(z / 0.1).sum(), z)
+    (soft,) = torch.autograd.grad(_SigmoidSoftBackward.apply(z, 0.1, 1.0).sum(), z)
     assert exact[:2].abs().max() < 1e-12
     expected = torch.sigmoid(z) * (1 - torch.sigmoid(z))
     assert torch.allclose(soft, expected.detach())

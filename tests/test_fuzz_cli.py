@@ -393,7 +393,6 @@ def _with(**changes):
     return lambda folder: _npz_bytes(folder, **(_good() | changes))
 
 
-
 NPZ_CASES = {
     "truncated": _truncated,
     "garbled member": _garbled_member,
@@ -448,8 +447,15 @@ def test_bad_npz_at_eval(tmp_path, checkpoint, capsys, case):
     code, _ = box.run(capsys, argv, out)
     _count("npz", code)
     # Eval reads the test split alone, so a bad train split may go unnoticed; these spoil the test split.
-    if "test" in case or case in ("truncated", "not a zip", "empty file", "a .npy array", "a folder", "images 1x1",
-                                  "huge labels"):
+    if "test" in case or case in (
+        "truncated",
+        "not a zip",
+        "empty file",
+        "a .npy array",
+        "a folder",
+        "images 1x1",
+        "huge labels",
+    ):
         assert code == 2, case
 
 

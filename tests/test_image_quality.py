@@ -26,9 +26,11 @@ def test_psnr_is_averaged_per_image_not_pooled():
     # Half the images exact up to 1e-3 (60 dB), half shifted by 0.1 (20 dB): the per-image mean is 40 dB;
     # a pooled MSE would give about 23 dB.
     ds = _dataset(8)
+
     def restore(x):
         shift = torch.tensor([0.1, 1e-3] * (x.shape[0] // 2)).view(-1, 1, 1, 1)
         return x + shift
+
     assert restoration_quality(restore, ds, batch_size=8)["psnr"] == pytest.approx(40.0, abs=1e-2)
 
 
@@ -44,7 +46,7 @@ def test_the_kept_and_the_removed_pixels_have_their_own_pooled_psnr():
     removed[:, :, :4] = 1  # a quarter of every image
     meter = RestorationMeter()
     for lo in (0, 2):  # two batches: the pooled sums carry over
-        x_b, m_b = x[lo:lo + 2], removed[lo:lo + 2]
+        x_b, m_b = x[lo : lo + 2], removed[lo : lo + 2]
         meter.update(x_b + 0.1 * m_b + 1e-3 * (1 - m_b), x_b, removed=m_b)
     q = meter.compute()
     assert q["removed"] == pytest.approx(0.25) and q["n_examples"] == 4

@@ -342,11 +342,11 @@ def test_the_norm_cost_benchmark_times_every_norm():
 
 @pytest.mark.parametrize("objective", ["pgd_at", "trades", "mart", "fast_at"])
 def test_every_training_objective_trains_on_examples_in_the_l1_ball(objective, trained):
+    import copy
+
     from advmend.training.mart import MART
     from advmend.training.objectives import AdversarialCE, fast_at_attack
     from advmend.training.trades import TRADES, trades_attack
-
-    import copy
 
     model, ds = trained
     model = copy.deepcopy(model).train()  # the objectives' train-mode passes move BatchNorm's statistics

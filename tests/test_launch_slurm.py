@@ -36,16 +36,26 @@ def test_the_sbatch_script_of_a_study_job_asks_for_its_resources_requeue_and_the
     launch = replace(launch, time_min=480, mem_gb=1.5)  # what --time-min 480 --mem-gb 1.5 give
     script = sbatch_script(resources_for(launch), "tiny/at-s0", tmp_path / "jobs")
     assert {
-        "#SBATCH --partition=gpu", "#SBATCH --account=robust", "#SBATCH --gpus-per-node=1",
-        "#SBATCH --cpus-per-task=10", "#SBATCH --mem=1536MB", "#SBATCH --time=480", "#SBATCH --nodes=1",
-        "#SBATCH --ntasks-per-node=1", "#SBATCH --job-name=tiny/at-s0",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=robust",
+        "#SBATCH --gpus-per-node=1",
+        "#SBATCH --cpus-per-task=10",
+        "#SBATCH --mem=1536MB",
+        "#SBATCH --time=480",
+        "#SBATCH --nodes=1",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --job-name=tiny/at-s0",
         "#SBATCH --requeue",  # preempted or failed nodes: back to the queue, not lost
         f"#SBATCH --signal=USR2@{SIGNAL_DELAY_S}",  # the warning before a kill, which submitit turns into a requeue
-        "#SBATCH --qos=high", "#SBATCH --constraint=a100", "#SBATCH --open-mode=append",
+        "#SBATCH --qos=high",
+        "#SBATCH --constraint=a100",
+        "#SBATCH --open-mode=append",
     } <= _sbatch_lines(script), script
     assert "srun --unbuffered" in script and "submitit.core._submit" in script
     # One rank per GPU across nodes for a multi-node training job.
-    ddp = sbatch_script(Resources(nodes=4, tasks_per_node=8, gpus_per_node=8, cpus_per_task=6, mem_gb=400), "x", tmp_path)
+    ddp = sbatch_script(
+        Resources(nodes=4, tasks_per_node=8, gpus_per_node=8, cpus_per_task=6, mem_gb=400), "x", tmp_path
+    )
     assert {"#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
             "#SBATCH --mem=400GB"} <= _sbatch_lines(ddp)  # fmt: skip
     assert not any("partition" in line for line in _sbatch_lines(ddp))  # unset: the cluster's default
@@ -62,7 +72,9 @@ def test_a_malformed_or_conflicting_sbatch_option_is_refused(bad, match):
 
 
 def _written(tmp_path) -> list[str]:
-    return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.name not in ("study.yaml", "base.yaml"))
+    return sorted(
+        str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.name not in ("study.yaml", "base.yaml")
+    )
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -69,7 +69,9 @@ def test_launched_study_writes_the_in_process_records_once(tmp_path, job_env):
     jobs = launch_dir / "runs" / "tiny" / "jobs"
     assert _trainings(jobs) == ["at-s0", "at-s1", "at_fsr-s0", "at_fsr-s1"]  # each run trained by one job
     ledgers = _ledgers(jobs)
-    assert sorted(ledgers) == ["at-s0", "at-s1", "at_fsr-s0", "at_fsr-s1"] and all(len(v) == 1 for v in ledgers.values())
+    assert sorted(ledgers) == ["at-s0", "at-s1", "at_fsr-s0", "at_fsr-s1"] and all(
+        len(v) == 1 for v in ledgers.values()
+    )
     for run_id, (job_id,) in ledgers.items():  # each job wrote its own run's record, and no other
         status, records = pickle.loads((jobs / f"{job_id}_0_result.pkl").read_bytes())
         assert status == "success" and [Path(r).name for r in records] == [f"{run_id}.json"]
@@ -132,7 +134,7 @@ def test_a_failing_job_is_launched_a_bounded_number_of_times_and_shown_failed(tm
     base["data"] = {"name": "cifar10", "val_size": 32}  # the jobs find no CIFAR-10 files: a real error
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     monkeypatch.setenv("ADVMEND_DATA", str(tmp_path / "no-data"))
-    for attempt in (1, 2):
+    for _attempt in (1, 2):
         res = _launch(path, "--max-attempts", "2", "--wait")
         assert res.returncode == 1 and "1 job(s) submitted" in res.stdout, res.stdout + res.stderr
     res = _launch(path, "--max-attempts", "2")

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from test_distributed import _build_without_batchnorm, _cfg, no_batchnorm  # noqa: F401 (a fixture)
 
 import advmend.training.loop as loop_mod
 from advmend.checkpoint import load_checkpoint
 from advmend.training.loop import train
-from test_distributed import _build_without_batchnorm, _cfg, no_batchnorm  # noqa: F401 (a fixture)
 
 submitit = pytest.importorskip("submitit")
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")

@@ -93,7 +93,9 @@ def test_pssr_resume_goes_through_the_shared_resume_path(tmp_path, monkeypatch):
     wider = replace(cfg, pssr=replace(cfg.pssr, width=8, epochs=2))
     with pytest.raises(ConfigError) as e:
         train_pssr(wider, run, resume=True, log=lambda _m: None)
-    assert str(e.value).startswith(f"--resume: the config differs from the run in {run} at pssr.width (4 in the run, 8 now)")
+    assert str(e.value).startswith(
+        f"--resume: the config differs from the run in {run} at pssr.width (4 in the run, 8 now)"
+    )
     assert {name: (run / name).read_bytes() for name in before} == before  # refused before writing anything
     logs: list[str] = []
     res = train_pssr(replace(cfg, pssr=replace(cfg.pssr, epochs=2)), run, resume=True, log=logs.append)

@@ -36,7 +36,7 @@ def _params(names):
 ALL = _params(MODELS.names())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(name: str, in_channels: int = 3) -> nn.Module:
     """Cached model without normalisation (building WRNs costs ~1 s)."""
     torch.manual_seed(0)
@@ -112,8 +112,7 @@ def test_fsr_preset_layer_shape(name):
     assert paths == FSR_PRESETS[name]
     seen: dict[str, torch.Size] = {}
     handles = [
-        model.get_submodule(p).register_forward_hook(lambda m, i, o, p=p: seen.__setitem__(p, o.shape))
-        for p in paths
+        model.get_submodule(p).register_forward_hook(lambda m, i, o, p=p: seen.__setitem__(p, o.shape)) for p in paths
     ]
     try:
         with torch.no_grad():

@@ -12,9 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import mutants
+import pytest
 from mutants import MUTANTS, ROOT, SRC, Mutant, MutantError, make_copy, mutant_file, mutated_text
 
 
@@ -79,7 +78,9 @@ def test_a_stale_or_ambiguous_mutant_is_an_error(tmp_path):
     m = next(m for m in MUTANTS if m.name == "pgd-projection-off")
     with pytest.raises(MutantError, match="does not occur in _step"):
         mutated_text(Mutant(m.name, m.function, m.original + "  # changed", m.replacement, m.tests))
-    with pytest.raises(MutantError, match="does not occur in _random_start"):  # the snippet is looked up in its function only
+    with pytest.raises(
+        MutantError, match="does not occur in _random_start"
+    ):  # the snippet is looked up in its function only
         mutated_text(Mutant(m.name, "_random_start", m.original, m.replacement, m.tests))
     src = _tree_with_step_moved_into_a_class(tmp_path)
     with open(src / "attacks" / "more.py", "w") as f:

@@ -11,8 +11,20 @@ from advmend.cli import main
 
 def _write_run(folder, n=3):
     folder.mkdir()
-    lines = [{"epoch": e, "lr": 0.1, "loss": 2.0 - 0.3 * e, "ce": 1.9 - 0.3 * e, "fsr_sep": 0.5, "fsr_rec": 0.4,
-              "train_acc": 10.0 * e, "val_clean_acc": 20.0 + e, "val_robust_acc": 10.0 + e} for e in range(1, n + 1)]
+    lines = [
+        {
+            "epoch": e,
+            "lr": 0.1,
+            "loss": 2.0 - 0.3 * e,
+            "ce": 1.9 - 0.3 * e,
+            "fsr_sep": 0.5,
+            "fsr_rec": 0.4,
+            "train_acc": 10.0 * e,
+            "val_clean_acc": 20.0 + e,
+            "val_robust_acc": 10.0 + e,
+        }
+        for e in range(1, n + 1)
+    ]
     text = "".join(json.dumps(x) + "\n" for x in lines) + '{"epoch": 4, "lo'  # a line cut by a kill
     (folder / "metrics.jsonl").write_text(text)
 

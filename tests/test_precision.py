@@ -108,7 +108,9 @@ def test_fp16_training_uses_and_checkpoints_the_grad_scaler(tmp_path, fp32_run):
     # Resume restores the scaler state (scale and growth tracker) exactly: one epoch, then a resumed
     # second, ends where two epochs in one go end. A scaler restarted from its defaults (scale 2^16,
     # tracker 0) would end elsewhere, as the first check shows.
-    resumed = from_dict(RunConfig, {**json.loads(json.dumps(record["config"])), "train": {**record["config"]["train"], "epochs": 2}})
+    resumed = from_dict(
+        RunConfig, {**json.loads(json.dumps(record["config"])), "train": {**record["config"]["train"], "epochs": 2}}
+    )
     train(resumed, out, resume=True, log=lambda s: None)
     _, rec2 = load_checkpoint(out / "last.safetensors")
     straight = tmp_path / "fp16_straight"
@@ -150,7 +152,9 @@ def test_wrapped_fsr_view_keeps_the_fsr_losses():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="torch.compile needs a C++ compiler")
+@pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="torch.compile needs a C++ compiler"
+)
 def test_compile_equals_eager(tmp_path):
     # Clean training (no attack, no FSR Gumbel noise, whose compiled RNG stream differs from eager's):
     # fewer graphs to compile, and the two runs must then agree to float rounding.

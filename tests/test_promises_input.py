@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import error_line as _error_line
 
 import advmend
 from advmend.cli import main
@@ -31,7 +32,6 @@ from advmend.errors import ConfigError, DataError
 from advmend.models import MODELS
 from advmend.models.registry import model_options
 from advmend.training.build import build_data
-from conftest import error_line as _error_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,8 +43,6 @@ CONFIG = {
     "train": {"epochs": 1, "batch_size": 16, "attack": {"steps": 1}, "val_attack": {"steps": 1}, "progress": False},
     "eval": {"protocol": "quick", "n_examples": 8, "plot": False},
 }  # fmt: skip
-
-
 
 
 def _config(folder: Path, cfg: dict = CONFIG) -> Path:
@@ -177,7 +175,9 @@ def _png_header_only(path: Path, width: int, height: int) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
 
 
 def test_decompression_bomb_png_in_image_folder(tmp_path, capsys):
@@ -335,7 +335,7 @@ _SECTIONS = ("data", "model", "fsr", "train", "eval", "pssr")
 
 def _message_keys(path: Path) -> list[tuple[int, str]]:
     """Dotted config keys (data.x, model.options.y, ...) named in the messages of raised errors."""
-    pattern = re.compile(r"(?<![\w.])((?:%s)\.[a-z_][a-z_0-9]*(?:\.[a-z_][a-z_0-9]*)*)" % "|".join(_SECTIONS))
+    pattern = re.compile(r"(?<![\w.])((?:{})\.[a-z_][a-z_0-9]*(?:\.[a-z_][a-z_0-9]*)*)".format("|".join(_SECTIONS)))
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Raise) and node.exc is not None:
@@ -346,6 +346,8 @@ def _message_keys(path: Path) -> list[tuple[int, str]]:
 
 
 PACKAGE = Path(advmend.__file__).parent
+
+
 @pytest.mark.parametrize("rel", sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")))
 def test_error_messages_suggest_only_real_keys(rel):
     keys = _schema_keys()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import error_line as _error_line
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -21,7 +22,6 @@ import advmend.checkpoint as ckpt_mod
 import advmend.evaluation.report as report_mod
 import advmend.training.build as build_mod
 from advmend.cli import main
-from conftest import error_line as _error_line
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,8 +33,6 @@ CONFIG = {
               "progress": False, "device": "cpu"},
     "eval": {"protocol": "quick", "n_examples": 16, "batch_size": 16},
 }  # fmt: skip
-
-
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[str, int]]:

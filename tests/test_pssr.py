@@ -253,10 +253,14 @@ def test_objective_with_only_ce_is_the_cross_entropy_of_both_paths(data):
 def test_lambda_ce_weighs_only_the_cross_entropy_and_zero_leaves_the_feature_loss(data):
     x, y = data
     model = _pipeline(dropout=0.0).train()
-    out = PSSRObjective(None, lambda_pix=0.0, lambda_sem=1.0, lambda_ce=2.5, lambda_feat=0.0, lambda_rd=0.0)(model, x, y)
+    out = PSSRObjective(None, lambda_pix=0.0, lambda_sem=1.0, lambda_ce=2.5, lambda_feat=0.0, lambda_rd=0.0)(
+        model, x, y
+    )
     torch.testing.assert_close(out.loss, 2 * 2.5 * F.cross_entropy(model(x), y))
     # HGD's feature-guided loss alone: the mean squared distance of f's penultimate features
-    out = PSSRObjective(None, lambda_pix=0.0, lambda_sem=1.0, lambda_ce=0.0, lambda_feat=1.0, lambda_rd=0.0)(model, x, y)
+    out = PSSRObjective(None, lambda_pix=0.0, lambda_sem=1.0, lambda_ce=0.0, lambda_feat=1.0, lambda_rd=0.0)(
+        model, x, y
+    )
     x_hat = model.preprocess(x)  # outside the hook: the surgery's score map runs f too
     with penultimate_features(model.classifier) as store:
         model.classifier(x_hat)

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import error_line as _error_line
 
 from advmend.cli import main
 from advmend.config import load_run_config
 from advmend.defenses.pssr import PSSRModel, Regenerator
 from advmend.evaluation.run import load_trained_model
 from advmend.training.pssr_loop import train_pssr
-from conftest import error_line as _error_line
 
 CONFIG = {
     "name": "pssr-cli-test",
@@ -41,8 +41,6 @@ def _write(folder: Path, cfg: dict) -> Path:
 
 def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +102,9 @@ def test_pssr_analysis_writes_table_plot_and_grid(run, tmp_path, which):
         assert (out / name).stat().st_size > 0, name
     finding = json.loads((out / "finding.json").read_text())
     acc, pssr = finding["accuracy"], which == "best.safetensors"
-    assert {"clean", "adversarial", "salient removed", "random removed", "PS only", "clean, holes interpolated"} <= set(acc)
+    assert {"clean", "adversarial", "salient removed", "random removed", "PS only", "clean, holes interpolated"} <= set(
+        acc
+    )
     assert ("PSSR (gray-box)" in acc) == ("PSSR (clean)" in acc) == (finding["restoration"] is not None) == pssr
     # the clean rows are what the pipeline and the surgery alone do to the same clean test images
     from advmend.data import subset
@@ -120,7 +120,8 @@ def test_pssr_analysis_writes_table_plot_and_grid(run, tmp_path, which):
     _, mask, surgical = pipe.surgery(x)
     with torch.no_grad():
         assert acc["clean, holes interpolated"]["accuracy"] == pytest.approx(
-            100 * float((f(fill_holes(surgical, mask)).argmax(1) == ds.labels).float().mean()))
+            100 * float((f(fill_holes(surgical, mask)).argmax(1) == ds.labels).float().mean())
+        )
     if pssr:
         assert acc["PSSR (clean)"]["accuracy"] == pytest.approx(100 * evaluate(model, ds, []).clean_accuracy)
         q = finding["restoration"]
@@ -129,9 +130,9 @@ def test_pssr_analysis_writes_table_plot_and_grid(run, tmp_path, which):
 
 
 def test_the_finding_scores_f_on_the_images_its_rows_define():
-    from advmend.study.pssr_analysis import finding_inputs
     from advmend.defenses.pssr.regenerator import fill_holes
     from advmend.study.finding import PIPELINE_ROWS, ROWS
+    from advmend.study.pssr_analysis import finding_inputs
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 8, 8, generator=g)
@@ -265,7 +266,8 @@ def test_save_adv_on_a_pssr_checkpoint_writes_the_adversarial_examples(run, tmp_
     assert float((adv - x).abs().max()) <= rep["meta"]["eps"] + 1e-6
     # the headline's fooled examples are stored adversarial (misclassified by PSSR), the others clean
     fooled = torch.tensor(rep["per_example"]["clean"], dtype=torch.bool) & ~torch.tensor(
-        rep["per_example"]["worst_case"], dtype=torch.bool)
+        rep["per_example"]["worst_case"], dtype=torch.bool
+    )
     assert torch.equal(adv[~fooled], x[~fooled])
     with torch.no_grad():
         assert (model(adv[fooled]).argmax(1) != ds.labels[fooled]).all()

@@ -80,7 +80,7 @@ def root(tmp_path) -> Path:
 
 
 def _section(text: str) -> list[str]:
-    return text[text.index(f"## {FINDING_TITLE}"):].splitlines()
+    return text[text.index(f"## {FINDING_TITLE}") :].splitlines()
 
 
 def _row(lines: list[str], first: str) -> list[str]:

@@ -11,14 +11,23 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import error_line as _error_line
 
 from advmend.attacks.pgd import PGD
 from advmend.cli import main
 from advmend.data import ArrayDataset
 from advmend.defenses.pssr import PSSRModel, Regenerator
-from advmend.evaluation.pssr import GRAYBOX, IDENTITY, MASK, TRANSFER, evaluate_pssr, markdown, not_run_text, report_dict
+from advmend.evaluation.pssr import (
+    GRAYBOX,
+    IDENTITY,
+    MASK,
+    TRANSFER,
+    evaluate_pssr,
+    markdown,
+    not_run_text,
+    report_dict,
+)
 from advmend.models import create_model
-from conftest import error_line as _error_line
 
 pytestmark = pytest.mark.slow
 
@@ -39,8 +48,6 @@ def _write(folder: Path, cfg: dict) -> Path:
     return path
 
 
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("pssr-threats")
@@ -59,7 +66,9 @@ def test_a_threat_model_without_attacks_is_not_run_never_clean_accuracy():
     torch.manual_seed(0)
     x, y = torch.rand(8, 3, 16, 16), torch.arange(8) % 10
     ds = ArrayDataset((x * 255).round().to(torch.uint8), y, tuple(str(i) for i in range(10)))
-    model = PSSRModel(create_model("small_cnn", num_classes=10, in_channels=3, width=4), Regenerator(3, (16, 16), width=4)).eval()
+    model = PSSRModel(
+        create_model("small_cnn", num_classes=10, in_channels=3, width=4), Regenerator(3, (16, 16), width=4)
+    ).eval()
     ev = evaluate_pssr(model, ds, [PGD(eps=8 / 255, steps=1, name="PGD-1")], batch_size=8)  # no surrogate
     assert ev.threat_models == [GRAYBOX, MASK, "whitebox-bpda-identity", TRANSFER]  # always listed
     assert not ev.ran(TRANSFER) and ev.threat_accuracy(TRANSFER) is None and "surrogate" in ev.not_run[TRANSFER]

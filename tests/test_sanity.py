@@ -7,14 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TinyNet
 from torch import nn
 
 from advmend.data import ArrayDataset
 from advmend.evaluation import evaluate
 from advmend.evaluation.evaluate import AttackResult, EvalResult
 from advmend.evaluation.sanity import CHECKS, PASS, SKIP, WARN, check_noise, check_square, run_sanity
-
-from conftest import TinyNet
 
 EPS = 8 / 255
 

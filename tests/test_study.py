@@ -70,7 +70,7 @@ def test_records_are_written_then_skipped(tmp_path):
     assert ev["clean"]["n"] == 48 and len(ev["clean"]["correct"]) == 48
     assert sorted(ev["attacks"]) == ["CW-30", "FGSM", "PGD-20"]
     assert ev["attack_indices"] == subset_indices(48, 0)[:24].tolist()
-    for name, a in ev["attacks"].items():
+    for _name, a in ev["attacks"].items():
         assert a["n"] == 24 and len(a["correct"]) == 24
         assert a["accuracy"] == pytest.approx(100 * a["correct"].count("1") / 24)
     # The worst case is the per-example AND of clean (at the same test indices) and every attack.
@@ -147,7 +147,9 @@ def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_record(tmp_path):
     assert _strip(got)["metrics"] == _strip(want)["metrics"]
     from advmend.checkpoint import load_checkpoint
 
-    (ref_w, _), (got_w, _) = (load_checkpoint(d / "runs" / "tiny" / "at-s0" / "best.safetensors") for d in (ref_dir, kill_dir))
+    (ref_w, _), (got_w, _) = (
+        load_checkpoint(d / "runs" / "tiny" / "at-s0" / "best.safetensors") for d in (ref_dir, kill_dir)
+    )
     assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w) and set(ref_w) == set(got_w)
 
 
@@ -336,7 +338,10 @@ def test_table_and_paired_interval_from_known_records(tmp_path):
     text, _ = render(tmp_path / "rec", plot=False)
     assert "4 of 5 runs finished; still missing: fsr-s2." in text
     # ... | worst | missed by PGD-20 (PGD-20 keeps 10 that AutoAttack breaks, both seeds) | train min | img/s |
-    assert "| at | 2/2 | 45.00 ± 7.07 | 25.00 ± 7.07 | 15.00 ± 7.07 | 15.00 ± 7.07 | 10.00 ± 0.00 | 1.0 ± 0.0 | 100 ± 0 |" in text
+    assert (
+        "| at | 2/2 | 45.00 ± 7.07 | 25.00 ± 7.07 | 15.00 ± 7.07 | 15.00 ± 7.07 | 10.00 ± 0.00 | 1.0 ± 0.0 | 100 ± 0 |"
+        in text
+    )
     assert "| fsr | 2/3 | 45.00 ± 7.07 |" in text
     line = next(line for line in text.splitlines() if line.startswith("| fsr − at |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
@@ -391,8 +396,11 @@ def test_an_ablation_is_compared_with_its_parent_as_well_as_judged_against_its_b
             {"name": "abl", "seeds": [0], "baseline": "at", "compare": ["fsr"]}]  # fmt: skip
     _write_syn(tmp_path / "rec", records, rows)
     text, _ = render(tmp_path / "rec", plot=False)
-    cells = {line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")]
-             for line in text.splitlines() if " − " in line and line.startswith("| ") and "baseline" not in line}
+    cells = {
+        line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")]
+        for line in text.splitlines()
+        if " − " in line and line.startswith("| ") and "baseline" not in line
+    }
     assert list(cells) == ["fsr − at", "abl − at", "abl − fsr"]  # baselines first, then the comparisons
     assert cells["abl − at"][3].startswith("+10.00") and cells["abl − at"][-1] == "met"
     assert cells["abl − fsr"][3].startswith("+5.00") and cells["abl − fsr"][-1] == "—"  # not judged: not its baseline

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import TinyNet
 from torch import nn
 
 from advmend.attacks import PGD, pgd
@@ -28,7 +29,6 @@ from advmend.training.build import OBJECTIVES, build_objective
 from advmend.training.mart import MART, boosted_ce
 from advmend.training.objectives import AdversarialCE, fast_at_attack
 from advmend.training.trades import TRADES, trades_attack
-from conftest import TinyNet
 
 EPS = 8 / 255
 METHODS = ("pgd_at", "trades", "mart", "fast_at")

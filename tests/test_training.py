@@ -54,8 +54,11 @@ def test_bad_scale_settings_name_their_key(tmp_path, key, value):
     with pytest.raises(ConfigError, match=f"train.{key}"):  # checked when the config is built
         cfg = from_dict(RunConfig, {**to_dict(cfg), "train": {**to_dict(cfg)["train"], key: value}})
     with pytest.raises(ConfigError, match=f"train.{key}"):  # and by train(), for a config changed in Python
-        train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **{key: value})), tmp_path / "x",
-              log=lambda s: None)
+        train(
+            dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **{key: value})),
+            tmp_path / "x",
+            log=lambda s: None,
+        )
     assert not (tmp_path / "x").exists()
 
 
@@ -64,8 +67,11 @@ def test_patience_needs_a_validation_metric(tmp_path):
         from_dict(RunConfig, {**to_dict(_cfg("last")), "train": {**to_dict(_cfg("last"))["train"], "patience": 2}})
     cfg = _cfg("last")
     with pytest.raises(ConfigError, match="train.patience"):  # and by train(), for a config changed in Python
-        train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, patience=2)), tmp_path / "x",
-              log=lambda s: None)
+        train(
+            dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, patience=2)),
+            tmp_path / "x",
+            log=lambda s: None,
+        )
 
 
 def test_tensorboard_without_the_package_says_how_to_install(tmp_path, monkeypatch):
@@ -79,7 +85,9 @@ def test_tensorboard_without_the_package_says_how_to_install(tmp_path, monkeypat
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
-    cfg = from_dict(RunConfig, {**to_dict(_cfg("robust")), "train": {**to_dict(_cfg("robust"))["train"], "tensorboard": True}})
+    cfg = from_dict(
+        RunConfig, {**to_dict(_cfg("robust")), "train": {**to_dict(_cfg("robust"))["train"], "tensorboard": True}}
+    )
     with pytest.raises(ConfigError, match="pip install tensorboard"):
         train(cfg, tmp_path / "x", log=lambda s: None)
     assert not (tmp_path / "x").exists()
@@ -87,7 +95,9 @@ def test_tensorboard_without_the_package_says_how_to_install(tmp_path, monkeypat
 
 def test_tensorboard_writes_the_jsonl_scalars(tmp_path):
     pytest.importorskip("tensorboard")
-    cfg = from_dict(RunConfig, {**to_dict(_cfg("robust")), "train": {**to_dict(_cfg("robust"))["train"], "tensorboard": True}})
+    cfg = from_dict(
+        RunConfig, {**to_dict(_cfg("robust")), "train": {**to_dict(_cfg("robust"))["train"], "tensorboard": True}}
+    )
     train(cfg, tmp_path / "tb", log=lambda s: None)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -155,7 +165,7 @@ def test_ema_is_validated_selected_and_recorded(tmp_path):
     steps = 3 * (128 // 64)  # epochs x steps per epoch (192 - 64 validation examples, batch 64)
     assert side["ema"] == best["ema"] == {"decay": 0.8, "updates": steps, "used_for_selection": True}
     # select=last: best is the final epoch, holding the averaged weights (not the raw ones).
-    ema_state = {k[len("ema."):]: v for k, v in last["extra_tensors"].items() if k.startswith("ema.")}
+    ema_state = {k[len("ema.") :]: v for k, v in last["extra_tensors"].items() if k.startswith("ema.")}
     assert set(ema_state) == set(best_state)
     assert all(torch.equal(best_state[k], ema_state[k]) for k in ema_state)
     raw, _ = load_checkpoint(tmp_path / "ema" / "last.safetensors")
@@ -207,7 +217,6 @@ def test_a_tie_of_the_selection_metric_goes_to_the_higher_clean_accuracy_then_th
     assert _select(h)[-1] == (True, 0.1, 4)
     h.append({"epoch": 5, "val_robust_acc": 0.05, "val_clean_acc": 99.0})
     assert _select(h)[-1] == (False, 0.1, 4)
-
 
 
 class _Constant(torch.nn.Module):

@@ -55,13 +55,6 @@ def _seal(tensors_digest: str, record_text: str) -> str:
     return h.hexdigest()
 
 
-
-
-
-
-
-
-
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split an optimizer state dict into tensors and a JSON-able rest."""
     tensors, scalars = {}, {}
@@ -218,12 +211,11 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             "was modified or corrupted after saving; refusing to load it"
         )
     _check_record(path, record)
-    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     if "optimizer" in record:
         opt_tensors = {k: v for k, v in tensors.items() if k.startswith("optim.")}
         record["optimizer_state"] = _unflatten_optimizer(opt_tensors, record.pop("optimizer"))
-    extra = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+    extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
     if extra:
         record["extra_tensors"] = extra
     return model_state, record
-

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -433,7 +434,7 @@ def parse_overrides(overrides: list[str], sections: tuple[str, ...] | None = Non
     return pairs
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str | Override]) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str | Override]) -> dict[str, Any]:
     """Apply ``key.sub=value`` strings, or (dotted key, value) pairs (a command's flags), in order to a
     raw mapping; the result is checked when it is built (`from_dict`)."""
     data = _deepcopy(data)
@@ -498,9 +499,7 @@ def resolve_config_path(name_or_path: str) -> Path:
     bundled = CONFIG_DIR / (name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
     if bundled.is_file():
         return bundled
-    raise ConfigError(
-        f"config {name_or_path!r} not found: give a YAML path or one of: {', '.join(bundled_configs())}"
-    )
+    raise ConfigError(f"config {name_or_path!r} not found: give a YAML path or one of: {', '.join(bundled_configs())}")
 
 
 def load_run_config(name_or_path: str, overrides: list[str] | None = None) -> RunConfig:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Generic, TypeVar, cast
 
 from advmend.errors import ConfigError
 
 T = TypeVar("T")
+F = TypeVar("F")  # what register() decorates keeps its own type (a function keeps its signature)
 
 
 class Registry(Generic[T]):
@@ -25,11 +26,11 @@ class Registry(Generic[T]):
         self._entries: dict[str, T] = {}
         self._meta: dict[str, dict[str, Any]] = {}
 
-    def register(self, name: str, **meta: Any) -> Callable[[T], T]:
-        def deco(obj: T) -> T:
+    def register(self, name: str, **meta: Any) -> Callable[[F], F]:
+        def deco(obj: F) -> F:
             if name in self._entries:
                 raise KeyError(f"{self.kind} {name!r} is registered twice")
-            self._entries[name] = obj
+            self._entries[name] = cast(T, obj)
             self._meta[name] = dict(meta)
             return obj
 

@@ -5,11 +5,30 @@ expected, so a user sees one line that says how to fix the call."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 
 from advmend.errors import AdvmendError, DataError, InputError, ModelContractError
+
+
+class ImageData(Protocol):
+    """What `check_data_fits_model` reads of a data set (advmend.data.arrays.ImageDataset, a layer above)."""
+
+    @property
+    def images(self) -> Any: ...
+
+    @property
+    def labels(self) -> torch.Tensor: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]: ...
+
+    def __len__(self) -> int: ...
 
 
 def check_images(x: object, name: str = "x") -> torch.Tensor:
@@ -26,8 +45,8 @@ def check_images(x: object, name: str = "x") -> torch.Tensor:
     if x.numel() == 0:
         raise InputError(f"{name} is empty: shape {tuple(x.shape)}")
     # One reduction and one host sync for all three conditions.
-    lo, hi = torch.aminmax(x.detach())
-    lo, hi = float(lo), float(hi)
+    lo_t, hi_t = torch.aminmax(x.detach())
+    lo, hi = float(lo_t), float(hi_t)
     if lo != lo or hi != hi or abs(lo) == float("inf") or abs(hi) == float("inf"):
         raise InputError(f"{name} contains NaN or infinite values")
     if lo < 0.0 or hi > 1.0:
@@ -69,7 +88,7 @@ def check_logits(out: object, n: int) -> torch.Tensor:
 
 
 def check_data_fits_model(
-    ds: object,
+    ds: ImageData,
     *,
     image_shape: Sequence[int] | None = None,
     num_classes: int | None = None,

@@ -3,7 +3,6 @@
 
 from advmend.attacks.adaptive import BPDA, bpda
 from advmend.attacks.autoattack import AutoAttackSpec
-
 from advmend.attacks.l1 import project_l1_box
 from advmend.attacks.losses import LOSSES, ce_loss, kl_loss, margin_loss
 from advmend.attacks.modes import attack_mode

@@ -20,7 +20,7 @@ differentiable part you trust as `stand_in`; the identity default is the other c
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

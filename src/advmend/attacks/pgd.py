@@ -138,7 +138,8 @@ class PGD:
         aims at a uniformly random other class per example (`random_targets`, drawn from `generator`
         batch by batch before that batch's random start), and is judged against the true label.
         """
-        chunks, fooled = [], []
+        chunks: list[torch.Tensor] = []
+        fooled: list[torch.Tensor] = []
         num_classes = None
         bar = tqdm(range(0, x.shape[0], batch_size), desc=self.describe()["name"], disable=not progress, leave=False)
         for i in bar:
@@ -153,6 +154,7 @@ class PGD:
                                        validate=False)  # fmt: skip
                 with attack_mode(model), torch.no_grad():  # robustness is judged against the true label
                     hit = model(x_adv).argmax(1) != yb
+            assert hit is not None  # pgd_tracked scores by default
             chunks.append(x_adv)
             fooled.append(hit)
         return AttackRun(torch.cat(chunks), torch.cat(fooled))
@@ -220,7 +222,8 @@ def _fp16_autocast() -> bool:
 def _input_grad(model, x, delta, y, cfg: PGD, loss_fn, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient of the summed per-example loss w.r.t. delta (averaged over `cfg.eot` draws) and the
     first draw's logits (detached)."""
-    grad, first = None, None
+    grad: torch.Tensor | None = None
+    first: torch.Tensor | None = None
     for _ in range(cfg.eot):
         delta.requires_grad_(True)
         logits = model(x + delta)
@@ -230,6 +233,7 @@ def _input_grad(model, x, delta, y, cfg: PGD, loss_fn, scale: float) -> tuple[to
         (g,) = torch.autograd.grad(loss.sum() * scale, delta)
         grad = g if grad is None else grad + g
     delta.requires_grad_(False)
+    assert grad is not None and first is not None  # cfg.eot >= 1
     return grad / cfg.eot, first
 
 
@@ -254,6 +258,7 @@ def _run_once(
         if cfg.keep_best:
             # Keep the first iterate that fools each example: later steps may undo it.
             newly = _hit(logits, y, cfg) & ~fooled
+            assert best is not None  # set when keep_best
             best = torch.where(newly.view(-1, 1, 1, 1), x + delta, best)
             fooled |= newly
         delta = _step(delta, grad, x, cfg)
@@ -265,6 +270,7 @@ def _run_once(
         final_loss = loss_fn(logits, y, cfg.kappa)
         final_fooled = _hit(logits, y, cfg)
     if cfg.keep_best:
+        assert best is not None
         x_adv = torch.where(fooled.view(-1, 1, 1, 1), best, x_adv)
         final_fooled |= fooled
     return x_adv, final_fooled, final_loss
@@ -347,10 +353,12 @@ def _pgd_tracked(model, x, y, cfg: PGD, generator, score: bool) -> tuple[torch.T
     with attack_mode(model):
         x_adv, fooled, loss = _run_once(model, x, y, cfg, generator)
         for _ in range(cfg.restarts - 1):
+            assert fooled is not None and loss is not None  # _run_once tracks when restarts > 1
             todo = (~fooled).nonzero().squeeze(1)
             if todo.numel() == 0:
                 break
             cand, cand_fooled, cand_loss = _run_once(model, x[todo], y[todo], cfg, generator)
+            assert cand_fooled is not None and cand_loss is not None
             better = cand_fooled | (cand_loss > loss[todo])
             idx = todo[better]
             x_adv[idx] = cand[better]

@@ -15,7 +15,7 @@ the same, and no compute is spent on examples already fooled.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from advmend.attacks.autoattack import AutoAttackSpec
 from advmend.attacks.pgd import PGD, fgsm
@@ -28,8 +28,17 @@ PROTOCOLS: Registry[Protocol] = Registry("protocol")
 # costly sanity checks run with it (`PROTOCOLS.meta(name)`).
 
 
-def cw_margin(eps: float, norm: str = "linf", *, steps: int = 30, step_size: float | None = None,
-              kappa: float = 50.0, restarts: int = 1, random_start: bool = False, name: str = "") -> PGD:
+def cw_margin(
+    eps: float,
+    norm: str = "linf",
+    *,
+    steps: int = 30,
+    step_size: float | None = None,
+    kappa: float = 50.0,
+    restarts: int = 1,
+    random_start: bool = False,
+    name: str = "",
+) -> PGD:
     """A Carlini-Wagner *style* attack: PGD on the CW margin loss max_{j != y} z_j - z_y (clipped at kappa).
 
     With norm "l2" this is the usual "CW-L2" row of robustness tables. It is honestly PGD on the CW

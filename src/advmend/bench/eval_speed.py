@@ -101,14 +101,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="small_cnn,resnet18")
     p.add_argument("--n", type=int, default=64, help="examples per model")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--cascade-eps", type=float, default=2 / 255,
-                   help="eps of the cascade comparison (small enough that some examples stay robust)")
+    p.add_argument(
+        "--cascade-eps",
+        type=float,
+        default=2 / 255,
+        help="eps of the cascade comparison (small enough that some examples stay robust)",
+    )
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, CPU only"
-          if not torch.cuda.is_available() else f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}")
+    print(
+        f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, CPU only"
+        if not torch.cuda.is_available()
+        else f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}"
+    )
     print(f"{'model':<10} {'attack':<7} {'examples':>8} {'seconds':>8} {'images/s':>9} {'fwd/ex':>7} {'bwd/ex':>7}")
     for name in args.models.split(","):
         for r in bench_model(name, args.n, args.batch_size):

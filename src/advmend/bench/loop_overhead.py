@@ -74,7 +74,9 @@ def minimal_pgd_at(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             delta = ((x + delta).clamp(0, 1) - x).requires_grad_(True)
             for _ in range(steps):
                 (g,) = torch.autograd.grad(F.cross_entropy(model(x + delta), y, reduction="sum"), delta)
-                delta = ((x + (delta.detach() + alpha * g.sign()).clamp(-eps, eps)).clamp(0, 1) - x).requires_grad_(True)
+                delta = ((x + (delta.detach() + alpha * g.sign()).clamp(-eps, eps)).clamp(0, 1) - x).requires_grad_(
+                    True
+                )
             for p in model.parameters():
                 p.requires_grad_(True)
             model.train()
@@ -108,6 +110,7 @@ def bench_loop(base: str = "cifar10/pgdat_small_cnn_cpu", *, n_images: int = 500
 
     cfg = loop_config(base, n_images, epochs)
     train_set = build_data(cfg.data, need_test=False).train  # the images `advmend train` trains on
+    assert train_set is not None  # need_train
     product, minimal = LoopRow("advmend train", []), LoopRow("minimal PGD-AT loop", [])
     for _ in range(rounds):
         with tempfile.TemporaryDirectory() as tmp:
@@ -115,13 +118,23 @@ def bench_loop(base: str = "cifar10/pgdat_small_cnn_cpu", *, n_images: int = 500
             lines = (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
             product.epochs_ips += [json.loads(line)["images_per_s"] for line in lines][1:]
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg, train_set.num_classes, tuple(train_set.image_shape))
+        model = build_model(cfg, train_set.num_classes, train_set.image_shape)
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         attack = cfg.train.attack
+        assert (
+            attack.eps is not None
+        )  # TODO: a base config without train.attack.eps (the data set's) is not resolved here
         minimal.epochs_ips += minimal_pgd_at(
-            model, train_set.images, train_set.labels, epochs=epochs, batch_size=cfg.train.batch_size,
-            lr=cfg.train.lr, eps=attack.eps, steps=attack.steps, channels_last=cfg.train.channels_last,
+            model,
+            train_set.images,
+            train_set.labels,
+            epochs=epochs,
+            batch_size=cfg.train.batch_size,
+            lr=cfg.train.lr,
+            eps=attack.eps,
+            steps=attack.steps,
+            channels_last=cfg.train.channels_last,
         )[1:]
     return [product, minimal]
 

@@ -73,7 +73,7 @@ def bench_model(name: str, batch_size: int = 64, width: int = 32, repeats: int =
         def step():
             model.train()
             with precision.autocast():
-                loss = objective(model, x, y).loss
+                loss = objective(model, x, y).loss  # noqa: B023 (step runs within this iteration)
             opt.zero_grad(set_to_none=True)
             precision.backward_and_step(loss, opt)
 
@@ -91,10 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", default="off", help="precision of the training step: off, bf16 (or fp16 on CUDA)")
     args = p.parse_args(argv)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, batch {args.batch_size}, 32x32, regenerator width {args.width}, training amp {args.amp}")
-    print("model       f ms/img  pipeline/f  G/f    pipeline-G (target <= 4)  train img/s (PGD-10)  train img/s (no attack)")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, batch {args.batch_size}, 32x32, regenerator width {args.width}, training amp {args.amp}"
+    )
+    print(
+        "model       f ms/img  pipeline/f  G/f    pipeline-G (target <= 4)  train img/s (PGD-10)  train img/s (no attack)"
+    )
     for name in args.models.split(","):
-        r = bench_model(name.strip(), args.batch_size, args.width, args.repeats, args.train_steps, args.device, args.amp)
+        r = bench_model(
+            name.strip(), args.batch_size, args.width, args.repeats, args.train_steps, args.device, args.amp
+        )
         print(f"{r['model']:<11} {r['classifier_ms_per_image']:8.3f}  {r['pipeline_x']:10.2f}  {r['regenerator_x']:5.2f}"
               f"  {r['pipeline_minus_g']:24.2f}  {r['train_ips_pgd10']:20.1f}  {r['train_ips_no_attack']:23.1f}")  # fmt: skip
     return 0

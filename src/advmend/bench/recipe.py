@@ -15,8 +15,8 @@ import torch
 from advmend.bench.throughput import _images_per_s, switched_step
 from advmend.config import RunConfig
 from advmend.data.sources import dataset_info
-from advmend.errors import ConfigError
 from advmend.defenses.build import build_model
+from advmend.errors import ConfigError
 from advmend.training.build import build_objective
 
 
@@ -51,6 +51,7 @@ def bench_recipe(name: str, cfg: RunConfig, switches: list[str], *, batch_size: 
         run_cfg = replace(cfg, train=replace(cfg.train, amp="off", channels_last=False))
         ips = _images_per_s(recipe_step(run_cfg, switch, bs, device), bs, iters, warmup, device)
         base = ips if switch == "off" else base
+        assert base is not None  # "off" comes first
         rows.append(RecipeRow(name, switch, bs, ips, ips / base))
     return rows
 

@@ -158,6 +158,7 @@ def bench_switches(
             # torch.compile compiles on the first calls (train/eval graphs): at least 2 warm-up steps.
             ips = _images_per_s(step, batch_size, iters, max(warmup, 2) if switch == "compile" else warmup, device)
             base = ips if switch == "off" else base
+            assert base is not None  # "off" comes first
             rows.append(SwitchRow(name, fsr, switch, batch_size, ips, ips / base))
     return rows
 

@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     from advmend.cli import bench, evaluate, listing, plot, pssr, study, train
 
     parser = _Parser(
-        prog="advmend", description="Adversarial robustness by repair: train, evaluate and benchmark defended classifiers."
+        prog="advmend",
+        description="Adversarial robustness by repair: train, evaluate and benchmark defended classifiers.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (train, evaluate, listing, bench, plot, pssr, study):

@@ -11,23 +11,48 @@ from pathlib import Path
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure forward+backward and PGD-10 AT images/s, with and without FSR")
     p.add_argument("--models", default="small_cnn,resnet18", help="comma-separated model names")
-    p.add_argument("--batch-size", type=int, help="batch size (default 64; with --config the config's train.batch_size)")
+    p.add_argument(
+        "--batch-size", type=int, help="batch size (default 64; with --config the config's train.batch_size)"
+    )
     p.add_argument("--iters", type=int, default=3, help="timed iterations per measurement")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="auto")
-    p.add_argument("--switches", help="instead: PGD-10 AT img/s under speed switches, comma-separated from "
-                   "off,channels_last,bf16,fp16,compile (fp16 needs CUDA), with and without FSR")
-    p.add_argument("--ddp-procs", type=int, help="instead: PGD-10 AT img/s of 1 vs N gloo DDP processes on CPU "
-                   "at the same global batch (first model of --models)")
-    p.add_argument("--config", help="instead: the training step of this run config (its model, FSR, objective and "
-                   "attack) under --switches (default off,channels_last,bf16)")
-    p.add_argument("--folder-memory", metavar="DIR", help="instead: peak RSS of a PGD evaluation streamed from "
-                   "generated image folders of 200 and 2,000 224-pixel images, written under DIR")
-    p.add_argument("--loop", nargs="?", const="cifar10/pgdat_small_cnn_cpu", metavar="CONFIG",
-                   help="instead: images/s of `advmend train` against a minimal PGD-AT loop on the same images "
-                        "(fp32 + channels_last, 5,000 images; default config: the CPU study's recipe)")
-    p.add_argument("--external-eval", action="store_true", help="instead: seconds of a PGD-10 evaluation of each "
-                   "--models name (timm/ARCH, torchvision/ARCH) through advmend vs the same PGD on the bare model")
+    p.add_argument(
+        "--switches",
+        help="instead: PGD-10 AT img/s under speed switches, comma-separated from "
+        "off,channels_last,bf16,fp16,compile (fp16 needs CUDA), with and without FSR",
+    )
+    p.add_argument(
+        "--ddp-procs",
+        type=int,
+        help="instead: PGD-10 AT img/s of 1 vs N gloo DDP processes on CPU "
+        "at the same global batch (first model of --models)",
+    )
+    p.add_argument(
+        "--config",
+        help="instead: the training step of this run config (its model, FSR, objective and "
+        "attack) under --switches (default off,channels_last,bf16)",
+    )
+    p.add_argument(
+        "--folder-memory",
+        metavar="DIR",
+        help="instead: peak RSS of a PGD evaluation streamed from "
+        "generated image folders of 200 and 2,000 224-pixel images, written under DIR",
+    )
+    p.add_argument(
+        "--loop",
+        nargs="?",
+        const="cifar10/pgdat_small_cnn_cpu",
+        metavar="CONFIG",
+        help="instead: images/s of `advmend train` against a minimal PGD-AT loop on the same images "
+        "(fp32 + channels_last, 5,000 images; default config: the CPU study's recipe)",
+    )
+    p.add_argument(
+        "--external-eval",
+        action="store_true",
+        help="instead: seconds of a PGD-10 evaluation of each "
+        "--models name (timm/ARCH, torchvision/ARCH) through advmend vs the same PGD on the bare model",
+    )
     p.add_argument("--json", help="also write the results to this JSON file")
     p.set_defaults(func=run)
 
@@ -41,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     from advmend.training.build import resolve_device
 
     if args.folder_memory:
-        from advmend.bench.folder_memory import format_result, run as bench_folder
+        from advmend.bench.folder_memory import format_result
+        from advmend.bench.folder_memory import run as bench_folder
 
         res = bench_folder(Path(args.folder_memory))
         print(format_result(res, 200, 2000))
@@ -51,12 +77,12 @@ def run(args: argparse.Namespace) -> int:
     if args.loop:
         from advmend.bench.loop_overhead import bench_loop, format_loop_rows
 
-        rows = bench_loop(args.loop)
+        loop_rows = bench_loop(args.loop)
         where = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-        print(f"device: {where}\n\n" + format_loop_rows(rows))
+        print(f"device: {where}\n\n" + format_loop_rows(loop_rows))
         if args.json:
             Path(args.json).write_text(json.dumps({"device": where, "torch": torch.__version__, "loop": [
-                {"loop": r.loop, "epochs_images_per_s": r.epochs_ips, "images_per_s": r.ips} for r in rows]},
+                {"loop": r.loop, "epochs_images_per_s": r.epochs_ips, "images_per_s": r.ips} for r in loop_rows]},
                 indent=2) + "\n")  # fmt: skip
         return 0
     device = resolve_device(args.device, "--device")

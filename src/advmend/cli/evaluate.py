@@ -19,20 +19,35 @@ def add_parser(sub) -> None:
                                    "([0,1] images in, logits out)")  # fmt: skip
     p.add_argument("--weights", help="weights of --model: .safetensors, or a .pt/.pth state dict of tensors")
     p.add_argument("--dataset", help="data set of --model (default cifar10; see `advmend list`)")
-    p.add_argument("--eps", help="attack radius, e.g. 8/255 (default: the checkpoint's, or the data set's threat model)")
+    p.add_argument(
+        "--eps", help="attack radius, e.g. 8/255 (default: the checkpoint's, or the data set's threat model)"
+    )
     p.add_argument("--norm", choices=("linf", "l2", "l1"), help="threat model (default linf)")
     p.add_argument("--protocol", help="attack protocol (see `advmend list`); default: the run's eval.protocol")
     p.add_argument("--n-examples", type=int, help="evaluate a seeded subset of this many test examples")
     p.add_argument("--batch-size", type=int, help="examples per forward pass")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a data or eval setting, e.g. --set data.root=DIR (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a data or eval setting, e.g. --set data.root=DIR (repeatable)",
+    )
     p.add_argument("--out", help="report folder (default: next to the checkpoint, eval-<protocol>)")
     p.add_argument("--sanity-full", action="store_true", help="also run the costly sanity checks S01-S04")
-    p.add_argument("--cascade", action=argparse.BooleanOptionalAction, default=None,
-                   help="run each attack only on examples still robust (default: the protocol's choice)")
-    p.add_argument("--transfer-from", metavar="CHECKPOINT",
-                   help="add a transfer attack: PGD-20 crafted on this surrogate checkpoint")
+    p.add_argument(
+        "--cascade",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run each attack only on examples still robust (default: the protocol's choice)",
+    )
+    p.add_argument(
+        "--transfer-from",
+        metavar="CHECKPOINT",
+        help="add a transfer attack: PGD-20 crafted on this surrogate checkpoint",
+    )
     p.add_argument("--save-adv", metavar="FILE", help="save the adversarial examples (.pt/.pth RobustBench layout, "
                                                      "or .safetensors)")  # fmt: skip
     p.add_argument("--no-plot", action="store_true", help="do not write accuracy_vs_eps.png")

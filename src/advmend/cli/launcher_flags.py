@@ -7,17 +7,27 @@ import argparse
 
 
 def add_launcher_flags(p: argparse.ArgumentParser, *, study: bool) -> None:
-    g = p.add_argument_group("through a scheduler (pip install \"advmend[cluster]\"; see docs/cluster.md)")
-    what = "each pending run as its own job" if study else "this training as one job of --nodes x --tasks-per-node DDP ranks"
-    g.add_argument("--launcher", choices=["slurm", "local"],
-                   help=f"submit {what} and return once queued (local: processes on this machine)")
+    g = p.add_argument_group('through a scheduler (pip install "advmend[cluster]"; see docs/cluster.md)')
+    what = (
+        "each pending run as its own job"
+        if study
+        else "this training as one job of --nodes x --tasks-per-node DDP ranks"
+    )
+    g.add_argument(
+        "--launcher",
+        choices=["slurm", "local"],
+        help=f"submit {what} and return once queued (local: processes on this machine)",
+    )
     g.add_argument("--partition", help="SLURM partition")
     g.add_argument("--account", help="SLURM account")
     if study:
         g.add_argument("--gpus", type=int, help="GPUs per run (default: the study's launch.gpus, 1)")
         g.add_argument("--cpus", type=int, help="CPUs per run (default: launch.cpus, 8)")
-        g.add_argument("--max-attempts", type=int,
-                       help="launches of a run whose job failed for an error before it is left as failed (default 3)")
+        g.add_argument(
+            "--max-attempts",
+            type=int,
+            help="launches of a run whose job failed for an error before it is left as failed (default 3)",
+        )
     else:
         g.add_argument("--nodes", type=int, help="nodes (default 1)")
         g.add_argument("--gpus-per-node", type=int, help="GPUs per node (default 0)")
@@ -27,8 +37,12 @@ def add_launcher_flags(p: argparse.ArgumentParser, *, study: bool) -> None:
     g.add_argument("--time-min", type=int,
                    help="time limit per job, minutes; a job that reaches it is requeued and resumes"
                         + (" (default: launch.time_min, 1440)" if study else " (default 1440)"))  # fmt: skip
-    g.add_argument("--sbatch", action="append", metavar="KEY=VALUE",
-                   help="a further sbatch option, e.g. --sbatch qos=high --sbatch exclusive (repeatable)")
+    g.add_argument(
+        "--sbatch",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a further sbatch option, e.g. --sbatch qos=high --sbatch exclusive (repeatable)",
+    )
     g.add_argument("--wait", action="store_true", help="stay until the submitted jobs end, then report them")
 
 

@@ -7,8 +7,11 @@ import argparse
 
 def add_parser(sub) -> None:
     p = sub.add_parser("list", help="list models, defenses, training methods, attacks, protocols, datasets, configs")
-    p.add_argument("--models", choices=("timm", "torchvision"),
-                   help="instead: every architecture the installed library lists (model.name: LIBRARY/ARCH)")
+    p.add_argument(
+        "--models",
+        choices=("timm", "torchvision"),
+        help="instead: every architecture the installed library lists (model.name: LIBRARY/ARCH)",
+    )
     p.add_argument("--filter", help="with --models: only names containing this text")
     p.set_defaults(func=run)
     q = sub.add_parser("layers", help="list a model's layers FSR can follow (fsr.layers), with their output shapes")
@@ -16,8 +19,14 @@ def add_parser(sub) -> None:
     q.add_argument("--data", default="cifar10", help="the data set whose image shape and classes the model takes")
     q.add_argument("--shape", help="image shape C,H,W instead of the data set's (e.g. 3,64,64)")
     q.add_argument("--classes", type=int, help="number of classes instead of the data set's")
-    q.add_argument("--set", dest="overrides", action="append", default=[], metavar="model.KEY=VALUE",
-                   help="a model setting, e.g. --set model.options.img_size=32 (repeatable)")
+    q.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="model.KEY=VALUE",
+        help="a model setting, e.g. --set model.options.img_size=32 (repeatable)",
+    )
     q.set_defaults(func=run_layers)
 
 
@@ -32,17 +41,28 @@ def run(args: argparse.Namespace) -> int:
     from advmend.training.build import OBJECTIVES
 
     sections = {
-        "models (model.name)": [f"{m}  (FSR at {', '.join(FSR_PRESETS.get(m, ['-']))}; "
-                                f"model.options: {', '.join(model_options(m)) or 'none'})" for m in MODELS.names()]
-        + ["timm/ARCH, torchvision/ARCH  (advmend list --models timm|torchvision; FSR where `advmend layers "
-           "MODEL` shows a feature map)"],
-        "defenses": ["fsr  (fsr.enabled: true; fsr.layers: [...] for other placements)",
-                     "pssr  (pssr.enabled: true; configs pssr/*; advmend pssr-analysis)"],
+        "models (model.name)": [
+            f"{m}  (FSR at {', '.join(FSR_PRESETS.get(m, ['-']))}; "
+            f"model.options: {', '.join(model_options(m)) or 'none'})"
+            for m in MODELS.names()
+        ]
+        + [
+            "timm/ARCH, torchvision/ARCH  (advmend list --models timm|torchvision; FSR where `advmend layers "
+            "MODEL` shows a feature map)"
+        ],
+        "defenses": [
+            "fsr  (fsr.enabled: true; fsr.layers: [...] for other placements)",
+            "pssr  (pssr.enabled: true; configs pssr/*; advmend pssr-analysis)",
+        ],
         "training methods (train.method)": OBJECTIVES.names(),
-        "attacks": ["fgsm", "pgd (linf, l2; uniform or normal random start; restarts; targeted; eot)",
-                    "autoattack (standard, rand; pyautoattack)", "transfer (advmend eval --transfer-from)",
-                    "bpda (advmend.attacks.BPDA)",
-                    f"losses (train.attack.loss, train.val_attack.loss, pssr.attack.loss): {', '.join(LOSSES.names())}"],
+        "attacks": [
+            "fgsm",
+            "pgd (linf, l2; uniform or normal random start; restarts; targeted; eot)",
+            "autoattack (standard, rand; pyautoattack)",
+            "transfer (advmend eval --transfer-from)",
+            "bpda (advmend.attacks.BPDA)",
+            f"losses (train.attack.loss, train.val_attack.loss, pssr.attack.loss): {', '.join(LOSSES.names())}",
+        ],
         "protocols (eval.protocol, --protocol)": PROTOCOLS.names(),
         "datasets (data.name)": DATASETS.names(),
         "configs (advmend train NAME)": bundled_configs(),
@@ -94,8 +114,10 @@ def run_layers(args: argparse.Namespace) -> int:
     model = build_classifier(cfg, classes, tuple(shape))
     # advmend's own input normalisation is not a layer of the model.
     points = {p: s for p, s in insertion_points(model, shape).items() if p != "normalize"}
-    print(f"{cfg.model.name} on {'x'.join(map(str, shape))} images: layers FSR can follow (fsr.layers), their output "
-          "per image as they return it (FSR reads the first axis as channels: C x H x W)")
+    print(
+        f"{cfg.model.name} on {'x'.join(map(str, shape))} images: layers FSR can follow (fsr.layers), their output "
+        "per image as they return it (FSR reads the first axis as channels: C x H x W)"
+    )
     width = max(len(p) for p in points) if points else 0
     for path, out in points.items():
         print(f"  {path:<{width}}  {' x '.join(map(str, out))}")

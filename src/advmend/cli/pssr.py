@@ -22,9 +22,10 @@ from __future__ import annotations
 import argparse
 
 
-
 def add_parser(sub) -> None:
-    p = sub.add_parser("pssr-analysis", help="PSSR's finding (salient vs trivial perturbation) as a table, a plot and an image grid")
+    p = sub.add_parser(
+        "pssr-analysis", help="PSSR's finding (salient vs trivial perturbation) as a table, a plot and an image grid"
+    )
     p.add_argument("checkpoint", help="a classifier or PSSR checkpoint written by advmend train")
     p.add_argument("--n-examples", type=int, default=500, help="seeded subset of the test set (default 500)")
     p.add_argument("--steps", type=int, default=20, help="PGD steps for delta (default 20, step 2.5 eps / steps)")
@@ -35,8 +36,14 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", type=int, default=8, help="examples in the image grid (0: no grid.png)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a data setting, e.g. --set data.root=DIR (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a data setting, e.g. --set data.root=DIR (repeatable)",
+    )
     p.add_argument("--out", help="output folder (default: next to the checkpoint, pssr-analysis)")
     p.set_defaults(func=run)
 

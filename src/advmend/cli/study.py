@@ -19,13 +19,20 @@ def add_parser(sub) -> None:
     add_launcher_flags(p, study=True)
     p.set_defaults(func=run_study_command)
 
-    r = sub.add_parser("results", help="regenerate docs/results.md, its PNGs and README.md's results table from study records")
+    r = sub.add_parser(
+        "results", help="regenerate docs/results.md, its PNGs and README.md's results table from study records"
+    )
     r.add_argument("root", nargs="?", default="docs/results", help="records root holding one folder per study")
     r.add_argument("--out", help="the Markdown file (default: ROOT.md, e.g. docs/results.md)")
-    r.add_argument("--check", action="store_true", help="do not write: fail if the file differs from what the records give")
+    r.add_argument(
+        "--check", action="store_true", help="do not write: fail if the file differs from what the records give"
+    )
     r.add_argument("--no-plot", action="store_true", help="do not draw the PNGs")
-    r.add_argument("--readme", help="also rewrite the results block of this file (default: the README.md two "
-                   "folders above ROOT, e.g. the repository's for docs/results, when it exists; '' for none)")
+    r.add_argument(
+        "--readme",
+        help="also rewrite the results block of this file (default: the README.md two "
+        "folders above ROOT, e.g. the repository's for docs/results, when it exists; '' for none)",
+    )
     r.set_defaults(func=run_results_command)
 
 
@@ -79,7 +86,10 @@ def launch_study_command(args: argparse.Namespace, only: list[str] | None) -> in
              "sbatch": tuple(args.sbatch) if args.sbatch else None}  # fmt: skip
     submitted, jobs = launch_study(args.study, args.launcher, only=only, max_runs=args.max_runs,
                                    overrides={k: v for k, v in flags.items() if v is not None})  # fmt: skip
-    print(f"{len(submitted)} job(s) submitted" + "".join(f"\n  {s.run_id}: {args.launcher} job {s.job_id}" for s in submitted))
+    print(
+        f"{len(submitted)} job(s) submitted"
+        + "".join(f"\n  {s.run_id}: {args.launcher} job {s.job_id}" for s in submitted)
+    )
     if not args.wait or not jobs:
         return 0
     for job in jobs:
@@ -117,7 +127,9 @@ def run_results_command(args: argparse.Namespace) -> int:
     if args.check:
         for path, expected in targets:
             if not path.is_file() or path.read_text() != expected:
-                raise ConfigError(f"{path} differs from what the records under {root} give; run `advmend results {root}`")
+                raise ConfigError(
+                    f"{path} differs from what the records under {root} give; run `advmend results {root}`"
+                )
         print(" and ".join(str(p) for p, _ in targets) + " match the records")
         return 0
     for path, expected in targets:

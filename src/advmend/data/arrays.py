@@ -6,8 +6,9 @@ batches are index slices made by :class:`advmend.data.batches.BatchLoader`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Protocol, overload
 
 import numpy as np
 import torch
@@ -32,6 +33,29 @@ def derive_seed(*parts: int) -> int:
     entropy = [int(p) & 0xFFFF_FFFF_FFFF_FFFF for p in parts]
     lo, hi = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     return (int(hi) << 32 | int(lo)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class ImageDataset(Protocol):
+    """What evaluation reads from a data set: an in-memory `ArrayDataset` or a streamed `folder.ImageFolder`."""
+
+    @property
+    def images(self) -> Any: ...  # (N, C, H, W) uint8: a tensor, or folder.FolderImages, which decodes on indexing
+
+    @property
+    def labels(self) -> torch.Tensor: ...
+
+    @property
+    def classes(self) -> tuple[str, ...]: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]: ...
+
+    def __len__(self) -> int: ...
+
+    def select(self, idx: torch.Tensor) -> ImageDataset: ...
 
 
 @dataclass(frozen=True)
@@ -64,9 +88,7 @@ class ArrayDataset:
         if labels.dtype != torch.int64:
             raise DataError(f"labels must be int64, got {labels.dtype}")
         if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-            raise DataError(
-                f"labels must be ({images.shape[0]},) to match images, got shape {tuple(labels.shape)}"
-            )
+            raise DataError(f"labels must be ({images.shape[0]},) to match images, got shape {tuple(labels.shape)}")
         if labels.device.type != "cpu":
             raise DataError(f"labels must live on the CPU, got device {labels.device}")
         classes = tuple(str(c) for c in self.classes)
@@ -76,8 +98,7 @@ class ArrayDataset:
             lo, hi = int(labels.min()), int(labels.max())
             if lo < 0 or hi >= len(classes):
                 raise DataError(
-                    f"labels must lie in [0, {len(classes) - 1}] for {len(classes)} classes, "
-                    f"got range [{lo}, {hi}]"
+                    f"labels must lie in [0, {len(classes) - 1}] for {len(classes)} classes, got range [{lo}, {hi}]"
                 )
         # Frozen dataclass: normalise in place with object.__setattr__ (cheap no-ops when already fine).
         object.__setattr__(self, "images", images.contiguous())
@@ -98,11 +119,12 @@ class ArrayDataset:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    def select(self, idx: torch.Tensor) -> ArrayDataset:
+        """The examples at `idx` (a copy, in that order), as `take` gives them."""
+        return take(self, idx)
+
     def __repr__(self) -> str:
-        return (
-            f"ArrayDataset(n={len(self)}, image_shape={self.image_shape}, "
-            f"num_classes={self.num_classes})"
-        )
+        return f"ArrayDataset(n={len(self)}, image_shape={self.image_shape}, num_classes={self.num_classes})"
 
 
 def from_numpy(images: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> ArrayDataset:
@@ -140,7 +162,11 @@ def from_numpy(images: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -
     )
 
 
-def take(ds: ArrayDataset, indices: torch.Tensor | np.ndarray | Sequence[int]) -> ArrayDataset:
+@overload
+def take(ds: ArrayDataset, indices: torch.Tensor | np.ndarray | Sequence[int]) -> ArrayDataset: ...
+@overload
+def take(ds: ImageDataset, indices: torch.Tensor | np.ndarray | Sequence[int]) -> ImageDataset: ...
+def take(ds: ImageDataset, indices: torch.Tensor | np.ndarray | Sequence[int]) -> ImageDataset:
     """Selects examples by integer index (a copy, in the given order).
 
     Args:
@@ -157,14 +183,10 @@ def take(ds: ArrayDataset, indices: torch.Tensor | np.ndarray | Sequence[int]) -
     if idx.numel() == 0:
         idx = idx.reshape(0).long()
     if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex() or idx.ndim != 1:
-        raise DataError(
-            f"indices must be a 1-D integer sequence, got dtype {idx.dtype} shape {tuple(idx.shape)}"
-        )
+        raise DataError(f"indices must be a 1-D integer sequence, got dtype {idx.dtype} shape {tuple(idx.shape)}")
     idx = idx.to(device="cpu", dtype=torch.int64)
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= len(ds)):
-        raise DataError(
-            f"indices must lie in [0, {len(ds) - 1}], got range [{int(idx.min())}, {int(idx.max())}]"
-        )
+        raise DataError(f"indices must lie in [0, {len(ds) - 1}], got range [{int(idx.min())}, {int(idx.max())}]")
     if not isinstance(ds, ArrayDataset):  # an image folder streamed from disk selects files, decodes nothing
         return ds.select(idx)
     return ArrayDataset(ds.images[idx], ds.labels[idx], ds.classes)
@@ -176,7 +198,11 @@ def _check_int(name: str, value: object) -> int:
     return int(value)
 
 
-def subset(ds: ArrayDataset, n: int, seed: int) -> ArrayDataset:
+@overload
+def subset(ds: ArrayDataset, n: int, seed: int) -> ArrayDataset: ...
+@overload
+def subset(ds: ImageDataset, n: int, seed: int) -> ImageDataset: ...
+def subset(ds: ImageDataset, n: int, seed: int) -> ImageDataset:
     """A seeded random subset of ``n`` examples (in random order).
 
     The subset for ``n`` is a prefix of the one for a larger ``n`` with the same seed, so
@@ -202,9 +228,11 @@ def subset(ds: ArrayDataset, n: int, seed: int) -> ArrayDataset:
     return take(ds, torch.randperm(len(ds), generator=gen)[:n])
 
 
-def split_train_val(
-    ds: ArrayDataset, val_size: int, seed: int
-) -> tuple[ArrayDataset, ArrayDataset | None]:
+@overload
+def split_train_val(ds: ArrayDataset, val_size: int, seed: int) -> tuple[ArrayDataset, ArrayDataset | None]: ...
+@overload
+def split_train_val(ds: ImageDataset, val_size: int, seed: int) -> tuple[ImageDataset, ImageDataset | None]: ...
+def split_train_val(ds: ImageDataset, val_size: int, seed: int) -> tuple[ImageDataset, ImageDataset | None]:
     """Splits off a seeded, disjoint, held-out validation set.
 
     Args:
@@ -222,9 +250,7 @@ def split_train_val(
     if val_size == 0:
         return ds, None
     if val_size < 0 or val_size >= len(ds):
-        raise DataError(
-            f"val_size must lie in [0, {len(ds) - 1}] for a data set of {len(ds)} examples, got {val_size}"
-        )
+        raise DataError(f"val_size must lie in [0, {len(ds) - 1}] for a data set of {len(ds)} examples, got {val_size}")
     gen = torch.Generator().manual_seed(derive_seed(_check_int("seed", seed), 1))
     perm = torch.randperm(len(ds), generator=gen)
     # Keep the training part in its original order (memory locality; loaders shuffle anyway).

@@ -8,12 +8,12 @@ whole batch, so it runs on the GPU when the model does. An image folder streamed
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from advmend.data.arrays import ArrayDataset, derive_seed
+from advmend.data.arrays import ImageDataset, derive_seed
 from advmend.data.folder import ImageFolder
 from advmend.errors import ConfigError, InputError
 
@@ -112,7 +112,7 @@ class BatchLoader:
 
     def __init__(
         self,
-        ds: ArrayDataset | ImageFolder,
+        ds: ImageDataset,
         batch_size: int,
         *,
         shuffle: bool,
@@ -173,9 +173,7 @@ class BatchLoader:
             return
         aug_gen = None
         if self.augment:
-            aug_gen = torch.Generator().manual_seed(
-                derive_seed(self.seed, self.epoch, self.rank, _AUGMENT_STREAM)
-            )
+            aug_gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.rank, _AUGMENT_STREAM))
         cuda = self.device.type == "cuda"
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,7 +129,10 @@ def eval_transform(img: Any, size: int) -> Any:
 
 
 def random_resized_crop_box(
-    width: int, height: int, rng: np.random.Generator, scale: tuple[float, float] = (0.08, 1.0),
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
 ) -> tuple[int, int, int, int]:
     """(left, top, right, bottom) of a random crop covering `scale` of the area at an aspect ratio in
@@ -360,7 +364,8 @@ class FolderImages:
                 raise IndexError(f"indices out of range for {n} images")
             idx = idx % max(n, 1)
         out = self._folder.decode(idx)
-        return out[(slice(None), *rest)] if rest else out
+        key = (slice(None), *rest)  # out[(slice(None), *rest)], spelt so that mypy parses it as Python 3.10
+        return out[key] if rest else out
 
     def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
         if dim != 0:

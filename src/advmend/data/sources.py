@@ -15,8 +15,9 @@ import shutil
 import warnings
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.error import URLError
 
 import numpy as np
@@ -354,6 +355,7 @@ for _name in _BUILTIN_CLASSES:
 
 
 # --------------------------------------------------------------------------- image folders
+
 
 def _find_path(dataset: str, path: str | os.PathLike[str] | None, root: Path) -> Path:
     if path is None or str(path) == "":

@@ -101,6 +101,8 @@ class FSRBlock(nn.Module):
         >>> f_out = block(torch.rand(2, 512, 4, 4))
     """
 
+    tau: torch.Tensor  # a buffer (register_buffer in __init__)
+
     def __init__(
         self,
         channels: int,
@@ -113,8 +115,7 @@ class FSRBlock(nn.Module):
         super().__init__()
         if channels < 1 or num_classes < 2 or hidden < 1:
             raise ConfigError(
-                f"FSRBlock needs channels >= 1, num_classes >= 2, hidden >= 1; "
-                f"got {channels}, {num_classes}, {hidden}"
+                f"FSRBlock needs channels >= 1, num_classes >= 2, hidden >= 1; got {channels}, {num_classes}, {hidden}"
             )
         if not tau > 0:
             raise ConfigError(f"fsr.tau must be > 0, got {tau}")
@@ -129,9 +130,7 @@ class FSRBlock(nn.Module):
 
     def _mask(self, f: torch.Tensor) -> torch.Tensor:
         if f.dim() != 4 or f.shape[1] != self.channels:
-            raise InputError(
-                f"FSRBlock expects features of shape (N, {self.channels}, H, W), got {tuple(f.shape)}"
-            )
+            raise InputError(f"FSRBlock expects features of shape (N, {self.channels}, H, W), got {tuple(f.shape)}")
         stochastic = self.training if self.stochastic is None else self.stochastic
         z = self.separation(f)
         if self.backward_tau is not None and not stochastic:

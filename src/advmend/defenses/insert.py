@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import difflib
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -66,10 +66,7 @@ class FSRModel(nn.Module):
         targets = {path: self._resolve(path) for path in self.layers}
         shapes = _probe_output_shapes(backbone, targets, input_shape)
         self.fsr = nn.ModuleDict(
-            {
-                _block_key(p): FSRBlock(shapes[p][0], num_classes, tau=tau, hidden=hidden)
-                for p in self.layers
-            }
+            {_block_key(p): FSRBlock(shapes[p][0], num_classes, tau=tau, hidden=hidden) for p in self.layers}
         )
         # None: blocks run their cheap forward; a list: blocks also record auxiliary outputs.
         self._record: list[FSRBlockOutput] | None = None
@@ -84,14 +81,16 @@ class FSRModel(nn.Module):
         except AttributeError:
             names = [n for n, _ in self.backbone.named_modules() if n]
             close = difflib.get_close_matches(path, names, n=6, cutoff=0.6) or [n for n in names if "." not in n]
-            raise ConfigError(f"fsr.layers: unknown layer {path!r} for FSR; nearest: {', '.join(close[:6])} "
-                              "(`advmend layers MODEL` lists them with their output shapes)") from None
+            raise ConfigError(
+                f"fsr.layers: unknown layer {path!r} for FSR; nearest: {', '.join(close[:6])} "
+                "(`advmend layers MODEL` lists them with their output shapes)"
+            ) from None
 
     def _apply_block(self, key: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         block = self.fsr[key]
         if self._record is None:
             return block(output)
-        out = block.forward_with_aux(output)
+        out = block.forward_with_aux(output)  # type: ignore[operator]  # torch types a submodule attribute Tensor | Module
         self._record.append(out)
         return out.features
 
@@ -119,7 +118,7 @@ class FSRModel(nn.Module):
         """The backbone's penultimate features, with the FSR blocks active."""
         if not hasattr(self.backbone, "features"):
             raise AttributeError("the backbone has no features() method")
-        return self.backbone.features(x)
+        return self.backbone.features(x)  # type: ignore[operator]  # torch types a submodule attribute Tensor | Module
 
 
 def layer_outputs(
@@ -174,8 +173,11 @@ def _probe_output_shapes(
                               "module); FSR needs a layer that runs once")  # fmt: skip
         got = calls[0]
         if not isinstance(got, tuple) or len(got) != 3:
-            token_hint = (" (a transformer's token sequence: choose a convolutional layer, e.g. its patch "
-                          "embedding's projection)" if isinstance(got, tuple) and len(got) == 2 else "")
+            token_hint = (
+                " (a transformer's token sequence: choose a convolutional layer, e.g. its patch embedding's projection)"
+                if isinstance(got, tuple) and len(got) == 2
+                else ""
+            )
             raise ConfigError(f"fsr.layers: FSR needs a (N, C, H, W) feature map after {path!r}, got "
                               f"{('N',) + got if isinstance(got, tuple) else got}{token_hint}")  # fmt: skip
         shapes[path] = got

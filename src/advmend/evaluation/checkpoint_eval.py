@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable
 
 Prepare = Callable  # (cfg, checkpoint, meta, log) -> (cfg, meta)
 
@@ -80,6 +80,7 @@ def undo_on_failure(out_dir: Path, save_adv: str | None = None):
                 else:
                     p.unlink(missing_ok=True)
         if adv_new:
+            assert adv is not None
             adv.unlink(missing_ok=True)
         if adv_top is not None:
             shutil.rmtree(adv_top, ignore_errors=True)
@@ -115,7 +116,7 @@ def evaluate_source(
     model_ref: str | None = None,
     weights: str | None = None,
     dataset: str | None = None,
-    overrides: list[tuple[str, object]] = (),
+    overrides: Sequence[tuple[str, object]] = (),
     eps: float | None = None,
     device=None,
     out: str | Path | None = None,
@@ -147,6 +148,7 @@ def evaluate_source(
         cfg = RunConfig(name=model_ref.partition(":")[2], data=DataConfig(name=dataset or "cifar10"))
         record = {"eps": dataset_info(cfg.data.name)["eps"]}
     else:
+        assert checkpoint is not None  # check_source: a checkpoint or a model reference
         model, cfg, record = load_trained_model(checkpoint, dev)
         meta = {"checkpoint": str(checkpoint), "epoch": record.get("epoch")}
     defense = defense_meta(cfg)
@@ -161,6 +163,7 @@ def evaluate_source(
     elif model_ref is not None:
         out_dir = Path(f"eval-{cfg.eval.protocol}-{cfg.name}")
     else:
+        assert checkpoint is not None
         out_dir = eval_dir(Path(checkpoint).parent, cfg)
     source = checkpoint or model_ref
     label = f"{defense['label']} " if defense["label"] else ""
@@ -237,5 +240,3 @@ def evaluate_checkpoint(
         print(result.corruptions.console())
     print(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}")
     return result
-
-

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from advmend.data import ArrayDataset, ImageFolder
+from advmend.data.arrays import ImageDataset
 from advmend.data.corruptions import SEVERITIES, corrupt, corruption_names, ndimage
 from advmend.errors import ConfigError
 from advmend.evaluation.evaluate import EvalResult, evaluate
@@ -136,7 +137,7 @@ def _cached(images: torch.Tensor, digest: str, name: str, severity: int, seed: i
 
 def evaluate_corruptions(
     model: nn.Module,
-    ds: ArrayDataset | ImageFolder,
+    ds: ImageDataset | ImageFolder,
     *,
     names: tuple[str, ...] | None = None,
     severities: tuple[int, ...] = SEVERITIES,
@@ -195,7 +196,7 @@ def examples_png(path: Path, image: torch.Tensor, names: tuple[str, ...], severi
     return None
 
 
-def run_corruptions(model: nn.Module, ds: ArrayDataset | ImageFolder, cfg: Any, device: torch.device, out_dir: Path,
+def run_corruptions(model: nn.Module, ds: ImageDataset | ImageFolder, cfg: Any, device: torch.device, out_dir: Path,
                     meta: dict, progress: bool = True, *, extra: tuple = ()) -> EvalResult:  # fmt: skip
     """Protocol `corruptions` end to end: the evaluation, then report.json / report.md (the card, with a
     `corruptions` section) and corruption_examples.png, written only once every number is known.

@@ -16,15 +16,17 @@ objects with `eps`, `norm`, `describe()` and `run(model, x, y, *, device, batch_
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from advmend.attacks.modes import attack_mode
 from advmend.attacks.pgd import PGD, random_targets  # noqa: F401  (random_targets: where callers found it)
-from advmend.data import ArrayDataset, BatchLoader, subset
+from advmend.data import BatchLoader, subset
+from advmend.data.arrays import ImageDataset
 from advmend.errors import ModelContractError
 from advmend.types import AttackRun
 from advmend.validate import check_logits
@@ -33,8 +35,11 @@ _TOL = 1e-5  # float32 slack on the ball constraint
 
 
 class ExternalAttack(Protocol):
-    eps: float
-    norm: str
+    @property
+    def eps(self) -> float: ...  # read-only: a frozen dataclass (AutoAttackSpec) qualifies
+
+    @property
+    def norm(self) -> str: ...
 
     def describe(self) -> dict: ...
 
@@ -151,14 +156,14 @@ def check_not_probabilities(logits: torch.Tensor) -> None:
         )
 
 
-def _images(ds: ArrayDataset, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _images(ds: ImageDataset, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     idx = idx.cpu()
     return ds.images[idx].to(device).float().div_(255), ds.labels[idx].to(device)
 
 
 def evaluate(
     model: nn.Module,
-    ds: ArrayDataset,
+    ds: ImageDataset,
     attacks: Sequence[PGD | ExternalAttack],
     *,
     batch_size: int = 256,
@@ -185,7 +190,7 @@ def evaluate(
     start = time.perf_counter()
     device = torch.device(device)
     loader = BatchLoader(ds, batch_size, shuffle=False, device=device)
-    clean = []
+    clean: list[torch.Tensor] = []
     with attack_mode(model), torch.no_grad():
         for x, y in loader:
             logits = check_logits(model(x), x.shape[0])
@@ -240,7 +245,7 @@ CURVE_EXAMPLES = 200
 
 def accuracy_curve(
     model: nn.Module,
-    ds: ArrayDataset,
+    ds: ImageDataset,
     eps: float,
     norm: str = "linf",
     *,

@@ -8,13 +8,14 @@ pooled MSE), SSIM with torchmetrics' defaults (11x11 Gaussian window, sigma 1.5)
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchmetrics.image import PeakSignalNoiseRatio
 
-from advmend.data import ArrayDataset, BatchLoader
+from advmend.data import BatchLoader
+from advmend.data.arrays import ImageDataset
 
 
 class RestorationMeter:
@@ -35,6 +36,7 @@ class RestorationMeter:
         x_hat, x = x_hat.float().clamp(0, 1), x.float()
         psnr = peak_signal_noise_ratio(x_hat, x, data_range=1.0, reduction="none", dim=(1, 2, 3))
         ssim = structural_similarity_index_measure(x_hat, x, data_range=1.0, reduction="none")
+        assert isinstance(ssim, torch.Tensor)  # a tuple only with return_full_image/return_contrast_sensitivity
         self.psnr_sum += float(psnr.sum())
         self.ssim_sum += float(ssim.sum())
         self.n += x.shape[0]
@@ -63,11 +65,11 @@ class RestorationMeter:
 @torch.no_grad()
 def restoration_quality(
     restore: Callable[[torch.Tensor], torch.Tensor],
-    ds: ArrayDataset,
+    ds: ImageDataset,
     *,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """{"psnr": dB, "ssim": in [-1, 1], "n_examples": N}: `restore(x)` against x over `ds`, image by image.
 
     `restore` must be deterministic (a model in eval mode); the images are compared in float32.

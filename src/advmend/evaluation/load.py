@@ -10,7 +10,8 @@ from torch import nn
 
 from advmend.checkpoint import load_checkpoint
 from advmend.config import DataConfig, RunConfig, check_config, from_dict
-from advmend.data import ArrayDataset, load_dataset
+from advmend.data import load_dataset
+from advmend.data.arrays import ImageDataset
 from advmend.defenses.build import build_model
 from advmend.errors import CheckpointError
 
@@ -34,7 +35,7 @@ def load_trained_model(path: str | Path, device: torch.device) -> tuple[nn.Modul
     return model.to(device).eval(), cfg, record
 
 
-def test_split(cfg: DataConfig) -> ArrayDataset:
+def test_split(cfg: DataConfig) -> ImageDataset:
     """The test split of data section `cfg` (what every evaluation runs on; training's `build_data` too)."""
     check_config(cfg)  # the rules of loading, for a section built in Python
     return load_dataset(cfg.name, "test", root=cfg.root, download=cfg.download, **dict(cfg.options))

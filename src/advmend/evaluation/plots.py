@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from advmend.errors import ConfigError
@@ -9,8 +10,8 @@ from advmend.plotting import pyplot, save_png
 
 
 def accuracy_vs_eps_png(path: str | Path, points: list[tuple[float, float]], *, title: str = "",
-                        marks: list[tuple[str, float, float]] = (), label: str = "accuracy",
-                        extra: list[tuple[str, list[tuple[float, float]]]] = ()) -> str | None:  # fmt: skip
+                        marks: Sequence[tuple[str, float, float]] = (), label: str = "accuracy",
+                        extra: Sequence[tuple[str, list[tuple[float, float]]]] = ()) -> str | None:  # fmt: skip
     """Plot accuracy (%) against eps and write it atomically to `path`.
 
     Args:

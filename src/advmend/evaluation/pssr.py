@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,7 +42,8 @@ from advmend.attacks.modes import attack_mode
 from advmend.attacks.pgd import PGD
 from advmend.attacks.transfer import Transfer
 from advmend.config import RunConfig
-from advmend.data import ArrayDataset, BatchLoader
+from advmend.data import BatchLoader
+from advmend.data.arrays import ImageDataset
 from advmend.defenses.pssr.pipeline import PSSRModel, PSSRPreprocess
 from advmend.defenses.pssr.regenerator import fill_holes
 from advmend.errors import ConfigError
@@ -66,7 +68,7 @@ class AdvStore:
     """Per example, the first adversarial example (over every threat model) that fooled PSSR; the clean
     image where none did: the worst-case examples `--save-adv` writes (`EvalResult.adv`)."""
 
-    def __init__(self, ds: ArrayDataset):
+    def __init__(self, ds: ImageDataset):
         self.adv = ds.images.float().div(255)
         self.labels = ds.labels.clone()
         self.filled = torch.zeros(len(ds), dtype=torch.bool)
@@ -81,13 +83,14 @@ class AdvStore:
     def put_result(self, result: EvalResult) -> None:
         """The examples of an `evaluate(..., keep_adv=True)` that one of its attacks fooled."""
         fooled = result.clean_correct & ~result.worst_correct
+        assert result.adv is not None  # evaluate(..., keep_adv=True)
         self.put(torch.arange(result.n), result.adv, fooled)
 
 
 def transfer_attack(
     source: nn.Module,
     target: nn.Module,
-    ds: ArrayDataset,
+    ds: ImageDataset,
     attack: PGD,
     clean_correct: torch.Tensor,
     *,
@@ -173,12 +176,17 @@ class PSSREvalResult:
     @property
     def headline_threat(self) -> str | None:
         ran = [t for t in self.threat_models if self.ran(t)]
-        return min(ran, key=self.threat_accuracy) if ran else None
+        return min(ran, key=self._ran_accuracy) if ran else None
+
+    def _ran_accuracy(self, label: str) -> float:
+        acc = self.threat_accuracy(label)
+        assert acc is not None  # a threat model that ran
+        return acc
 
 
 def evaluate_pssr(
     model: PSSRModel,
-    ds: ArrayDataset,
+    ds: ImageDataset,
     attacks: list[PGD],
     *,
     surrogate: nn.Module | None = None,
@@ -209,7 +217,7 @@ def evaluate_pssr(
         ref = attacks[0]
         crafters = [PGD(eps=ref.eps, steps=20, step_size=2.5 * ref.eps / 20, norm=ref.norm, name="PGD-20")]
     store = AdvStore(ds) if keep_adv else None
-    whitebox = {"batch_size": batch_size, "device": device, "seed": seed, "progress": progress,
+    whitebox: dict[str, Any] = {"batch_size": batch_size, "device": device, "seed": seed, "progress": progress,
                 "cascade": cascade, "keep_adv": keep_adv}  # fmt: skip
     base = evaluate(model, ds, attacks if MASK in labels else [], **whitebox)
     clean = base.clean_correct
@@ -254,8 +262,9 @@ def not_run_text(ev: PSSREvalResult) -> str:
     return "".join(f"{t}: {NOT_RUN} ({ev.not_run.get(t, '')})\n" for t in ev.threat_models if not ev.ran(t))
 
 
-def restoration(model: PSSRModel, ds: ArrayDataset, *, batch_size: int = 256,
-                device: torch.device | str = "cpu") -> dict:
+def restoration(
+    model: PSSRModel, ds: ImageDataset, *, batch_size: int = 256, device: torch.device | str = "cpu"
+) -> dict:
     """How PSSR treats the clean images of `ds`, the pipeline in eval mode (modes restored afterwards).
 
     PSNR (dB) and SSIM of G(PS(x)) against x, per image and averaged; PSNR pooled over the kept and over
@@ -274,12 +283,12 @@ def restoration(model: PSSRModel, ds: ArrayDataset, *, batch_size: int = 256,
                 inputs = (x, fill_holes(surgical, mask), x_hat)
                 for key, image in zip(correct, inputs):
                     correct[key] += int((model.classifier(image).argmax(1) == y).sum())
-    quality = meter.compute()
+    quality: dict[str, Any] = dict(meter.compute())
     quality["accuracy"] = {k: 100 * v / max(quality["n_examples"], 1) for k, v in correct.items()}
     return quality
 
 
-def check_surrogate(model: PSSRModel, surrogate: nn.Module, record: dict, ds: ArrayDataset, source: str,
+def check_surrogate(model: PSSRModel, surrogate: nn.Module, record: dict, ds: ImageDataset, source: str,
                     device: torch.device | str = "cpu") -> None:  # fmt: skip
     """ConfigError unless `surrogate` (loaded from checkpoint `source`, with its `record`) can be the
     transfer source of `model` on `ds`: a classifier, of the same image shape and class count."""
@@ -306,7 +315,9 @@ def console_text(ev: PSSREvalResult) -> str:
                  f"(weakest: {ev.headline_threat})\n")  # fmt: skip
     if ev.restoration is not None:
         q = ev.restoration
-        text += f"restoration of clean images: PSNR {q['psnr']:.2f} dB, SSIM {q['ssim']:.4f} ({q['n_examples']} images)\n"
+        text += (
+            f"restoration of clean images: PSNR {q['psnr']:.2f} dB, SSIM {q['ssim']:.4f} ({q['n_examples']} images)\n"
+        )
         text += "".join(f"  {line}\n" for line in restoration_breakdown(q))
     return text
 
@@ -316,7 +327,7 @@ def report_dict(ev: PSSREvalResult) -> dict:
     status and per-example worst case, the white-box and headline numbers, the undefended classifier's
     context and the restoration quality of clean images."""
     r = ev.result
-    payload = {}
+    payload: dict[str, Any] = {}
     payload["threat_models"] = {
         t: {"description": THREAT_MODELS[t], "status": "run", "robust_accuracy": _pct(ev.threat_accuracy(t)),
             "attacks": [a.name for a in r.attacks if a.settings.get("threat_model") == t]}
@@ -382,7 +393,7 @@ def markdown(ev: PSSREvalResult, meta: dict | None = None) -> str:
             lines.append(f"| {t} | {NOT_RUN} | {NOT_RUN} | {ev.not_run.get(t, '')} |")
             continue
         names = ", ".join(a.name.split("/", 1)[1] for a in r.attacks if a.settings.get("threat_model") == t)
-        lines.append(f"| {t} | {names} | {100 * ev.threat_accuracy(t):.2f} | {THREAT_MODELS[t]} |")
+        lines.append(f"| {t} | {names} | {100 * ev._ran_accuracy(t):.2f} | {THREAT_MODELS[t]} |")
     wb = ev.threat_accuracy(WHITEBOX)
     if wb is not None and sum(ev.ran(t) for t in WHITEBOX) > 1:
         lines.append(f"| whitebox | worst of the BPDA variants | {100 * wb:.2f} | per example |")
@@ -402,8 +413,11 @@ def markdown(ev: PSSREvalResult, meta: dict | None = None) -> str:
         " plot's sweep attack the whole pipeline (white box, mask constant).",
     ]
     if meta.get("surrogate"):
-        lines += ["", f"Transfer source: `{meta['surrogate']}` ({meta.get('surrogate_origin') or 'user'}; "
-                  "an independently trained classifier: the same recipe with another seed when advmend trained it)."]
+        lines += [
+            "",
+            f"Transfer source: `{meta['surrogate']}` ({meta.get('surrogate_origin') or 'user'}; "
+            "an independently trained classifier: the same recipe with another seed when advmend trained it).",
+        ]
     if ev.restoration is not None:
         q = ev.restoration
         lines += ["", "## Restoration of clean images", "",
@@ -413,7 +427,7 @@ def markdown(ev: PSSREvalResult, meta: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_section(model: PSSRModel, ds: ArrayDataset, cfg: RunConfig, attacks: list, device: torch.device,
+def evaluate_section(model: PSSRModel, ds: ImageDataset, cfg: RunConfig, attacks: list, device: torch.device,
                      meta: dict, progress: bool, cascade: bool, keep_adv: bool) -> tuple:  # fmt: skip
     """PSSR's section of `run_protocol`: its threat models on `ds` with the transfer source
     `cfg.pssr.surrogate` (checked to fit) and the restoration quality of its clean images; returns

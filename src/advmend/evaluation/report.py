@@ -102,8 +102,8 @@ def format_table(result: EvalResult, title: str = "", sanity: SanityReport | Non
     if sanity is not None:
         counts = {k: sum(c.status == k for c in sanity.checks) for k in ("pass", "warn", "skip")}
         lines.append(f"sanity: {counts['pass']} pass, {counts['warn']} warn, {counts['skip']} skip")
-        for c in sanity.warnings:
-            lines.append(f"  WARN {c.code}: {c.detail or c.values} -> {c.meaning}")
+        for w in sanity.warnings:
+            lines.append(f"  WARN {w.code}: {w.detail or w.values} -> {w.meaning}")
     return "\n".join(lines)
 
 

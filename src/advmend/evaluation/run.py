@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -16,7 +16,8 @@ from torch import nn
 import advmend.evaluation.pssr  # noqa: F401  (registers PSSR's evaluation section)
 from advmend.attacks.presets import PROTOCOLS, protocol_attacks
 from advmend.config import RunConfig, check_config
-from advmend.data import ArrayDataset, subset
+from advmend.data import subset
+from advmend.data.arrays import ImageDataset
 from advmend.defenses.registry import defense_of
 from advmend.errors import ConfigError
 from advmend.evaluation.corruptions import run_corruptions
@@ -56,11 +57,15 @@ def save_adversarial(path: str | Path, result: EvalResult) -> str:
     if result.adv is None:
         raise ConfigError("no adversarial examples were kept (evaluate(..., keep_adv=True))")
     path.parent.mkdir(parents=True, exist_ok=True)
+    assert result.adv is not None  # checked above
     adv = result.adv.contiguous()
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        atomic_write_bytes(path, lambda tmp: save_file({"adv_complete": adv, "labels": result.labels.contiguous()}, tmp))
+        labels = result.labels
+        assert labels is not None  # kept with the adversarial examples
+
+        atomic_write_bytes(path, lambda tmp: save_file({"adv_complete": adv, "labels": labels.contiguous()}, tmp))
         return "safetensors: adv_complete (N, C, H, W) float32 in [0, 1], labels (N,) int64"
     atomic_write_bytes(path, lambda tmp: torch.save({"adv_complete": adv}, tmp))
     return "RobustBench external evaluation: torch.save({'adv_complete': (N, C, H, W) float32 in [0, 1]})"
@@ -68,7 +73,7 @@ def save_adversarial(path: str | Path, result: EvalResult) -> str:
 
 def run_protocol(
     model: nn.Module,
-    test: ArrayDataset,
+    test: ImageDataset,
     cfg: RunConfig,
     eps: float,
     device: torch.device,
@@ -104,7 +109,9 @@ def run_protocol(
     threats, defense = None, defense_of(cfg)
     if defense in SECTIONS:  # a defense with its own threat models (PSSR)
         if extra_attacks:
-            raise ConfigError(f"a {defense} model's transfer source is a config key (--transfer-from), not an extra attack")
+            raise ConfigError(
+                f"a {defense} model's transfer source is a config key (--transfer-from), not an extra attack"
+            )
         threats, result, attacked, meta = SECTIONS.get(defense)(model, ds, cfg, attacks, device, meta, progress, cascade,
                                                               save_adv is not None)  # fmt: skip
     else:

@@ -27,38 +27,62 @@ from torch import nn
 from advmend.attacks.l1 import random_l1
 from advmend.attacks.modes import attack_mode
 from advmend.attacks.pgd import PGD, fgsm, pgd
-from advmend.data import ArrayDataset
+from advmend.data.arrays import ImageDataset
 from advmend.evaluation.evaluate import EvalResult, evaluate
 
 PASS, WARN, SKIP = "pass", "warn", "skip"
 
 # code -> (passes when, what a warning suggests). Codes are stable: reports and docs refer to them.
 CHECKS: dict[str, tuple[str, str]] = {
-    "S01-eps-sweep": ("accuracy never increases with eps over 0..4 eps and is <= 10 % at 4 eps",
-                      "gradient masking or too weak an attack: a real model loses accuracy as eps grows"),
-    "S02-unbounded": ("an attack with eps = 1 (the whole [0,1] box) misclassifies every example",
-                      "the attack cannot find the gradient direction: gradient masking or a broken attack"),
-    "S03-convergence": ("PGD-100 is not higher than PGD-20 and within 1 point of it (last iterates)",
-                        "PGD-20 has not converged (more steps needed) or the loss surface is obfuscated"),
-    "S04-restarts": ("5 random restarts change robust accuracy by <= 0.5 point",
-                     "a single run is unreliable: use restarts (protocol strong) or AutoAttack"),
-    "S05-fgsm-vs-pgd": ("iterative PGD accuracy <= FGSM accuracy",
-                        "a one-step attack beats an iterative one: gradient masking (Athalye et al. 2018)"),
-    "S06-square-vs-whitebox": ("black-box Square fools no example the white-box attacks missed",
-                               "the gradients mislead white-box attacks: gradient masking; try BPDA/EOT"),
-    "S07-noise": ("uniform noise of size eps changes accuracy by <= 2 points",
-                  "the model is fragile to random noise, or randomised: robust numbers may be inflated"),
-    "S08-determinism": ("two forward passes in eval mode give identical logits",
-                        "the model is randomised at test time: attack it with EOT or AutoAttack 'rand'"),
-    "S09-gradients": ("no example has an all-zero, NaN or inf input gradient",
-                      "gradients are masked (quantisation, saturation, non-differentiable pre-processing): use BPDA"),
-    "S10-bound": ("every adversarial example lies in the eps-ball and in [0,1] (asserted; a violation aborts)",
-                  "never a warning: a violation stops the evaluation with an error"),
-    "S11-logits": ("the model returns logits: outputs not all in [0,1], fewer than half the rows sum to 1",
-                   "softmax outputs flatten the cross-entropy gradient: return logits, move softmax out"),
-    "S12-eval-mode": ("after model.eval() no module is in train mode, a forward pass changes no buffer, "
-                      "and an example's logits do not depend on its batch-mates",
-                      "the model stays in train mode (BatchNorm batch statistics, dropout): fix its train()/eval()"),
+    "S01-eps-sweep": (
+        "accuracy never increases with eps over 0..4 eps and is <= 10 % at 4 eps",
+        "gradient masking or too weak an attack: a real model loses accuracy as eps grows",
+    ),
+    "S02-unbounded": (
+        "an attack with eps = 1 (the whole [0,1] box) misclassifies every example",
+        "the attack cannot find the gradient direction: gradient masking or a broken attack",
+    ),
+    "S03-convergence": (
+        "PGD-100 is not higher than PGD-20 and within 1 point of it (last iterates)",
+        "PGD-20 has not converged (more steps needed) or the loss surface is obfuscated",
+    ),
+    "S04-restarts": (
+        "5 random restarts change robust accuracy by <= 0.5 point",
+        "a single run is unreliable: use restarts (protocol strong) or AutoAttack",
+    ),
+    "S05-fgsm-vs-pgd": (
+        "iterative PGD accuracy <= FGSM accuracy",
+        "a one-step attack beats an iterative one: gradient masking (Athalye et al. 2018)",
+    ),
+    "S06-square-vs-whitebox": (
+        "black-box Square fools no example the white-box attacks missed",
+        "the gradients mislead white-box attacks: gradient masking; try BPDA/EOT",
+    ),
+    "S07-noise": (
+        "uniform noise of size eps changes accuracy by <= 2 points",
+        "the model is fragile to random noise, or randomised: robust numbers may be inflated",
+    ),
+    "S08-determinism": (
+        "two forward passes in eval mode give identical logits",
+        "the model is randomised at test time: attack it with EOT or AutoAttack 'rand'",
+    ),
+    "S09-gradients": (
+        "no example has an all-zero, NaN or inf input gradient",
+        "gradients are masked (quantisation, saturation, non-differentiable pre-processing): use BPDA",
+    ),
+    "S10-bound": (
+        "every adversarial example lies in the eps-ball and in [0,1] (asserted; a violation aborts)",
+        "never a warning: a violation stops the evaluation with an error",
+    ),
+    "S11-logits": (
+        "the model returns logits: outputs not all in [0,1], fewer than half the rows sum to 1",
+        "softmax outputs flatten the cross-entropy gradient: return logits, move softmax out",
+    ),
+    "S12-eval-mode": (
+        "after model.eval() no module is in train mode, a forward pass changes no buffer, "
+        "and an example's logits do not depend on its batch-mates",
+        "the model stays in train mode (BatchNorm batch statistics, dropout): fix its train()/eval()",
+    ),
 }
 
 
@@ -100,7 +124,7 @@ class SanityReport:
                 "eps_sweep": [{"eps": e, "accuracy": a} for e, a in self.sweep]}  # fmt: skip
 
 
-def _sample(ds: ArrayDataset, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample(ds: ImageDataset, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     n = min(n, len(ds))
     return ds.images[:n].to(device).float().div_(255), ds.labels[:n].to(device)
 
@@ -130,8 +154,10 @@ def check_logits_not_probabilities(model: nn.Module, x: torch.Tensor) -> Check:
     values = {"min": float(out.min()), "max": float(out.max()), "probability_rows": prob_rows,
               "max_abs_row_sum_minus_1": float((row_sums - 1).abs().max())}  # fmt: skip
     status = WARN if in_unit or prob_rows >= 0.5 else PASS
-    detail = ("every output is in [0, 1]" if in_unit else f"{100 * prob_rows:.0f} % of the rows are probability vectors")
-    return Check("S11-logits", status, values, f"the model seems to return probabilities: {detail}" if status == WARN else "")
+    detail = "every output is in [0, 1]" if in_unit else f"{100 * prob_rows:.0f} % of the rows are probability vectors"
+    return Check(
+        "S11-logits", status, values, f"the model seems to return probabilities: {detail}" if status == WARN else ""
+    )
 
 
 def check_determinism(model: nn.Module, x: torch.Tensor) -> Check:
@@ -168,8 +194,9 @@ def check_eval_mode(model: nn.Module, x: torch.Tensor) -> Check:
     return Check("S12-eval-mode", WARN if problems else PASS, values, "; ".join(problems))
 
 
-def check_gradients(model: nn.Module, ds: ArrayDataset, batch_size: int, device: torch.device) -> Check:
-    zero = nonfinite = 0
+def check_gradients(model: nn.Module, ds: ImageDataset, batch_size: int, device: torch.device) -> Check:
+    zero: int | torch.Tensor = 0
+    nonfinite: int | torch.Tensor = 0
     with attack_mode(model):
         for i in range(0, len(ds), batch_size):
             x = ds.images[i : i + batch_size].to(device).float().div_(255).requires_grad_(True)
@@ -185,7 +212,7 @@ def check_gradients(model: nn.Module, ds: ArrayDataset, batch_size: int, device:
     return Check("S09-gradients", status, {"all_zero": zero, "non_finite": nonfinite, "n": len(ds)}, detail)
 
 
-def check_noise(model: nn.Module, ds: ArrayDataset, eps: float, norm: str, clean_acc: float, batch_size: int,
+def check_noise(model: nn.Module, ds: ImageDataset, eps: float, norm: str, clean_acc: float, batch_size: int,
                 device: torch.device, seed: int) -> Check:  # fmt: skip
     gen = torch.Generator(device=device).manual_seed(seed)
     correct = 0
@@ -227,7 +254,11 @@ def check_fgsm_vs_pgd(model, ds, result: EvalResult, eps, norm, batch_size, devi
         for a in iterative:
             worst &= a.correct
         pgd_acc = 100 * float(worst.float().mean())
-        fgsm_acc = 100 * single[0].accuracy if single else _accuracies(model, ds, [fgsm(eps, norm)], batch_size, device, seed)[0]
+        fgsm_acc = (
+            100 * single[0].accuracy
+            if single
+            else _accuracies(model, ds, [fgsm(eps, norm)], batch_size, device, seed)[0]
+        )
         source = "iterative attacks of the protocol"
     status = PASS if pgd_acc <= fgsm_acc else WARN
     return Check("S05-fgsm-vs-pgd", status, {"fgsm": fgsm_acc, "pgd": pgd_acc, "pgd_source": source})
@@ -262,7 +293,8 @@ def check_eps_sweep(model, ds, eps, norm, batch_size, device, seed, clean_acc) -
     rises = [(e2, a2) for (e1, a1), (e2, a2) in zip(sweep, sweep[1:]) if a2 > a1]
     status = WARN if rises or sweep[-1][1] > 10.0 else PASS
     detail = (f"accuracy rises at eps {', '.join(f'{e:.4g}' for e, _ in rises)}; " if rises else "") + (
-        f"{sweep[-1][1]:.2f} % at 4 eps" if sweep[-1][1] > 10.0 else "")
+        f"{sweep[-1][1]:.2f} % at 4 eps" if sweep[-1][1] > 10.0 else ""
+    )
     return Check("S01-eps-sweep", status, {"points": [[e, a] for e, a in sweep]}, detail.strip("; ")), sweep
 
 
@@ -308,8 +340,13 @@ def check_convergence(model, ds, eps, norm, batch_size, device) -> Check:
         problems.append(f"PGD-100 ({a100:.2f} %) is higher than PGD-20 ({a20:.2f} %): more steps undo the attack")
     if a20 - a100 > gap_tol:
         problems.append(f"PGD-100 is {a20 - a100:.2f} points below PGD-20: PGD-20 has not converged")
-    values = {"pgd20": a20, "pgd100": a100, "scored_on": "last iterate", "tolerance": gap_tol,
-              "higher_tolerance": higher_tol}
+    values = {
+        "pgd20": a20,
+        "pgd100": a100,
+        "scored_on": "last iterate",
+        "tolerance": gap_tol,
+        "higher_tolerance": higher_tol,
+    }
     return Check("S03-convergence", WARN if problems else PASS, values, "; ".join(problems))
 
 
@@ -324,7 +361,7 @@ def check_restarts(model, ds, eps, norm, batch_size, device, seed) -> Check:
 
 def run_sanity(
     model: nn.Module,
-    ds: ArrayDataset,
+    ds: ImageDataset,
     result: EvalResult,
     eps: float,
     norm: str = "linf",

@@ -101,7 +101,9 @@ def slurm_parameters(res: Resources, name: str) -> dict[str, Any]:
     return params
 
 
-def sbatch_script(res: Resources, name: str, folder: Path, command: str = "python -u -m submitit.core._submit FOLDER") -> str:
+def sbatch_script(
+    res: Resources, name: str, folder: Path, command: str = "python -u -m submitit.core._submit FOLDER"
+) -> str:
     """The sbatch script a SLURM submission with these resources writes (readable without a cluster)."""
     from submitit.slurm.slurm import _make_sbatch_string
 

@@ -50,7 +50,9 @@ def read_ledger(jobs_dir: Path, run_id: str) -> dict | None:
         ledger = json.loads(path.read_text())
         assert isinstance(ledger["jobs"], list) and ledger["launcher"] in ("local", "slurm")
     except (ValueError, KeyError, TypeError, AssertionError):
-        raise ConfigError(f"{path}: not a job ledger advmend wrote; delete it if no job of this run is queued") from None
+        raise ConfigError(
+            f"{path}: not a job ledger advmend wrote; delete it if no job of this run is queued"
+        ) from None
     return ledger
 
 
@@ -158,7 +160,7 @@ def launch_lock(jobs_dir: Path, wait_s: float = 300.0):
                 continue
             if time.monotonic() > deadline:
                 raise ConfigError(f"{path}: another launch of this study ({host or '?'}, pid {pid or '?'}) is still "
-                                  "submitting; delete the file if no launch is running")  # fmt: skip
+                                  "submitting; delete the file if no launch is running") from None  # fmt: skip
             time.sleep(0.2)
     with os.fdopen(fd, "w") as f:
         f.write(me)

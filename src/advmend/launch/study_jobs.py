@@ -10,9 +10,9 @@ the next launch submits the run again, at most `max_attempts` times in all.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from advmend.errors import ConfigError

@@ -10,8 +10,8 @@ this layer does not reach up into the CLI.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 from advmend.errors import ConfigError
 from advmend.launch.executor import Resources, make_executor, require_launcher, submit

@@ -13,8 +13,9 @@ import difflib
 import importlib
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,7 +37,7 @@ def _library(lib: str) -> Any:
     try:
         return importlib.import_module(lib)
     except ImportError:
-        raise ConfigError(f"model.name {lib}/...: {lib} is not installed; pip install \"advmend[{lib}]\"") from None
+        raise ConfigError(f'model.name {lib}/...: {lib} is not installed; pip install "advmend[{lib}]"') from None
 
 
 def architectures(lib: str) -> list[str]:
@@ -98,6 +99,7 @@ def _build_net(lib: str, arch: str, num_classes: int, in_channels: int, pretrain
     name = f"{lib}/{arch}"
     module = _library(lib)
     if lib == "timm":
+
         def build() -> nn.Module:
             return module.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_channels,
                                        **options)  # fmt: skip
@@ -117,6 +119,7 @@ def _build_net(lib: str, arch: str, num_classes: int, in_channels: int, pretrain
                     f"{num_classes}; use timm/{arch} if timm has it (its head is re-initialised) or model.weights"
                 )
             return models.get_model(arch, weights=weights, **options)
+
     # huggingface_hub logs each failed request as a warning before raising: the raised error, made one
     # line below, is the message.
     hub_log = logging.getLogger("huggingface_hub")

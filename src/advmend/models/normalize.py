@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,8 +37,7 @@ class Normalize(nn.Module):
         mean, std = [float(m) for m in mean], [float(s) for s in std]
         if len(mean) == 0 or len(mean) != len(std):
             raise ConfigError(
-                f"normalize: mean and std must be non-empty and of equal length, "
-                f"got {len(mean)} and {len(std)}"
+                f"normalize: mean and std must be non-empty and of equal length, got {len(mean)} and {len(std)}"
             )
         if any(not s > 0 for s in std):
             raise ConfigError(f"normalize: every std must be > 0, got {std}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import inspect
 import types
 import typing
-from collections.abc import Mapping
-from typing import Any, Callable, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Union
 
 from torch import nn
 
@@ -152,11 +152,22 @@ def create_model(
     kwargs = check_model_options(name, kwargs)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if factory is None:
-        return create_external(name, num_classes=num_classes, in_channels=in_channels, mean=mean, std=std,
-                               source=normalize_source, weights=weights, pretrained=pretrained, options=kwargs)
+        return create_external(
+            name,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            mean=mean,
+            std=std,
+            source=normalize_source,
+            weights=weights,
+            pretrained=pretrained,
+            options=kwargs,
+        )
     if weights is not None or pretrained:
-        raise ConfigError(f"model.weights and model.pretrained are for timm/ and torchvision/ models; {name!r} is "
-                          "built in (continue from its checkpoint instead)")
+        raise ConfigError(
+            f"model.weights and model.pretrained are for timm/ and torchvision/ models; {name!r} is "
+            "built in (continue from its checkpoint instead)"
+        )
     try:
         return factory(num_classes=num_classes, in_channels=in_channels, normalize=normalize, **kwargs)
     except (RuntimeError, MemoryError) as e:  # e.g. width=10**6: weights beyond memory (or int64 sizes)
@@ -173,8 +184,11 @@ def stage_widths(width: int) -> tuple[int, int, int, int]:
 
 
 def resnet_stages(
-    block: Callable[[int, int, int], nn.Module], num_blocks: Sequence[int], in_planes: int = 64,
-    widths: Sequence[int] = (64, 128, 256, 512), strides: Sequence[int] = (1, 2, 2, 2),
+    block: Callable[[int, int, int], nn.Module],
+    num_blocks: Sequence[int],
+    in_planes: int = 64,
+    widths: Sequence[int] = (64, 128, 256, 512),
+    strides: Sequence[int] = (1, 2, 2, 2),
 ) -> list[nn.Sequential]:
     """The stages of a CIFAR ResNet (layer1..layer4): stage i has num_blocks[i] blocks
     `block(in_planes, planes, stride)` of widths[i] channels, the first with strides[i], the others 1.

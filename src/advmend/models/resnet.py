@@ -79,10 +79,6 @@ class ResNet(nn.Module):
 
 
 @MODELS.register("resnet18", fsr_layers=["layer4"])
-def resnet18(
-    *, num_classes: int, in_channels: int = 3, normalize: nn.Module | None = None, width: int = 64
-) -> ResNet:
+def resnet18(*, num_classes: int, in_channels: int = 3, normalize: nn.Module | None = None, width: int = 64) -> ResNet:
     """ResNet-18 for 32x32 inputs (layer4 output is (8 * width)x4x4; width 64 is the paper's)."""
-    return ResNet(
-        (2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels, normalize=normalize, width=width
-    )
+    return ResNet((2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels, normalize=normalize, width=width)

@@ -3,7 +3,7 @@ Convolutional Networks for Large-Scale Image Recognition", ICLR 2015)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -65,10 +65,16 @@ def finding_verdict(salient_removed, random_removed, *, seed: int = 0) -> tuple[
     size", from the paired difference of f's per-example correctness (salient removed - random removed)."""
     d = paired_difference(salient_removed, random_removed, seed=seed)
     if d["covers_zero"]:
-        return f"no measurable difference between removing the salient part and a random part of the same size ({_gap(d)})", d
+        return (
+            f"no measurable difference between removing the salient part and a random part of the same size ({_gap(d)})",
+            d,
+        )
     if d["ci95"][0] > 0:
         return f"removing the salient part helps more than removing a random part of the same size ({_gap(d)})", d
-    return f"random masks remove the attack better than the salient mask: the finding is NOT reproduced here ({_gap(d)})", d
+    return (
+        f"random masks remove the attack better than the salient mask: the finding is NOT reproduced here ({_gap(d)})",
+        d,
+    )
 
 
 def only_verdict(salient_only, random_only, *, seed: int = 0) -> tuple[str, dict]:
@@ -76,10 +82,19 @@ def only_verdict(salient_only, random_only, *, seed: int = 0) -> tuple[str, dict
     size", from the paired difference salient only - random only (negative: f is fooled more often)."""
     d = paired_difference(salient_only, random_only, seed=seed)
     if d["covers_zero"]:
-        return f"no measurable difference between perturbing only the salient part and only a random part of the same size ({_gap(d)})", d
+        return (
+            f"no measurable difference between perturbing only the salient part and only a random part of the same size ({_gap(d)})",
+            d,
+        )
     if d["ci95"][1] < 0:
-        return f"perturbing only the salient part keeps more of the attack than a random part of the same size ({_gap(d)})", d
-    return f"a random part of the same size keeps more of the attack than the salient part: the finding is NOT reproduced here ({_gap(d)})", d
+        return (
+            f"perturbing only the salient part keeps more of the attack than a random part of the same size ({_gap(d)})",
+            d,
+        )
+    return (
+        f"a random part of the same size keeps more of the attack than the salient part: the finding is NOT reproduced here ({_gap(d)})",
+        d,
+    )
 
 
 def attack_kept(clean: float, adversarial: float, row: float) -> float | None:

@@ -36,7 +36,7 @@ class FindingSettings:
     out: str | None = None
 
     @classmethod
-    def of(cls, namespace) -> "FindingSettings":
+    def of(cls, namespace) -> FindingSettings:
         """The settings an argparse namespace (or any object with these attributes) holds."""
         return cls(**{f.name: getattr(namespace, f.name) for f in fields(cls)})
 
@@ -91,13 +91,12 @@ def run_finding(settings: FindingSettings) -> tuple[list[str], Path, bool]:
     from advmend.evaluation.image_quality import RestorationMeter
     from advmend.evaluation.pssr import restoration_breakdown
     from advmend.evaluation.run import load_trained_model
-    from advmend.training.build import build_data, resolve_device
-    from advmend.plotting import pyplot, save_png
     from advmend.io import atomic_write_text, file_sha256, versions
+    from advmend.plotting import pyplot, save_png
     from advmend.study.finding import FINDING_SCHEMA, ONLY_TEST, PIPELINE_ROWS, REMOVED_TEST, ROWS, only_verdict
     from advmend.study.records import bits, percent
     from advmend.study.runner import git_commit, hardware
-
+    from advmend.training.build import build_data, resolve_device
 
     plt = pyplot("pssr-analysis")  # before any work: a missing matplotlib is an error up front
     started, at_start = time.perf_counter(), hardware()
@@ -111,11 +110,13 @@ def run_finding(settings: FindingSettings) -> tuple[list[str], Path, bool]:
     alpha = base.alpha if settings.alpha is None else settings.alpha
     rho = base.rho if settings.rho is None else settings.rho
     test = build_data(cfg.data, need_train=False).test
+    assert test is not None  # need_test
     ds = subset(test, settings.n_examples, settings.seed) if settings.n_examples < len(test) else test
     eps = float(record["eps"])
     attack = PGD(eps=eps, steps=settings.steps, keep_best=False, name=f"PGD-{settings.steps}")
     gen = torch.Generator(device=device).manual_seed(settings.seed)
-    correct = {name: [] for name, _ in ROWS if pipeline or name not in PIPELINE_ROWS}
+    correct: dict[str, list[torch.Tensor]] = {name: [] for name, _ in ROWS if pipeline or name not in PIPELINE_ROWS}
+    grid: list[torch.Tensor | None] | None
     removed, grid, quality = [], None, RestorationMeter()
     loop_started = time.perf_counter()
     for x, y in BatchLoader(ds, settings.batch_size, shuffle=False, device=device):
@@ -132,7 +133,11 @@ def run_finding(settings: FindingSettings) -> tuple[list[str], Path, bool]:
                 correct[name].append((f(xi).argmax(1) == y).cpu())
         x_hat = None
         if pipeline is not None:
-            same_surgery = (rule, alpha, rho) == (pipeline.mask_rule, pipeline.alpha, pipeline.rho) and pipeline.use_surgery
+            same_surgery = (rule, alpha, rho) == (
+                pipeline.mask_rule,
+                pipeline.alpha,
+                pipeline.rho,
+            ) and pipeline.use_surgery
             with attack_mode(pipeline):  # the pipeline's own surgery when the flags change it
                 if same_surgery:
                     m_p, x_sp = m_c, apply_surgery(x, m_c, base.fill)
@@ -153,7 +158,9 @@ def run_finding(settings: FindingSettings) -> tuple[list[str], Path, bool]:
     acc = {name: percent(v) for name, v in per_example.items()}  # exactly as the results page recomputes it
     ratio = 100 * float(torch.cat(removed).mean())
     # The verdicts rest on paired tests over the same examples, never on the raw gap of two accuracies.
-    verdict, removed_test = finding_verdict(per_example["salient removed"], per_example["random removed"], seed=settings.seed)
+    verdict, removed_test = finding_verdict(
+        per_example["salient removed"], per_example["random removed"], seed=settings.seed
+    )
     verdict_only, only_test = only_verdict(per_example["salient only"], per_example["random only"], seed=settings.seed)
     out = Path(settings.out) if settings.out else Path(settings.checkpoint).parent / "pssr-analysis"
     out.mkdir(parents=True, exist_ok=True)
@@ -178,7 +185,12 @@ def run_finding(settings: FindingSettings) -> tuple[list[str], Path, bool]:
         "device": str(device), "seconds": {"examples": round(loop_seconds, 2)},
         "hardware": {"at_start": at_start}, "versions": versions(), "commit": git_commit(),
     }  # fmt: skip
-    lines = [f"# PSSR finding: {settings.checkpoint}", "", "| input to f | definition | accuracy (%) |", "|---|---|---:|"]
+    lines = [
+        f"# PSSR finding: {settings.checkpoint}",
+        "",
+        "| input to f | definition | accuracy (%) |",
+        "|---|---|---:|",
+    ]
     lines += [f"| {name} | `{d}` | {acc[name]:.2f} |" for name, d in ROWS if name in acc]
     mask_desc = f"alpha={alpha:g}" if rule == "alpha" else f"rho={rho:g}"
     lines += ["", f"delta: {attack.describe()['name']} (L-inf eps={eps:.4g}, last iterate) on f. Mask: {rule} "

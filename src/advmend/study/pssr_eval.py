@@ -11,17 +11,19 @@ the pipeline. Each stage is cached next to the checkpoint like the classifier pr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from advmend.attacks.autoattack import AutoAttackSpec
+from advmend.attacks.pgd import PGD
 from advmend.attacks.presets import protocol_attacks
-from advmend.data import ArrayDataset, take
+from advmend.data import take
+from advmend.data.arrays import ImageDataset
 from advmend.evaluation.evaluate import AttackResult, evaluate
-from advmend.evaluation.pssr import GRAYBOX, IDENTITY, MASK, THREAT_MODELS, TRANSFER, evaluate_pssr, restoration
 from advmend.evaluation.load import load_trained_model
+from advmend.evaluation.pssr import GRAYBOX, IDENTITY, MASK, THREAT_MODELS, TRANSFER, evaluate_pssr, restoration
 from advmend.evaluation.sanity import run_sanity
 from advmend.io import file_sha256
 from advmend.study.protocols import STUDY_PROTOCOLS, subsets
@@ -35,7 +37,7 @@ def _entry(a: AttackResult, n: int) -> dict:
             "seconds": round(a.seconds, 2), **({"stages": a.stages} if a.stages else {})}  # fmt: skip
 
 
-def evaluate_pssr_run(model, test: ArrayDataset, eps: float, study, device, checkpoint: Path, surrogate: Path,
+def evaluate_pssr_run(model, test: ImageDataset, eps: float, study, device, checkpoint: Path, surrogate: Path,
                       cache_dir: Path, progress: bool, log: Callable[[str], None], *, indices) -> dict:  # fmt: skip
     """The PSSR study protocol (module docstring) on the best checkpoint; `surrogate` is the transfer source,
     `indices` the (clean or None, attack, AutoAttack) subsets of the test split."""
@@ -44,7 +46,7 @@ def evaluate_pssr_run(model, test: ArrayDataset, eps: float, study, device, chec
     clean_idx, att_idx, aa_idx = indices
     kw = dict(batch_size=e.batch_size, device=device, seed=e.seed, progress=progress)
     f = model.classifier
-    pgd20 = [a for a in protocol_attacks("paper", eps, "linf") if a.name == PGD20]
+    pgd20 = [a for a in protocol_attacks("paper", eps, "linf") if isinstance(a, PGD) and a.name == PGD20]
 
     def clean_stage() -> dict:
         ds = test if clean_idx is None else take(test, clean_idx)
@@ -68,12 +70,24 @@ def evaluate_pssr_run(model, test: ArrayDataset, eps: float, study, device, chec
                "attacks": {a.name: _entry(a, ev.result.n) for a in ev.result.attacks},
                "classifier_alone": {"clean_correct": bits(alone.clean_correct), PGD20: _entry(alone.attacks[0], alone.n)}}  # fmt: skip
         if e.sanity:  # on the defended model under white-box PGD-20 (mask constant): the attack that reaches G
-            rep = run_sanity(model, ds, ev.attacks_of(MASK), eps, "linf", costly=False, batch_size=e.batch_size, device=device, seed=e.seed)
+            rep = run_sanity(
+                model,
+                ds,
+                ev.attacks_of(MASK),
+                eps,
+                "linf",
+                costly=False,
+                batch_size=e.batch_size,
+                device=device,
+                seed=e.seed,
+            )
             out["sanity"] = [{"code": c.code, "status": c.status, "detail": c.detail} for c in rep.checks]
         return out
 
     def autoattack_stage() -> dict:
-        res = evaluate(model, take(test, aa_idx), [AutoAttackSpec(eps=eps, norm="linf", seed=e.seed)], cascade=True, **kw)
+        res = evaluate(
+            model, take(test, aa_idx), [AutoAttackSpec(eps=eps, norm="linf", seed=e.seed)], cascade=True, **kw
+        )
         return {"entry": _entry(res.attacks[0], res.n), "clean_correct": bits(res.clean_correct)}
 
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -91,16 +105,21 @@ def evaluate_pssr_run(model, test: ArrayDataset, eps: float, study, device, chec
     return {
         "kind": "pssr",
         "protocol": "study (PSSR): f alone and PSSR clean on clean_n (with PSNR/SSIM of G(PS(x))); PGD-20 (FSR paper "
-                    "settings) on f alone and on PSSR under gray-box, white-box BPDA (mask constant; identity) and "
-                    "transfer on attack_n; AutoAttack standard on the whole pipeline on autoattack_n; subsets are "
-                    "prefixes of one seeded permutation",
-        "eps": eps, "norm": "linf", "seed": e.seed,
+        "settings) on f alone and on PSSR under gray-box, white-box BPDA (mask constant; identity) and "
+        "transfer on attack_n; AutoAttack standard on the whole pipeline on autoattack_n; subsets are "
+        "prefixes of one seeded permutation",
+        "eps": eps,
+        "norm": "linf",
+        "seed": e.seed,
         "threat_models": THREAT_MODELS,
         "surrogate": {"file": surrogate.as_posix(), "sha256": file_sha256(surrogate)},
         "clean": {k: clean[k] for k in ("n", "accuracy", "correct", "seconds", "indices")},
         "restoration": clean["restoration"],
-        "classifier_alone": {"clean": clean["classifier_alone"], PGD20: att["classifier_alone"][PGD20],
-                             "attack_clean_correct": att["classifier_alone"]["clean_correct"]},  # fmt: skip
+        "classifier_alone": {
+            "clean": clean["classifier_alone"],
+            PGD20: att["classifier_alone"][PGD20],
+            "attack_clean_correct": att["classifier_alone"]["clean_correct"],
+        },  # fmt: skip
         "attack_indices": att["indices"],
         "attacks": attacks,
         "worst_case": {"n": n_w, "accuracy": percent(worst), "correct": bits(worst), "attacks": list(attacks)},
@@ -110,7 +129,7 @@ def evaluate_pssr_run(model, test: ArrayDataset, eps: float, study, device, chec
 
 
 @STUDY_PROTOCOLS.register("pssr")
-def pssr_protocol(model, test: ArrayDataset, eps: float, study, device, checkpoint: Path, run_cfg, cache_dir: Path,
+def pssr_protocol(model, test: ImageDataset, eps: float, study, device, checkpoint: Path, run_cfg, cache_dir: Path,
                   progress: bool, log: Callable[[str], None]) -> dict:  # fmt: skip
     """`evaluate_pssr_run` with the run's transfer source (`pssr.surrogate`, filled by `prepare_evaluation`)
     and the study's subsets."""

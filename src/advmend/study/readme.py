@@ -79,6 +79,8 @@ def legend(study: Study) -> str:
     """One line saying what the numbers are, from the study's own evaluation settings."""
     e = study.definition.get("eval", {})
     clean = "all" if e.get("clean_n") is None else e["clean_n"]
-    return (f"Accuracy in percent, mean ± std over seeds (clean on {clean} test images, PGD-20 on {e.get('attack_n')}, "
-            f"AutoAttack on {e.get('autoattack_n')}); Δ: row − baseline in points, paired on the same test examples "
-            "and seeds, with a 95 % bootstrap interval (one that covers 0 is no measurable difference).")
+    return (
+        f"Accuracy in percent, mean ± std over seeds (clean on {clean} test images, PGD-20 on {e.get('attack_n')}, "
+        f"AutoAttack on {e.get('autoattack_n')}); Δ: row − baseline in points, paired on the same test examples "
+        "and seeds, with a 95 % bootstrap interval (one that covers 0 is no measurable difference)."
+    )

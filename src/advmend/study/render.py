@@ -11,11 +11,25 @@ from pathlib import Path
 
 import numpy as np
 
-from advmend.study.records import (
-    STUDY_FILE, STUDY_SCHEMA, RecordError, load_record, read_json, record_config_digest, unbits,
-)  # fmt: skip
 from advmend.study.finding import (
-    FINDING_PNG, FINDINGS_DIR, ONLY_TEST, OPTIONAL_ROWS, REMOVED_TEST, ROWS, attack_kept, finding_folders, load_finding,
+    FINDING_PNG,
+    FINDINGS_DIR,
+    ONLY_TEST,
+    OPTIONAL_ROWS,
+    REMOVED_TEST,
+    ROWS,
+    attack_kept,
+    finding_folders,
+    load_finding,
+)  # fmt: skip
+from advmend.study.records import (
+    STUDY_FILE,
+    STUDY_SCHEMA,
+    RecordError,
+    load_record,
+    read_json,
+    record_config_digest,
+    unbits,
 )  # fmt: skip
 from advmend.study.stats import mean_std, missed_by_first, paired_bootstrap
 
@@ -91,8 +105,17 @@ def _ci(d: tuple[float, float, float]) -> str:
 
 # Column order: the study's attacks from weakest to strongest; any other attack after them. A PSSR
 # record's attacks are named <threat model>/<attack>: gray-box first, the white box last.
-ORDER = ("FGSM", "PGD-20", "CW-30", "AutoAttack", "graybox/PGD-20", "transfer/PGD-20",
-         "whitebox-bpda-identity/PGD-20", "whitebox-bpda-mask/PGD-20", "whitebox-bpda-mask/AutoAttack")
+ORDER = (
+    "FGSM",
+    "PGD-20",
+    "CW-30",
+    "AutoAttack",
+    "graybox/PGD-20",
+    "transfer/PGD-20",
+    "whitebox-bpda-identity/PGD-20",
+    "whitebox-bpda-mask/PGD-20",
+    "whitebox-bpda-mask/AutoAttack",
+)
 
 # The goals PSSR is held to, against the classifier it protects: clean accuracy within 3 points, PSNR
 # of regenerated clean images >= 28 dB, gray-box PGD-20 >= +20 points.
@@ -119,7 +142,9 @@ def _row_records(study: Study, row: dict) -> list[dict]:
 
 def paired(study: Study, row: dict, base: dict, metric: str) -> tuple[int, tuple[float, float, float]] | None:
     """(seeds, (mean, low, high)) of row − base on `metric`, over the seeds both rows have."""
-    seeds = [s for s in row["seeds"] if f"{row['name']}-s{s}" in study.records and f"{base['name']}-s{s}" in study.records]
+    seeds = [
+        s for s in row["seeds"] if f"{row['name']}-s{s}" in study.records and f"{base['name']}-s{s}" in study.records
+    ]
     if not seeds:
         return None
     diff = []
@@ -158,8 +183,21 @@ def render_pssr(study: Study) -> list[str]:
     recs = [(run_id, r) for run_id, r in study.records.items() if (r.get("eval") or {}).get("kind") == "pssr"]
     if not recs:
         return []
-    head = ["run", "f clean", "PSSR clean", "PSNR dB", "SSIM", "f PGD-20", "gray-box", "white box", "transfer",
-            "worst", "clean Δ [95 % CI]", "gray-box Δ [95 % CI]", "goal"]
+    head = [
+        "run",
+        "f clean",
+        "PSSR clean",
+        "PSNR dB",
+        "SSIM",
+        "f PGD-20",
+        "gray-box",
+        "white box",
+        "transfer",
+        "worst",
+        "clean Δ [95 % CI]",
+        "gray-box Δ [95 % CI]",
+        "goal",
+    ]
     lines = ["", "PSSR against the classifier it protects (percent; Δ = PSSR − classifier alone, paired on the same "
              "examples, 95 % bootstrap interval over examples). f PGD-20 and gray-box use the same PGD-20 (crafted on "
              "f; gray-box then passes the examples through PSSR); white box is the per-example worst of BPDA with the "
@@ -274,7 +312,9 @@ def render_study(study: Study, png_name: str | None) -> str:
         recs = _row_records(study, row)
         cells = [row["name"], f"{len(recs)}/{len(row['seeds'])}"]
         for m in metrics:
-            cells.append(_pm([_acc(r, m) for r in recs if m in ("clean", "worst", MISSED) or m in r["eval"]["attacks"]]))
+            cells.append(
+                _pm([_acc(r, m) for r in recs if m in ("clean", "worst", MISSED) or m in r["eval"]["attacks"]])
+            )
         cells.append(_pm([r["train"]["seconds"] / 60 for r in recs], 1))
         cells.append(_pm([r["train"]["images_per_s"] for r in recs], 0))
         lines.append("| " + " | ".join(cells) + " |")
@@ -420,7 +460,10 @@ def render_findings(root: Path, studies: list[Study]) -> str:
               "|---|---:|---:|---:|"]  # fmt: skip
     for k in names:
         t = recs[k]["tests"]
-        cell = [f"{t[x]['difference']:+.2f} [{t[x]['ci95'][0]:+.2f}, {t[x]['ci95'][1]:+.2f}]" for x in (REMOVED_TEST, ONLY_TEST)]
+        cell = [
+            f"{t[x]['difference']:+.2f} [{t[x]['ci95'][0]:+.2f}, {t[x]['ci95'][1]:+.2f}]"
+            for x in (REMOVED_TEST, ONLY_TEST)
+        ]
         lines.append(f"| {k} | {cell[0]} | {cell[1]} | {recs[k]['n_examples']} |")
     lines += ["", "Verdicts:", ""]
     for k in names:
@@ -436,7 +479,9 @@ def render_findings(root: Path, studies: list[Study]) -> str:
         att = r.get("attack") or {}
         hw = (r.get("hardware") or {}).get("at_start") or {}
         v = r.get("versions") or {}
-        commit = ((r.get("commit") or {}).get("sha") or "unknown")[:10] + (" (dirty)" if (r.get("commit") or {}).get("dirty") else "")
+        commit = ((r.get("commit") or {}).get("sha") or "unknown")[:10] + (
+            " (dirty)" if (r.get("commit") or {}).get("dirty") else ""
+        )
         mask = f"alpha {r.get('alpha')}" if r.get("mask") == "alpha" else f"rho {r.get('rho')}"
         secs = r.get("seconds") or {}
         lines.append(f"- **{k}**: {origin}, SHA-256 `{sha[:16]}…`. {r['n_examples']} test examples of {r.get('data', '?')} "

@@ -15,31 +15,43 @@ import platform
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 
+import advmend.study.pssr_eval  # noqa: F401  (registers PSSR's study protocol)
 from advmend.attacks.autoattack import AutoAttackSpec
 from advmend.attacks.presets import protocol_attacks
 from advmend.checkpoint import load_checkpoint
 from advmend.config import to_dict
-from advmend.data import ArrayDataset, take
+from advmend.data import take
+from advmend.data.arrays import ImageDataset
+from advmend.defenses.registry import defense_of
 from advmend.evaluation.evaluate import EvalResult, evaluate
 from advmend.evaluation.load import load_trained_model, test_split
 from advmend.evaluation.sanity import run_sanity
-from advmend.study.records import (
-    SCHEMA, STUDY_FILE, STUDY_SCHEMA, RecordError, bits, cached_stage, load_record, percent, read_json, record_path, write_json,
-)  # fmt: skip
-import advmend.study.pssr_eval  # noqa: F401  (registers PSSR's study protocol)
-from advmend.study.protocols import STUDY_PROTOCOLS, subset_indices, subsets  # noqa: F401  (subset_indices: tests)
-from advmend.study.spec import RunSpec, StudyConfig, load_study, resolve_runs
-from advmend.defenses.registry import defense_of
-from advmend.training.build import resolve_device
 from advmend.io import file_sha256, versions
-from advmend.training.run_folder import LAST
+from advmend.study.protocols import STUDY_PROTOCOLS, subset_indices, subsets  # noqa: F401  (subset_indices: tests)
+from advmend.study.records import (
+    SCHEMA,
+    STUDY_FILE,
+    STUDY_SCHEMA,
+    RecordError,
+    bits,
+    cached_stage,
+    load_record,
+    percent,
+    read_json,
+    record_path,
+    write_json,
+)  # fmt: skip
+from advmend.study.spec import RunSpec, StudyConfig, load_study, resolve_runs
+from advmend.training.build import resolve_device
 from advmend.training.run import prepare_evaluation, train_run
+from advmend.training.run_folder import LAST
 
 # The study's attacks on the attack subset: the FSR paper's FGSM, PGD-20 and CW-30 (step eps/10, no
 # random start). PGD-100 is left out: on these models it moves PGD-20 by a fraction of a point and
@@ -198,9 +210,14 @@ def git_commit() -> dict:
     from, not the current folder), and whether that checkout's source had local changes."""
     here = Path(__file__).resolve().parent
     try:
-        run = dict(capture_output=True, text=True, timeout=10, check=True, cwd=here)
+        run: dict[str, Any] = dict(capture_output=True, text=True, timeout=10, check=True, cwd=here)
         sha = subprocess.run(["git", "rev-parse", "HEAD"], **run).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/src"], **run).stdout.strip() != ""
+        dirty = (
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/src"], **run
+            ).stdout.strip()
+            != ""
+        )
         return {"sha": sha, "dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return {"sha": None, "dirty": None}
@@ -216,7 +233,7 @@ def hardware() -> dict:
                 break
     except OSError:
         pass
-    out = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    out: dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}  # fmt: skip
     if hasattr(os, "getloadavg"):
         out["load_average_1m"] = round(os.getloadavg()[0], 2)
@@ -231,7 +248,7 @@ def _attack_entry(res: EvalResult, k: int) -> dict:
 
 @STUDY_PROTOCOLS.register("none")
 @STUDY_PROTOCOLS.register("fsr")
-def evaluate_run(model, test: ArrayDataset, eps: float, study: StudyConfig, device, checkpoint: Path, run_cfg,
+def evaluate_run(model, test: ImageDataset, eps: float, study: StudyConfig, device, checkpoint: Path, run_cfg,
                  cache_dir: Path, progress: bool, log) -> dict:  # fmt: skip
     """The study protocol on the best checkpoint: clean, the paper's attacks, AutoAttack, worst case."""
     e = study.eval
@@ -253,7 +270,9 @@ def evaluate_run(model, test: ArrayDataset, eps: float, study: StudyConfig, devi
         out = {"indices": att_idx.tolist(), "clean_correct": bits(res.clean_correct),
                "attacks": {a.name: _attack_entry(res, k) for k, a in enumerate(res.attacks)}}  # fmt: skip
         if e.sanity:
-            rep = run_sanity(model, ds, res, eps, "linf", costly=False, batch_size=e.batch_size, device=device, seed=e.seed)
+            rep = run_sanity(
+                model, ds, res, eps, "linf", costly=False, batch_size=e.batch_size, device=device, seed=e.seed
+            )
             out["sanity"] = [{"code": c.code, "status": c.status, "detail": c.detail} for c in rep.checks]
         return out
 
@@ -277,13 +296,19 @@ def evaluate_run(model, test: ArrayDataset, eps: float, study: StudyConfig, devi
         worst &= torch.tensor([c == "1" for c in entry["correct"][:n_w]])
     return {
         "protocol": "study: clean on clean_n; FGSM, PGD-20, CW-30 (FSR paper settings) on attack_n; "
-                    "AutoAttack standard on autoattack_n; subsets are prefixes of one seeded permutation",
-        "eps": eps, "norm": "linf", "seed": e.seed,
+        "AutoAttack standard on autoattack_n; subsets are prefixes of one seeded permutation",
+        "eps": eps,
+        "norm": "linf",
+        "seed": e.seed,
         "clean": {k: clean[k] for k in ("n", "accuracy", "correct", "seconds", "indices")},
         "attack_indices": att["indices"],
         "attacks": attacks,
-        "worst_case": {"n": n_w, "accuracy": percent(worst), "correct": bits(worst),
-                       "attacks": list(attacks)},  # fmt: skip
+        "worst_case": {
+            "n": n_w,
+            "accuracy": percent(worst),
+            "correct": bits(worst),
+            "attacks": list(attacks),
+        },  # fmt: skip
         "sanity": att.get("sanity", []),
         "seconds": round(sum(s["stage_seconds"] for s in (clean, att, aa) if s is not None), 2),
     }
@@ -315,19 +340,31 @@ def run_one(plan: StudyPlan, spec: RunSpec, *, progress: bool = False, log: Call
     hist = result.history
     train_s = sum(h["seconds"] for h in hist)
     record = {
-        "schema": SCHEMA, "study": plan.study.id, "run": spec.run_id, "row": spec.row.name, "seed": spec.seed,
-        "config": to_dict(spec.cfg), "config_sha256": spec.config_sha256,
+        "schema": SCHEMA,
+        "study": plan.study.id,
+        "run": spec.run_id,
+        "row": spec.row.name,
+        "seed": spec.seed,
+        "config": to_dict(spec.cfg),
+        "config_sha256": spec.config_sha256,
         "commit": git_commit(),
         # Run outputs stay out of the repository: the record names the evaluated checkpoint (in the run
         # folder, not committed) and its hash, so a re-check can verify the weights it was given.
-        "checkpoint": {"file": result.best.as_posix(), "sha256": file_sha256(result.best),
-                       "best_epoch": ckpt["best"]["epoch"], "select": spec.cfg.train.select},
+        "checkpoint": {
+            "file": result.best.as_posix(),
+            "sha256": file_sha256(result.best),
+            "best_epoch": ckpt["best"]["epoch"],
+            "select": spec.cfg.train.select,
+        },
         "metrics": hist,
-        "train": {"epochs": len(hist), "seconds": round(train_s, 1),
-                  "validation_seconds": round(sum(h.get("val_seconds", 0) for h in hist), 1),
-                  "images_per_s": round(sum(h["images_per_s"] for h in hist) / max(len(hist), 1), 1),
-                  # wall time of this invocation only: a resumed run's earlier attempts are in the epochs
-                  "wall_seconds_this_attempt": round(train_wall, 1)},
+        "train": {
+            "epochs": len(hist),
+            "seconds": round(train_s, 1),
+            "validation_seconds": round(sum(h.get("val_seconds", 0) for h in hist), 1),
+            "images_per_s": round(sum(h["images_per_s"] for h in hist) / max(len(hist), 1), 1),
+            # wall time of this invocation only: a resumed run's earlier attempts are in the epochs
+            "wall_seconds_this_attempt": round(train_wall, 1),
+        },
         "eval": ev,
         "hardware": {"at_start": load_start, "at_end": hardware()},
         "versions": versions(),
@@ -343,5 +380,7 @@ def run_one(plan: StudyPlan, spec: RunSpec, *, progress: bool = False, log: Call
             f"robust {m.get('val_robust_acc')} -> {path}")  # fmt: skip
     else:
         acc = {k: f"{v['accuracy']:.2f}" for k, v in ev["attacks"].items()}
-        log(f"{spec.run_id}: clean {ev['clean']['accuracy']:.2f} {acc} worst {ev['worst_case']['accuracy']:.2f} -> {path}")
+        log(
+            f"{spec.run_id}: clean {ev['clean']['accuracy']:.2f} {acc} worst {ev['worst_case']['accuracy']:.2f} -> {path}"
+        )
     return path

@@ -129,8 +129,9 @@ def load_study(path: str | Path) -> StudyConfig:
             raise ConfigError(f"{p}: row {r.name!r}: baseline {r.baseline!r} is not another row of this study")
         for other in r.compare:
             if other not in names or other == r.name or other == r.baseline:
-                raise ConfigError(f"{p}: row {r.name!r}: compare {other!r} is not another row of this study "
-                                  "(nor its baseline)")
+                raise ConfigError(
+                    f"{p}: row {r.name!r}: compare {other!r} is not another row of this study (nor its baseline)"
+                )
     e = study.eval
     if e.clean_n is not None and e.clean_n < 1 or e.attack_n < 1 or e.autoattack_n < 0 or e.batch_size < 1:
         raise ConfigError(f"{p}: eval sizes must be positive (autoattack_n may be 0), got {e}")

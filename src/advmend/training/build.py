@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import overload
 
 import torch
 
 from advmend.attacks.pgd import PGD
 from advmend.config import AttackConfig, DataConfig, RunConfig, check_config
 from advmend.data import (
-    ArrayDataset,
     dataset_info,
     load_dataset,
     split_train_val,
     subset,
 )
+from advmend.data.arrays import ImageDataset
 from advmend.errors import ConfigError
 from advmend.evaluation.load import test_split
 from advmend.registry import Registry
@@ -51,9 +52,9 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
 class DataSplits:
     """Train, held-out validation (from the training split) and test sets, plus dataset facts."""
 
-    train: ArrayDataset
-    val: ArrayDataset | None
-    test: ArrayDataset | None
+    train: ImageDataset | None  # None when built with need_train=False
+    val: ImageDataset | None
+    test: ImageDataset | None
     info: dict
 
 
@@ -62,7 +63,9 @@ def build_data(cfg: DataConfig, *, need_train: bool = True, need_test: bool = Tr
     check_config(cfg)  # data.val_size, data.train_subset: the rules of loading, for a section built in Python
     opts = dict(cfg.options)
     info = dataset_info(cfg.name)
-    train = val = test = None
+    train: ImageDataset | None = None
+    val: ImageDataset | None = None
+    test: ImageDataset | None = None
     if need_train:
         full = load_dataset(cfg.name, "train", root=cfg.root, download=cfg.download, **opts)
         if cfg.val_size >= len(full):
@@ -77,11 +80,14 @@ def build_data(cfg: DataConfig, *, need_train: bool = True, need_test: bool = Tr
                                   source=f"a model trained on the training split of {cfg.name!r}",
                                   hint="the train and test splits need the same image shape and classes")  # fmt: skip
     ref = train if train is not None else test
+    assert ref is not None, "build_data needs need_train or need_test"
     info["num_classes"] = ref.num_classes
     info["image_shape"] = ref.image_shape
     if ref.image_shape[0] != len(info["mean"]):
-        info.update(dataset_info(cfg.name, channels=ref.image_shape[0]) | {
-            "num_classes": ref.num_classes, "image_shape": ref.image_shape})
+        info.update(
+            dataset_info(cfg.name, channels=ref.image_shape[0])
+            | {"num_classes": ref.num_classes, "image_shape": ref.image_shape}
+        )
     info["augment"] = info["augment"] if cfg.augment is None else cfg.augment
     return DataSplits(train, val, test, info)
 
@@ -99,6 +105,10 @@ def build_attack(cfg: AttackConfig, dataset_eps: float, *, keep_best: bool, name
     return PGD(**fields, keep_best=keep_best, name=name or f"PGD-{cfg.steps}")
 
 
+@overload
+def _beta(cfg: RunConfig, default: float) -> float: ...
+@overload
+def _beta(cfg: RunConfig, default: None) -> None: ...
 def _beta(cfg: RunConfig, default: float | None) -> float | None:
     """`train.beta` for a method that uses it (null: the method's `default`); an error for the others,
     so a beta meant for another method never trains silently."""
@@ -166,9 +176,7 @@ def _fast_at(cfg: RunConfig, eps: float) -> AdversarialCE:
             "catastrophically, Wong et al. 2020); for plain FGSM training use method pgd_at with steps 1"
         )
     if a.loss != "ce" or a.restarts != 1:
-        raise ConfigError(
-            f"method fast_at needs train.attack.loss ce and restarts 1, got {a.loss!r} and {a.restarts}"
-        )
+        raise ConfigError(f"method fast_at needs train.attack.loss ce and restarts 1, got {a.loss!r} and {a.restarts}")
     attack = fast_at_attack(attack_threat(a, eps).eps, norm=a.norm, step_size=a.step_size)
     return AdversarialCE(attack, cfg.fsr.lambda_sep, cfg.fsr.lambda_rec)
 

@@ -41,7 +41,12 @@ def plot_curves(records: list[dict], out: str | Path, title: str = "") -> Path:
     out = Path(out)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     epochs = [r["epoch"] for r in records]
-    for key, label in (("loss", "training loss"), ("ce", "cross-entropy"), ("fsr_sep", "FSR L_sep"), ("fsr_rec", "FSR L_rec")):
+    for key, label in (
+        ("loss", "training loss"),
+        ("ce", "cross-entropy"),
+        ("fsr_sep", "FSR L_sep"),
+        ("fsr_rec", "FSR L_rec"),
+    ):
         if any(key in r for r in records) and not (key == "ce" and all(r.get("ce") == r.get("loss") for r in records)):
             pts = [(r["epoch"], r[key]) for r in records if key in r]
             ax_loss.plot(*zip(*pts), marker="o", ms=3, label=label)

@@ -100,7 +100,7 @@ class _Dispatch(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor, aux: bool = False):
-        return self.model.forward_with_aux(x) if aux else self.model(x)
+        return self.model.forward_with_aux(x) if aux else self.model(x)  # type: ignore[operator]  # torch types a submodule attribute Tensor | Module
 
 
 class _WrappedFSRView(FSRModel):
@@ -135,6 +135,6 @@ def training_view(
         ids = [device.index] if device.type == "cuda" else None
         wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=ids, find_unused_parameters=find_unused)
     if compile:
-        wrapped = torch.compile(wrapped)
+        wrapped = torch.compile(wrapped)  # type: ignore[assignment]  # compiling a Module gives an OptimizedModule; the stub says a callable
     # A plain model's wrapper is called as model(x) directly; an FSR model needs the FSRModel face.
     return _WrappedFSRView(wrapped) if isinstance(model, FSRModel) else wrapped

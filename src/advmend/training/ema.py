@@ -52,6 +52,6 @@ class ModelEMA:
         return {f"ema.{k}": v for k, v in self.module.state_dict().items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], updates: int) -> None:
-        state = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
+        state = {k[len("ema.") :]: v for k, v in tensors.items() if k.startswith("ema.")}
         self.module.load_state_dict(state)
         self.updates = int(updates)

@@ -25,9 +25,9 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -37,8 +37,8 @@ from advmend.config import RunConfig, check_config, to_dict
 from advmend.data import BatchLoader
 from advmend.defenses.build import build_model
 from advmend.errors import ConfigError
-from advmend.models import describe_normalization
 from advmend.evaluation.evaluate import evaluate
+from advmend.models import describe_normalization
 from advmend.training.build import (
     attack_threat,
     build_attack,
@@ -56,7 +56,6 @@ from advmend.training.distributed import (
 )  # fmt: skip
 from advmend.training.ema import ModelEMA
 from advmend.training.precision import Precision, check_amp, to_channels_last
-from advmend.training.schedule import Schedule, learning_rate
 from advmend.training.run_folder import (  # noqa: F401  (LAST, BEST, prepare_out_dir, ...: where callers found them)
     BEST,
     LAST,
@@ -71,6 +70,7 @@ from advmend.training.run_folder import (  # noqa: F401  (LAST, BEST, prepare_ou
     save_or_explain,
     unchanged_except,
 )
+from advmend.training.schedule import Schedule, learning_rate
 from advmend.training.stage import Phase, Stage
 from advmend.training.trainers import TRAINERS
 
@@ -98,7 +98,9 @@ def check_train_config(cfg: RunConfig, device: torch.device | None = None) -> No
     device = device if device is not None else resolve_device(t.device)
     check_amp(t.amp, device)
     if t.sync_bn and device.type != "cuda":
-        raise ConfigError("train.sync_bn=true needs CUDA devices (torch's SyncBatchNorm runs only on GPUs); set it false")
+        raise ConfigError(
+            "train.sync_bn=true needs CUDA devices (torch's SyncBatchNorm runs only on GPUs); set it false"
+        )
     if t.tensorboard:
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401
@@ -179,6 +181,7 @@ def classifier_stage(cfg: RunConfig, out_dir: Path, ctx: DistContext, device: to
     )
     # Each rank takes every world_size-th example of the shuffled order, batch_size / world_size at a
     # time: the union of the ranks' step-s batches is exactly the single-process step-s batch.
+    assert data.train is not None  # built with need_train
     loader = BatchLoader(
         data.train, t.batch_size // ctx.world_size, shuffle=True, device=device, augment=info["augment"],
         drop_last=len(data.train) >= 2 * t.batch_size, seed=t.seed, rank=ctx.rank, world_size=ctx.world_size,
@@ -366,13 +369,15 @@ def train_epoch(stage: Stage, epoch: int) -> dict:
     seconds = time.perf_counter() - t0
     # One all-reduce of every sum: epoch metrics over the global batch, identical on all ranks.
     keys = sorted(sums)
-    packed = torch.stack([sums[k].to(torch.float64) for k in keys]
-                         + [correct.to(torch.float64), torch.tensor(float(seen), dtype=torch.float64, device=device)])
-    packed = ctx.all_reduce_sum(packed).tolist()
-    total = packed[-1]
-    rec = {"epoch": epoch + 1, "lr": lr}
-    rec.update({k: v / total for k, v in zip(keys, packed)})
-    rec["train_acc"] = 100 * packed[-2] / total
+    packed = torch.stack(
+        [sums[k].to(torch.float64) for k in keys]
+        + [correct.to(torch.float64), torch.tensor(float(seen), dtype=torch.float64, device=device)]
+    )
+    values: list[float] = ctx.all_reduce_sum(packed).tolist()
+    total = values[-1]
+    rec: dict[str, float | int] = {"epoch": epoch + 1, "lr": lr}
+    rec.update({k: v / total for k, v in zip(keys, values)})
+    rec["train_acc"] = 100 * values[-2] / total
     rec["seconds"] = round(seconds, 2)
     rec["images_per_s"] = round(total / seconds, 1)
     return rec

@@ -21,9 +21,9 @@ classifier's, so `advmend eval` and `load_trained_model` rebuild it unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -40,8 +40,8 @@ from advmend.evaluation.run import load_trained_model
 from advmend.io import file_sha256
 from advmend.training.build import attack_threat, build_attack, build_data, resolve_device
 from advmend.training.loop import SELECT, TrainResult, check_train_config, run_stage, train
-from advmend.training.run_folder import BEST, LAST, unchanged_except
 from advmend.training.precision import Precision
+from advmend.training.run_folder import BEST, LAST, unchanged_except
 from advmend.training.schedule import Schedule
 from advmend.training.stage import Phase, Stage
 from advmend.training.trainers import TRAINERS
@@ -54,7 +54,9 @@ def _classifier(cfg: RunConfig, out_dir: Path, resume: bool, log) -> Path:
     if cfg.pssr.classifier is not None:
         path = Path(cfg.pssr.classifier)
         if not path.is_file():
-            raise CheckpointError(f"pssr.classifier: checkpoint {str(path)!r} not found (or set it to null to train one)")
+            raise CheckpointError(
+                f"pssr.classifier: checkpoint {str(path)!r} not found (or set it to null to train one)"
+            )
         return path
     clf_dir = out_dir / CLASSIFIER_DIR
     clf_cfg = replace(cfg, name=f"{cfg.name}-classifier", pssr=PSSRConfig())
@@ -78,7 +80,9 @@ def _trained_classifier(cfg: RunConfig, out: Path, log: Callable[[str], None], *
     return train(cfg, out, resume=False, log=log).best
 
 
-def train_pssr(cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, log: Callable[[str], None] = print) -> TrainResult:
+def train_pssr(
+    cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, log: Callable[[str], None] = print
+) -> TrainResult:
     """Train the PSSR regenerator of `cfg` into `out_dir` (see the module docstring)."""
     out_dir = Path(out_dir)
     p = cfg.pssr
@@ -187,9 +191,13 @@ def pssr_selection(select: str, f, val_data, cfg: RunConfig, device) -> tuple[st
     def goal(rec: dict) -> bool:
         return rec.get("val_clean_acc", float("-inf")) >= floor
 
-    return "val_graybox_acc", goal, (
-        f"val_graybox_acc among epochs with val_clean_acc >= {floor:.2f} (the classifier's {alone:.2f} "
-        f"- {CLEAN_GOAL_POINTS:g}) (train.select=robust)"
+    return (
+        "val_graybox_acc",
+        goal,
+        (
+            f"val_graybox_acc among epochs with val_clean_acc >= {floor:.2f} (the classifier's {alone:.2f} "
+            f"- {CLEAN_GOAL_POINTS:g}) (train.select=robust)"
+        ),
     )
 
 
@@ -199,7 +207,10 @@ def _check_resume(out_dir: Path, record: dict, cfg: RunConfig, info: dict, clf_p
     p = cfg.pssr
     # A regenerator is built for one image shape and sits in front of one label space: pairing it
     # with a classifier (and data) of another one would fail deep inside load_state_dict.
-    if (record.get("num_classes"), tuple(record.get("image_shape") or ())) != (info["num_classes"], tuple(info["image_shape"])):
+    if (record.get("num_classes"), tuple(record.get("image_shape") or ())) != (
+        info["num_classes"],
+        tuple(info["image_shape"]),
+    ):
         raise ConfigError(
             f"--resume: the regenerator in {out_dir} was trained for {record.get('num_classes')} classes of shape "
             f"{tuple(record.get('image_shape') or ())}, but classifier {str(clf_path)!r} and data {cfg.data.name!r} "
@@ -209,8 +220,10 @@ def _check_resume(out_dir: Path, record: dict, cfg: RunConfig, info: dict, clf_p
     # classifier may have been moved): compared by the SHA-256 the run recorded.
     recorded = (record.get("classifier") or {}).get("sha256")
     if recorded is not None and recorded != file_sha256(clf_path):
-        raise ConfigError(f"--resume: classifier {str(clf_path)!r} is not the one the regenerator in {out_dir} was "
-                          "trained in front of (another SHA-256); resume with that classifier, or start a new run")
+        raise ConfigError(
+            f"--resume: classifier {str(clf_path)!r} is not the one the regenerator in {out_dir} was "
+            "trained in front of (another SHA-256); resume with that classifier, or start a new run"
+        )
     # Every other setting as for a classifier run (a changed lr, loss weight or attack would continue
     # another recipe); pssr.epochs may change to train further, as train.epochs may for a classifier.
     epochs = unchanged_except(out_dir, record, cfg, ("pssr.epochs", "pssr.classifier")).get("pssr.epochs")
@@ -276,8 +289,8 @@ def _validate(model: PSSRModel, val_data, attack, cfg: RunConfig, device) -> dic
                        device=device, seed=cfg.eval.seed)  # fmt: skip
     return {
         "val_clean_acc": 100 * ev.result.clean_accuracy,
-        "val_graybox_acc": 100 * ev.threat_accuracy(GRAYBOX),
-        "val_whitebox_acc": 100 * ev.threat_accuracy(MASK),
+        "val_graybox_acc": 100 * ev._ran_accuracy(GRAYBOX),
+        "val_whitebox_acc": 100 * ev._ran_accuracy(MASK),
         "val_robust_acc": 100 * ev.result.worst_accuracy,
         "val_psnr": round(quality["psnr"], 3),
         "val_ssim": round(quality["ssim"], 4),

@@ -9,9 +9,9 @@ only training can provide (PSSR: its transfer surrogate).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import advmend.training.loop  # noqa: F401  (registers the classifier's trainer)
 import advmend.training.pssr_loop  # noqa: F401  (registers PSSR's trainer)

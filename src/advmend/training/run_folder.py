@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 import yaml
@@ -68,7 +69,7 @@ def open_run(stage: Stage, out_dir: Path, *, resume: bool, log: Callable[[str], 
     # config.yaml describes the run's checkpoints: written when a run starts, and on resume only when
     # missing or when the stage's resume check returns a changed config (e.g. train.epochs changed to
     # continue the run: the new checkpoints record it too).
-    run_config = to_dict(stage.config)
+    run_config: dict[str, Any] | None = to_dict(stage.config)
     if resume:
         state, record = load_checkpoint(out_dir / LAST)
         changed = stage.check_resume(record)
@@ -89,7 +90,7 @@ def open_run(stage: Stage, out_dir: Path, *, resume: bool, log: Callable[[str], 
                 stage.ema = ModelEMA(model, stage.ema.decay)
                 log("--resume: the checkpoint has no EMA; the average restarts from the current weights")
         prefix = f"rng.rank{ctx.rank}." if stage.rng_by_rank else "rng."
-        rng = {k[len(prefix):]: v for k, v in extra.items() if k.startswith(prefix)}
+        rng = {k[len(prefix) :]: v for k, v in extra.items() if k.startswith(prefix)}
         if rng:
             restore_rng_state(rng, device)
         else:

@@ -9,8 +9,8 @@ metrics.jsonl, model selection, atomic checkpoints, and exact resume for both.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn

@@ -9,7 +9,11 @@ The training objective lives in `advmend.defenses.pssr.objective` (not imported 
 """
 
 from advmend.defenses.pssr.pipeline import (
-    PSSRModel, PSSROutput, PSSRPreprocess, build_pssr_model, check_pssr_config,
+    PSSRModel,
+    PSSROutput,
+    PSSRPreprocess,
+    build_pssr_model,
+    check_pssr_config,
 )  # fmt: skip
 from advmend.defenses.pssr.regenerator import Regenerator, auto_depth
 from advmend.defenses.pssr.surgery import apply_surgery, pixel_surgery, salient_mask, score_map

@@ -25,8 +25,9 @@ through PS and G in one batched pass; only G's parameters receive gradients unle
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -128,7 +129,10 @@ class PSSRObjective:
         x_hat = model.regenerate(xs, m, inputs)
         lambda_feat_cln = self.lambda_feat if self.lambda_feat_clean is None else self.lambda_feat_clean
         need_feat = self.lambda_sem > 0 and (self.lambda_feat > 0 or lambda_feat_cln > 0)
-        with penultimate_features(model.classifier) if need_feat else contextlib.nullcontext([]) as store:
+        feats: contextlib.AbstractContextManager[Any] = (
+            penultimate_features(model.classifier) if need_feat else contextlib.nullcontext([])
+        )
+        with feats as store:
             logits = model.classifier(x_hat)
             if need_feat:
                 with torch.no_grad():
@@ -152,7 +156,8 @@ class PSSRObjective:
         loss = (
             self.lambda_pix * pix_adv
             + (self.lambda_pix if self.lambda_pix_clean is None else self.lambda_pix_clean) * pix_cln
-            + self.lambda_sem * (self.lambda_ce * (ce_adv + ce_cln) + self.lambda_feat * feat_adv + lambda_feat_cln * feat_cln)
+            + self.lambda_sem
+            * (self.lambda_ce * (ce_adv + ce_cln) + self.lambda_feat * feat_adv + lambda_feat_cln * feat_cln)
             + self.lambda_rd * rd
         )
         metrics = {

@@ -26,8 +26,8 @@ from torch import nn
 from advmend.config import PSSR_MODES, PSSRConfig, RunConfig, from_dict
 from advmend.defenses.classifier import build_classifier
 from advmend.defenses.pssr.regenerator import Regenerator
-from advmend.defenses.registry import DEFENSES
 from advmend.defenses.pssr.surgery import MASKS, apply_surgery, salient_mask, score_map
+from advmend.defenses.registry import DEFENSES
 from advmend.errors import ConfigError
 from advmend.validate import check_images
 
@@ -94,7 +94,7 @@ class PSSRModel(nn.Module):
             for p in module.parameters():
                 p.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "PSSRModel":
+    def train(self, mode: bool = True) -> PSSRModel:
         """Sets G's mode; f (unless fine-tuned) and the scorer stay in eval mode."""
         super().train(mode)
         if not self.finetune_classifier:

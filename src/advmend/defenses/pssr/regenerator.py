@@ -19,14 +19,13 @@ Choices, and why:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from advmend.errors import ConfigError, InputError
-
 
 _EPS = 1e-3  # clamp before logit: black or white pixels keep finite logits and gradients
 
@@ -53,7 +52,9 @@ def fill_holes(surgical: torch.Tensor, mask: torch.Tensor, windows: Sequence[int
     keep = 1 - mask.to(surgical.dtype)
     kept = surgical * keep
     n_kept = keep.sum(dim=(2, 3), keepdim=True)
-    fill = torch.where(n_kept > 0, kept.sum(dim=(2, 3), keepdim=True) / n_kept.clamp_min(1), torch.full_like(n_kept, 0.5))
+    fill = torch.where(
+        n_kept > 0, kept.sum(dim=(2, 3), keepdim=True) / n_kept.clamp_min(1), torch.full_like(n_kept, 0.5)
+    )
     fill = fill.expand_as(surgical)
     for k in reversed(windows):  # the smallest window that sees a kept pixel wins: it is applied last
         den = F.avg_pool2d(keep, k, stride=1, padding=k // 2, count_include_pad=True)
@@ -121,6 +122,7 @@ class Regenerator(nn.Module):
         self.residual = bool(residual)
         if self.residual:  # identity at initialisation: the correction starts at zero
             nn.init.zeros_(self.head.weight)
+            assert self.head.bias is not None  # Conv2d's default bias=True
             nn.init.zeros_(self.head.bias)
 
     def forward(self, surgical: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -131,7 +133,9 @@ class Regenerator(nn.Module):
             )
         h, w = surgical.shape[-2:]
         if h % 2**self.depth or w % 2**self.depth:
-            raise InputError(f"the regenerator ({self.depth} stages) needs sides divisible by {2**self.depth}, got {h}x{w}")
+            raise InputError(
+                f"the regenerator ({self.depth} stages) needs sides divisible by {2**self.depth}, got {h}x{w}"
+            )
         skips = [self.stem(torch.cat([surgical, mask.to(surgical.dtype)], dim=1))]
         for block in self.down:
             skips.append(block(self.pool(skips[-1])))
