@@ -104,8 +104,9 @@ def bench_loop(base: str = "cifar10/pgdat_small_cnn_cpu", *, n_images: int = 500
                rounds: int = 2) -> list[LoopRow]:  # fmt: skip
     """images/s of the product's loop and of the minimal loop on the same images, alternating `rounds`
     times (so that a busy machine slows both alike); the first epoch of each run is warm-up."""
+    from advmend.data.sources import dataset_info
     from advmend.defenses.build import build_model
-    from advmend.training.build import build_data
+    from advmend.training.build import attack_threat, build_data
     from advmend.training.loop import train
 
     cfg = loop_config(base, n_images, epochs)
@@ -122,9 +123,7 @@ def bench_loop(base: str = "cifar10/pgdat_small_cnn_cpu", *, n_images: int = 500
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         attack = cfg.train.attack
-        assert (
-            attack.eps is not None
-        )  # TODO: a base config without train.attack.eps (the data set's) is not resolved here
+        eps = attack_threat(attack, dataset_info(cfg.data.name)["eps"]).eps  # eps None: the data set's radius
         minimal.epochs_ips += minimal_pgd_at(
             model,
             train_set.images,
@@ -132,7 +131,7 @@ def bench_loop(base: str = "cifar10/pgdat_small_cnn_cpu", *, n_images: int = 500
             epochs=epochs,
             batch_size=cfg.train.batch_size,
             lr=cfg.train.lr,
-            eps=attack.eps,
+            eps=eps,
             steps=attack.steps,
             channels_last=cfg.train.channels_last,
         )[1:]
