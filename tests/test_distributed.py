@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,24 +69,30 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process(tmp_path, no_batchnorm):
-    single = tmp_path / "single"
-    h_single = train(_cfg(), single, log=lambda s: None).history
-    ddp = tmp_path / "ddp"
-    mp.spawn(_worker, args=(2, _free_port(), str(ddp)), nprocs=2, join=True)
-
+def assert_matches_one_process(single: Path, ddp: Path, h_single: list[dict]) -> tuple[dict, list[dict]]:
+    """A 2-process run in `ddp` ended with the weights and epoch losses of the 1-process run in `single`;
+    returns the 2-process run's checkpoint record and its metrics.jsonl history."""
     ref, _ = load_checkpoint(single / "last.safetensors")
     got, record = load_checkpoint(ddp / "last.safetensors")
     assert record["world_size"] == 2 and record["epoch"] == 2
     assert set(got) == set(ref)
     for k in ref:
         assert torch.allclose(got[k].double(), ref[k].double(), rtol=1e-4, atol=1e-5), k
-    # Epoch metrics are all-reduced: the loss and accuracy are those of the whole global batch.
-    import json
-
     h_ddp = [json.loads(s) for s in (ddp / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(h_ddp, h_single):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    return record, h_ddp
+
+
+def test_two_gloo_processes_match_one_process(tmp_path, no_batchnorm):
+    single = tmp_path / "single"
+    h_single = train(_cfg(), single, log=lambda s: None).history
+    ddp = tmp_path / "ddp"
+    mp.spawn(_worker, args=(2, _free_port(), str(ddp)), nprocs=2, join=True)
+
+    record, h_ddp = assert_matches_one_process(single, ddp, h_single)
+    # Epoch metrics are all-reduced: the loss and accuracy are those of the whole global batch.
+    for a, b in zip(h_ddp, h_single):
         assert a["train_acc"] == pytest.approx(b["train_acc"])
         assert a["val_robust_acc"] == pytest.approx(b["val_robust_acc"])
     # Rank 0 alone writes: one set of files, every rank's RNG state in `last`.

@@ -4,14 +4,18 @@ the job's environment, end with the weights of 1 process (as under torchrun, tes
 from __future__ import annotations
 
 import functools
-import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from test_distributed import _build_without_batchnorm, _cfg, no_batchnorm  # noqa: F401 (a fixture)
+from test_distributed import (  # noqa: F401 (no_batchnorm: a fixture)
+    _build_without_batchnorm,
+    _cfg,
+    assert_matches_one_process,
+    no_batchnorm,
+)
 
 import advmend.training.loop as loop_mod
 from advmend.checkpoint import load_checkpoint
@@ -55,15 +59,7 @@ def test_two_launched_gloo_tasks_match_one_process(tmp_path):
     job = _launch(ddp)
     assert sorted(job.results()) == [0, 1], job.stderr()  # both ranks ran to the end
 
-    ref, _ = load_checkpoint(single / "last.safetensors")
-    got, record = load_checkpoint(ddp / "last.safetensors")
-    assert record["world_size"] == 2 and record["epoch"] == 2
-    assert set(got) == set(ref)
-    for k in ref:
-        assert torch.allclose(got[k].double(), ref[k].double(), rtol=1e-4, atol=1e-5), k
-    h_ddp = [json.loads(s) for s in (ddp / "metrics.jsonl").read_text().splitlines()]
-    for a, b in zip(h_ddp, h_single):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    assert_matches_one_process(single, ddp, h_single)
     assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in single.iterdir())
     assert (tmp_path / "ddp.jobs").is_dir() and not (ddp / "ddp.jobs").exists()  # job files beside the run
 

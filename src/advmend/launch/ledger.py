@@ -19,6 +19,7 @@ from pathlib import Path
 
 from advmend.errors import ConfigError
 from advmend.io import atomic_write_text
+from advmend.study.runner import process_alive
 
 JOBS = "jobs"
 LOCK = "launch.lock"
@@ -82,20 +83,6 @@ def _tail(jobs_dir: Path, job_id: str) -> str:
     return "\n".join(lines[-LOG_TAIL:])
 
 
-def _process_alive(pid: int) -> bool:
-    """Whether a local job's controller still runs (a zombie, ended but not yet reaped, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def _slurm_state(jobs_dir: Path, job_id: str) -> str:
     """The job's state as `sacct` gives it now (UNKNOWN where sacct or submitit cannot be asked)."""
     try:
@@ -112,7 +99,7 @@ def _job_state(jobs_dir: Path, launcher: str, job_id: str) -> tuple[str, bool]:
     if result is not None:
         return ("failed", True) if result[0] == "error" else ("ended", False)
     if launcher == "local":
-        return ("running", False) if job_id.isdigit() and _process_alive(int(job_id)) else ("failed", True)
+        return ("running", False) if job_id.isdigit() and process_alive(int(job_id)) else ("failed", True)
     state = _slurm_state(jobs_dir, job_id)
     if state in _QUEUED:
         return "queued", False
@@ -155,7 +142,7 @@ def launch_lock(jobs_dir: Path, wait_s: float = 300.0):
                 host, pid = path.read_text().split()
             except (OSError, ValueError):  # gone, or its owner has not written it yet: look again
                 host, pid = "", ""
-            if host == socket.gethostname() and pid.isdigit() and not _process_alive(int(pid)):
+            if host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid)):
                 path.unlink(missing_ok=True)  # its launch was killed
                 continue
             if time.monotonic() > deadline:

@@ -75,14 +75,19 @@ class StudyPlan:
         return sorted(todo, key=lambda s: (s.row.seeds.index(s.seed), rows[s.row.name]))
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` still runs on this machine: a claim's owner, a local job's controller. A
+    zombie (ended, not yet reaped by its parent) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (not Linux): kill(pid, 0) is all there is
+        return True
 
 
 @contextlib.contextmanager
@@ -100,7 +105,7 @@ def claim(runs_dir: Path, run_id: str):
                 owner = int(path.read_text().strip() or 0)
             except (OSError, ValueError):
                 owner = 0
-            if owner and owner != os.getpid() and _alive(owner):
+            if owner and owner != os.getpid() and process_alive(owner):
                 yield False
                 return
             path.unlink(missing_ok=True)  # a stale claim
