@@ -235,7 +235,7 @@ MUTANTS: list[Mutant] = [
         (T_OBJ + "test_mart_with_fsr_matches_the_spec",), "the boosting term rewards a confident wrong class",
     ),
     Mutant(
-        "fsr-lambda-sep-ignored", "adversarial_forward",
+        "fsr-lambda-sep-ignored", "FSRModel.forward_with_loss",
         "lambda_sep * sep + lambda_rec * rec",
         "sep + lambda_rec * rec",
         (T_OBJ + "test_pgd_at_fsr_loss_matches_the_spec",), "fsr.lambda_sep has no effect",

@@ -129,22 +129,24 @@ def test_bf16_training_is_close_to_fp32(tmp_path, fp32_run):
 
 
 def test_wrapped_fsr_view_keeps_the_fsr_losses():
-    """What objectives see of a DDP / compiled FSR model: still an FSRModel, same loss and metrics."""
+    """What objectives see of a DDP / compiled FSR model: still a model with its own loss terms, same loss
+    and metrics."""
+    from advmend.defenses.hooks import AuxiliaryLoss
     from advmend.defenses.insert import FSRModel
-    from advmend.training.distributed import _Dispatch, _WrappedFSRView
+    from advmend.training.distributed import _AuxiliaryLossView, _Dispatch
 
     torch.manual_seed(0)
     model = FSRModel(create_model("small_cnn", num_classes=10, width=4), at=["stage3"], num_classes=10,
                      input_shape=(3, 16, 16), hidden=8).train()  # fmt: skip
     twin = copy.deepcopy(model)  # each call updates BatchNorm statistics: give each its own copy
-    view = _WrappedFSRView(_Dispatch(twin))
+    view = _AuxiliaryLossView(_Dispatch(twin))
     x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 10, (8,))
     objective = AdversarialCE(PGD(eps=8 / 255, steps=2, step_size=2 / 255))
     torch.manual_seed(1)
     ref = objective(model, x, y)
     torch.manual_seed(1)
     got = objective(view, x, y)
-    assert isinstance(view, FSRModel) and set(got.metrics) == set(ref.metrics) >= {"fsr_sep", "fsr_rec"}
+    assert isinstance(view, AuxiliaryLoss) and set(got.metrics) == set(ref.metrics) >= {"fsr_sep", "fsr_rec"}
     assert torch.equal(got.loss, ref.loss)
     assert view.training and twin.training  # modes are restored through the view
     got.loss.backward()

@@ -20,7 +20,9 @@ highest-loss run.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,6 +30,18 @@ from torch import nn
 from advmend.attacks.modes import attack_mode
 from advmend.attacks.pgd import PGD, pgd
 from advmend.types import AttackRun
+
+
+def crafting_attacks(attacks: Sequence[Any]) -> list[PGD]:
+    """The attacks of `attacks` that can craft on a source model (a transfer or gray-box threat model):
+    the presets of the PGD core. External attacks (AutoAttack) only attack the model they are given, so
+    a list without a PGD one crafts with PGD-20 (step 2.5 eps / 20) at its first attack's radius and
+    norm, and the transfer threat models still run; an empty list crafts nothing."""
+    crafters = [a for a in attacks if isinstance(a, PGD)]
+    if crafters or not attacks:
+        return crafters
+    ref = attacks[0]  # every attack has a radius and a norm
+    return [PGD(eps=ref.eps, steps=20, step_size=2.5 * ref.eps / 20, norm=ref.norm, name="PGD-20")]
 
 
 @dataclass(frozen=True, eq=False)

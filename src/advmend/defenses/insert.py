@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +106,20 @@ class FSRModel(nn.Module):
             return FSROutput(logits, self._record)
         finally:
             self._record = None
+
+    def forward_with_loss(
+        self, x: torch.Tensor, y: torch.Tensor, weights: Mapping[str, float]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """The loss pass every training objective runs (`defenses.hooks.AuxiliaryLoss`): the logits and
+        lambda_sep * L_sep + lambda_rec * L_rec from one `forward_with_aux` pass (docs/fsr.md: y_adv from
+        the final logits on x). With both weights 0 it is the plain forward pass, so a method with
+        zero FSR weights is exactly the method without FSR."""
+        lambda_sep, lambda_rec = weights["lambda_sep"], weights["lambda_rec"]
+        if lambda_sep == 0 and lambda_rec == 0:
+            return self(x), None, {}
+        out = self.forward_with_aux(x)
+        sep, rec = fsr_losses(out, y)
+        return out.logits, lambda_sep * sep + lambda_rec * rec, {"fsr_sep": sep.detach(), "fsr_rec": rec.detach()}
 
     def eject(self) -> nn.Module:
         """Remove the hooks and return the untouched backbone; this wrapper stops working."""

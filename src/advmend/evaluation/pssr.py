@@ -40,11 +40,11 @@ from tqdm.auto import tqdm
 from advmend.attacks.adaptive import BPDA
 from advmend.attacks.modes import attack_mode
 from advmend.attacks.pgd import PGD
-from advmend.attacks.transfer import Transfer
+from advmend.attacks.transfer import Transfer, crafting_attacks
 from advmend.config import RunConfig
 from advmend.data import BatchLoader
 from advmend.data.arrays import ImageDataset
-from advmend.defenses.pssr.pipeline import PSSRModel, PSSRPreprocess
+from advmend.defenses.pssr.pipeline import PSSRModel, PSSRPreprocess, check_classifier_record
 from advmend.defenses.pssr.regenerator import fill_holes
 from advmend.errors import ConfigError
 from advmend.evaluation.evaluate import AttackResult, EvalResult, check_bound, evaluate
@@ -212,10 +212,7 @@ def evaluate_pssr(
     start = time.perf_counter()
     device = torch.device(device)
     labels = list(threat_models)
-    crafters = [a for a in attacks if isinstance(a, PGD)]
-    if not crafters and attacks:
-        ref = attacks[0]
-        crafters = [PGD(eps=ref.eps, steps=20, step_size=2.5 * ref.eps / 20, norm=ref.norm, name="PGD-20")]
+    crafters = crafting_attacks(attacks)
     store = AdvStore(ds) if keep_adv else None
     whitebox: dict[str, Any] = {"batch_size": batch_size, "device": device, "seed": seed, "progress": progress,
                 "cascade": cascade, "keep_adv": keep_adv}  # fmt: skip
@@ -292,8 +289,7 @@ def check_surrogate(model: PSSRModel, surrogate: nn.Module, record: dict, ds: Im
                     device: torch.device | str = "cpu") -> None:  # fmt: skip
     """ConfigError unless `surrogate` (loaded from checkpoint `source`, with its `record`) can be the
     transfer source of `model` on `ds`: a classifier, of the same image shape and class count."""
-    if record.get("config", {}).get("pssr", {}).get("enabled"):
-        raise ConfigError(f"transfer surrogate {source!r} is a PSSR checkpoint; give a classifier's checkpoint")
+    check_classifier_record(record, f"transfer surrogate {source!r}")
     # A surrogate of another data set would fail mid-attack (or, worse, "transfer" nonsense).
     check_data_fits_model(ds, image_shape=record.get("image_shape"), num_classes=record.get("num_classes"),
                           source=f"the transfer surrogate {source!r}",

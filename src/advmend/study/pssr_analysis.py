@@ -86,7 +86,7 @@ def run_finding(settings: FindingSettings) -> tuple[list[str], Path, bool]:
     from advmend.attacks.pgd import PGD, pgd
     from advmend.config import PSSRConfig, RunConfig, apply_overrides, from_dict, to_dict
     from advmend.data import BatchLoader, subset
-    from advmend.defenses.pssr.pipeline import PSSRModel
+    from advmend.defenses.pssr.pipeline import pipeline_of
     from advmend.defenses.pssr.surgery import apply_surgery, salient_mask, score_map
     from advmend.evaluation.image_quality import RestorationMeter
     from advmend.evaluation.pssr import restoration_breakdown
@@ -103,7 +103,7 @@ def run_finding(settings: FindingSettings) -> tuple[list[str], Path, bool]:
     device = resolve_device(settings.device, "--device")
     model, cfg, record = load_trained_model(settings.checkpoint, device)
     cfg = from_dict(RunConfig, apply_overrides(to_dict(cfg), settings.overrides))
-    pipeline = model if isinstance(model, PSSRModel) else None
+    pipeline = pipeline_of(model)
     f = pipeline.classifier if pipeline else model
     base = cfg.pssr if pipeline else PSSRConfig()
     rule = settings.mask or base.mask

@@ -5,15 +5,17 @@ then joins the process group (nccl on CUDA, gloo on CPU), each rank takes batch_
 every global batch (BatchLoader rank/world_size: the union over ranks is the single-process batch),
 gradients are averaged by DDP, and rank 0 alone logs and writes files.
 
-Objectives receive `model` and check `isinstance(model, FSRModel)` to add the FSR losses through
-`model.forward_with_aux`; a DDP or torch.compile wrapper would hide that. `training_view` therefore
-wraps a dispatcher (plain or auxiliary forward) and hands objectives an FSRModel face for it, so the
-FSR terms, the attack and the loss all run through DDP and the compiled graph.
+Objectives ask whether `model` has its own loss terms (`defenses.hooks.AuxiliaryLoss`, an FSR
+model's L_sep and L_rec) and then run its `forward_with_loss`; a DDP or torch.compile wrapper would
+hide that method. `training_view` therefore wraps a dispatcher (plain forward or the model's loss
+pass) and hands objectives a face with that method, so the model's own terms, the attack and the loss
+all run through DDP and the compiled graph.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -21,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from advmend.defenses.insert import FSRModel
+from advmend.defenses.hooks import AuxiliaryLoss
 from advmend.errors import ConfigError
 
 
@@ -93,32 +95,32 @@ def shutdown_distributed(ctx: DistContext) -> None:
 
 
 class _Dispatch(nn.Module):
-    """One forward that DDP / compile can wrap: plain logits, or FSR's logits plus auxiliary outputs."""
+    """One forward that DDP / compile can wrap: the plain logits, or, given labels and loss weights, the
+    model's loss pass with its own terms (`defenses.hooks.AuxiliaryLoss`)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor, aux: bool = False):
-        return self.model.forward_with_aux(x) if aux else self.model(x)  # type: ignore[operator]  # torch types a submodule attribute Tensor | Module
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, weights: Mapping[str, float] | None = None):
+        if y is None or weights is None:
+            return self.model(x)
+        return self.model.forward_with_loss(x, y, weights)  # type: ignore[operator]  # torch types a submodule attribute Tensor | Module
 
 
-class _WrappedFSRView(FSRModel):
-    """An FSRModel face for a wrapped FSRModel: objectives still add the FSR losses.
-
-    Only forward and forward_with_aux are provided (all an objective uses); FSRModel.__init__ is not
-    run because the blocks live in the wrapped model, which this view registers as its only child.
-    """
+class _AuxiliaryLossView(nn.Module):
+    """The `AuxiliaryLoss` face of a wrapped model that has one: objectives still get its own loss terms,
+    computed inside the DDP / compiled forward. The wrapped module is this view's only child."""
 
     def __init__(self, wrapped: nn.Module) -> None:
-        nn.Module.__init__(self)
+        super().__init__()
         self.wrapped = wrapped
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.wrapped(x)
 
-    def forward_with_aux(self, x: torch.Tensor):
-        return self.wrapped(x, aux=True)
+    def forward_with_loss(self, x: torch.Tensor, y: torch.Tensor, weights: Mapping[str, float]):
+        return self.wrapped(x, y, weights)
 
 
 def training_view(
@@ -136,5 +138,5 @@ def training_view(
         wrapped = nn.parallel.DistributedDataParallel(wrapped, device_ids=ids, find_unused_parameters=find_unused)
     if compile:
         wrapped = torch.compile(wrapped)  # type: ignore[assignment]  # compiling a Module gives an OptimizedModule; the stub says a callable
-    # A plain model's wrapper is called as model(x) directly; an FSR model needs the FSRModel face.
-    return _WrappedFSRView(wrapped) if isinstance(model, FSRModel) else wrapped
+    # A wrapper is called as model(x) directly; a model with its own loss terms keeps that method's face.
+    return _AuxiliaryLossView(wrapped) if isinstance(model, AuxiliaryLoss) else wrapped

@@ -1,13 +1,14 @@
 """Training objectives: `(model, x, y) -> LossOutput`. They never own the optimizer.
 
 PGD-AT (Madry et al. 2018): minimise CE on adversarial examples made by the shared PGD core with the
-model in eval mode; the loss pass then runs in the model's current (train) mode. With an `FSRModel`,
-the FSR terms of docs/fsr.md are added: L = CE + lambda_sep * L_sep + lambda_rec * L_rec, in
-the same single forward pass. "standard" training is the same objective with no attack, and fast AT
-(Wong et al. 2020) is the same objective with a one-step attack (`fast_at_attack`).
+model in eval mode; the loss pass then runs in the model's current (train) mode. A model with its own
+loss terms adds them in the same single forward pass (`adversarial_forward`); for an `FSRModel` those
+are the FSR terms of docs/fsr.md: L = CE + lambda_sep * L_sep + lambda_rec * L_rec. "standard"
+training is the same objective with no attack, and fast AT (Wong et al. 2020) is the same objective
+with a one-step attack (`fast_at_attack`).
 
-TRADES and MART live in `trades.py` and `mart.py`; all of them add the FSR terms through
-`adversarial_forward`, so every method composes with FSR the same way.
+TRADES and MART live in `trades.py` and `mart.py`; all of them add a model's own terms through
+`adversarial_forward`, so every method composes with FSR (and any such defense) the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from advmend.attacks.pgd import PGD, pgd
-from advmend.defenses.insert import FSRModel, fsr_losses
+from advmend.defenses.hooks import AuxiliaryLoss
 from advmend.errors import ConfigError
 from advmend.types import LossOutput
 
@@ -55,18 +56,16 @@ class RegularisedObjective:
 def adversarial_forward(
     model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, lambda_sep: float, lambda_rec: float
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
-    """The loss pass on the adversarial batch: (final logits, weighted FSR terms or None, metrics).
+    """The loss pass on the adversarial batch: (final logits, the model's weighted auxiliary terms or
+    None, metrics).
 
-    For an `FSRModel` with a non-zero weight, one `forward_with_aux` pass gives both the logits and the
-    blocks' auxiliary outputs, so the FSR terms cost no extra forward pass (docs/fsr.md:
-    L_sep and L_rec on the method's adversarial batch, y_adv from the final logits on x'). Otherwise
-    a plain forward pass: with both weights 0 a method is exactly the method without FSR.
+    A model with its own loss terms (`defenses.hooks.AuxiliaryLoss`: an `FSRModel`'s L_sep and L_rec)
+    computes them in its one loss pass, weighted by the objective's weights; any other model gives its
+    logits alone. Asking for the method rather than a class keeps every defense out of the objectives.
     """
-    if not (isinstance(model, FSRModel) and (lambda_sep != 0 or lambda_rec != 0)):
+    if not isinstance(model, AuxiliaryLoss):
         return model(x_adv), None, {}
-    out = model.forward_with_aux(x_adv)
-    sep, rec = fsr_losses(out, y)
-    return out.logits, lambda_sep * sep + lambda_rec * rec, {"fsr_sep": sep.detach(), "fsr_rec": rec.detach()}
+    return model.forward_with_loss(x_adv, y, {"lambda_sep": lambda_sep, "lambda_rec": lambda_rec})
 
 
 def fast_at_attack(eps: float, *, norm: str = "linf", step_size: float | None = None) -> PGD:

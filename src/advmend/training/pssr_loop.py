@@ -30,9 +30,8 @@ import torch
 from advmend.checkpoint import load_checkpoint
 from advmend.config import PSSRConfig, RunConfig, from_dict, to_dict
 from advmend.data import BatchLoader
-from advmend.defenses.build import build_model
 from advmend.defenses.pssr.objective import PSSRObjective
-from advmend.defenses.pssr.pipeline import PSSRModel, check_pssr_config
+from advmend.defenses.pssr.pipeline import PSSRModel, check_classifier_record, check_pssr_run, pipeline_for_training
 from advmend.errors import CheckpointError, ConfigError
 from advmend.evaluation.evaluate import evaluate
 from advmend.evaluation.pssr import GRAYBOX, MASK, evaluate_pssr, restoration
@@ -86,9 +85,7 @@ def train_pssr(
     """Train the PSSR regenerator of `cfg` into `out_dir` (see the module docstring)."""
     out_dir = Path(out_dir)
     p = cfg.pssr
-    if not p.enabled:
-        raise ConfigError("train_pssr needs pssr.enabled: true")
-    check_pssr_config(p)
+    check_pssr_run(cfg)
     device = resolve_device(cfg.train.device)
     check_train_config(cfg, device)
     has_last = (out_dir / LAST).exists()
@@ -103,8 +100,7 @@ def train_pssr(
 
     clf_path = _classifier(cfg, out_dir, resume, log)
     f, f_cfg, f_record = load_trained_model(clf_path, device)
-    if f_cfg.pssr.enabled:
-        raise ConfigError(f"pssr.classifier: {clf_path} is a PSSR checkpoint; give the classifier's checkpoint")
+    check_classifier_record(f_record, f"pssr.classifier: {clf_path}")
     if f_record["num_classes"] != info["num_classes"] or tuple(f_record["image_shape"]) != tuple(info["image_shape"]):
         raise ConfigError(
             f"pssr.classifier: {clf_path} was trained for {f_record['num_classes']} classes of shape "
@@ -126,10 +122,7 @@ def _regenerator_stage(cfg: RunConfig, out_dir: Path, data, clf_path: Path, f, d
     pre-training and the adversarial epochs, PSSR's validation, and its resume rules."""
     p, t, info = cfg.pssr, cfg.train, data.info
     torch.manual_seed(t.seed)
-    model = build_model(cfg, info["num_classes"], info["image_shape"])
-    assert isinstance(model, PSSRModel)
-    model.classifier.load_state_dict(f.state_dict())
-    model = model.to(device)
+    model = pipeline_for_training(cfg, f, info["num_classes"], info["image_shape"]).to(device)
     trainable = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=p.lr)
     objective = PSSRObjective(

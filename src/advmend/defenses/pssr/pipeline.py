@@ -162,6 +162,25 @@ def check_pssr_config(p: PSSRConfig) -> None:
     p.checked()
 
 
+def check_pssr_run(cfg: RunConfig) -> None:
+    """What PSSR's trainer needs of a run config: the pssr section enabled and its values checked."""
+    if not cfg.pssr.enabled:
+        raise ConfigError("train_pssr needs pssr.enabled: true")
+    check_pssr_config(cfg.pssr)
+
+
+def check_classifier_record(record: dict, source: str) -> None:
+    """ConfigError when checkpoint `source` (its `record`) holds a PSSR pipeline: PSSR protects a
+    classifier (plain or FSR), and its transfer surrogate is one too, never another pipeline."""
+    if ((record.get("config") or {}).get("pssr") or {}).get("enabled"):
+        raise ConfigError(f"{source} is a PSSR checkpoint; give a classifier's checkpoint")
+
+
+def pipeline_of(model: nn.Module) -> PSSRModel | None:
+    """The PSSR pipeline `model` is, or None when it is a classifier (plain or FSR) without PS + G."""
+    return model if isinstance(model, PSSRModel) else None
+
+
 # PSSR is asked first: it wraps a classifier that may carry FSR blocks. Its transfer source is a config key
 # (a surrogate classifier, `evaluation.pssr`), and its training loads its own classifier's split.
 @DEFENSES.register("pssr", enabled=lambda cfg: cfg.pssr.enabled, order=0, label="PSSR", eval_prefix="pssr-",
@@ -173,6 +192,15 @@ def build_pssr_model(cfg: RunConfig, num_classes: int, image_shape: tuple[int, i
     """
     check_pssr_config(cfg.pssr)
     return _assemble(build_classifier(cfg, num_classes, image_shape), image_shape, cfg.pssr)
+
+
+def pipeline_for_training(cfg: RunConfig, classifier: nn.Module, num_classes: int,
+                          image_shape: tuple[int, int, int]) -> PSSRModel:  # fmt: skip
+    """The pipeline of `cfg` that PSSR's trainer trains: the trained `classifier`'s weights as f (frozen
+    unless pssr.finetune_classifier), a fresh G."""
+    model = build_pssr_model(cfg, num_classes, image_shape)
+    model.classifier.load_state_dict(classifier.state_dict())
+    return model
 
 
 def _assemble(classifier: nn.Module, image_shape: tuple[int, int, int], p: PSSRConfig) -> PSSRModel:
