@@ -232,7 +232,8 @@ def test_pssr_selects_on_graybox_accuracy_among_epochs_meeting_the_clean_goal():
 
     labels = torch.tensor([0] * 60 + [1] * 40)  # the classifier alone: 60 % clean
     val = ArrayDataset(torch.zeros(100, 1, 8, 8, dtype=torch.uint8), labels, tuple(str(k) for k in range(10)))
-    key, goal, words = pssr_selection("robust", _Constant(), val, _cfg("robust"), torch.device("cpu"))
+    chosen = pssr_selection("robust", _Constant(), val, _cfg("robust"), torch.device("cpu"))
+    key, goal, words = chosen.key, chosen.goal, chosen.description
     assert key == "val_graybox_acc" and "val_graybox_acc" in words and "57.00" in words
     assert goal({"val_clean_acc": 60.1 - CLEAN_GOAL_POINTS}) and not goal({"val_clean_acc": 59.9 - CLEAN_GOAL_POINTS})
     # White box is 0 at every epoch behind a plain classifier: the gray-box accuracy decides, and an
@@ -243,4 +244,5 @@ def test_pssr_selects_on_graybox_accuracy_among_epochs_meeting_the_clean_goal():
     assert [select_best(h[: i + 1], key, None, goal)[1:] for i in range(3)] == [(41.0, 1), (41.0, 1), (48.5, 3)]
     assert select_best(h, key, None, None)[1:] == (52.0, 2)  # without the goal, the best gray-box epoch
     # "clean" and "last" select as for a classifier, without a goal.
-    assert pssr_selection("clean", _Constant(), val, _cfg("clean"), torch.device("cpu"))[:2] == ("val_clean_acc", None)
+    clean = pssr_selection("clean", _Constant(), val, _cfg("clean"), torch.device("cpu"))
+    assert (clean.key, clean.goal) == ("val_clean_acc", None)

@@ -71,12 +71,13 @@ from advmend.training.run_folder import (  # noqa: F401  (LAST, BEST, prepare_ou
     unchanged_except,
 )
 from advmend.training.schedule import Schedule, learning_rate
-from advmend.training.stage import Phase, Stage
+from advmend.training.stage import ClassifierOptions, Phase, Selection, Stage
 from advmend.training.trainers import TRAINERS
 
 # Model selection on the held-out validation split (never the test set): the metric of each choice.
 SELECT = {"robust": "val_robust_acc", "clean": "val_clean_acc", "last": "epoch"}  # keys: config.SELECTS
 TIE_KEY = "val_clean_acc"  # breaks a tie of the selection metric (select_best)
+LATEST = Selection("epoch", "the latest epoch (no validation split)")  # with nothing to validate on
 
 
 @dataclass
@@ -86,7 +87,7 @@ class TrainResult:
     best: Path
     history: list[dict]
     stopped: dict | None = field(default=None)  # {"epoch", "reason"} when early stopping ended the run
-    selection: str = ""  # how the best checkpoint was chosen, in words (Stage.selection)
+    selection: str = ""  # how the best checkpoint was chosen, in words (Stage.selection.description)
 
 
 def check_train_config(cfg: RunConfig, device: torch.device | None = None) -> None:
@@ -189,17 +190,14 @@ def classifier_stage(cfg: RunConfig, out_dir: Path, ctx: DistContext, device: to
     precision = Precision(t.amp, device)
     ema = ModelEMA(model, t.ema) if t.ema is not None else None
     view = training_view(model, ctx, device, compile=t.compile)
-    validate = None
+    validate, selection = None, LATEST  # without a validation split there is nothing to select on
     if data.val is not None:
         validate = lambda m: _validate(m, data.val, val_attack, cfg, device, ctx)  # noqa: E731
+        selection = Selection(SELECT[t.select], f"{SELECT[t.select]} (train.select={t.select})")
     return Stage(
         name="epoch", config=cfg, model=model, view=view, phases=(Phase(objective, t.epochs),),
         optimizer=optimizer, schedule=Schedule.of(t), loader=loader, device=device, precision=precision,
-        validate=validate, val_every=t.val_every,
-        # Without a validation split there is nothing to select on: best is the latest epoch.
-        select_key=SELECT[t.select] if data.val is not None else "epoch",
-        selection=f"{SELECT[t.select]} (train.select={t.select})" if data.val is not None else
-        "the latest epoch (no validation split)",
+        validate=validate, val_every=t.val_every, selection=selection,
         record={
             "num_classes": info["num_classes"],
             "image_shape": list(info["image_shape"]),
@@ -210,9 +208,10 @@ def classifier_stage(cfg: RunConfig, out_dir: Path, ctx: DistContext, device: to
             "normalization": describe_normalization(model),  # its source; the values are sealed buffers too
         },
         check_resume=lambda record: check_resume_config(out_dir, record, cfg),
-        checkpoint_bytes=checkpoint_bytes(model, optimizer, ema is not None), out_dir_config=cfg,
-        ema=ema, ctx=ctx, patience=t.patience, early_stopping=True, rng_by_rank=True,
-        channels_last=t.channels_last, progress=t.progress, tensorboard=t.tensorboard, lr_key="train.lr",
+        checkpoint_bytes=checkpoint_bytes(model, optimizer, ema is not None), progress=t.progress,
+        lr_key="train.lr", log_line=log_line,
+        classifier=ClassifierOptions(out_dir_config=cfg, ctx=ctx, ema=ema, patience=t.patience,
+                                     channels_last=t.channels_last, tensorboard=t.tensorboard),
     )  # fmt: skip
 
 
@@ -227,9 +226,11 @@ def run_stage(stage: Stage, out_dir: Path, *, resume: bool, log: Callable[[str],
     model, optimizer, precision, ctx = stage.model, stage.optimizer, stage.precision, stage.ctx
     state = open_run(stage, out_dir, resume=resume, log=log)
     start_epoch, best_value, history = state.start_epoch, state.best_value, state.history
-    since_best, stopped, select_key = state.since_best, state.stopped, stage.select_key
+    since_best, stopped, select_key = state.since_best, state.stopped, stage.selection.key
+    options = stage.classifier  # early stopping, EMA and TensorBoard: the classifier's stage alone
+    patience = options.patience if options is not None else None
     writer = None
-    if stage.tensorboard and ctx.is_main:
+    if options is not None and options.tensorboard and ctx.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_epoch + 1)
@@ -255,22 +256,22 @@ def run_stage(stage: Stage, out_dir: Path, *, resume: bool, log: Callable[[str],
                         if k != "epoch" and isinstance(v, (int, float)):
                             writer.add_scalar(k, v, rec["epoch"])
                     writer.flush()
-            log(log_line(rec, epochs) + stage.log_suffix(rec))
-            is_best, best_value, best_epoch = select_best(history, select_key, best_value, stage.select_goal)
-            if stage.patience is not None and rec.get(select_key) is not None:  # a validated epoch
+            log(stage.log_line(rec, epochs))
+            is_best, best_value, best_epoch = select_best(history, select_key, best_value, stage.selection.goal)
+            if patience is not None and rec.get(select_key) is not None:  # a validated epoch
                 since_best = 0 if is_best else since_best + 1
-                if since_best >= stage.patience:
+                if since_best >= patience:
                     stopped = {"epoch": epoch + 1, "reason": f"early stopping: no new best {select_key} in "
-                               f"{since_best} validations (train.patience={stage.patience})"}  # fmt: skip
+                               f"{since_best} validations (train.patience={patience})"}  # fmt: skip
             record = dict(
                 record_base, epoch=epoch + 1, metrics=rec,
                 best={"epoch": best_epoch, "metric": select_key, "value": best_value},
                 scaler=precision.state(),
             )  # fmt: skip
-            if stage.early_stopping:
+            if options is not None:  # PSSR's records have neither key
                 record.update(
                     ema=None if ema is None else {"decay": ema.decay, "updates": ema.updates, "used_for_selection": True},
-                    early_stopping={"patience": stage.patience, "metric": select_key,
+                    early_stopping={"patience": patience, "metric": select_key,
                                     "validations_since_best": since_best, "stopped": stopped},
                 )  # fmt: skip
             extra = rng_tensors(stage)
@@ -286,7 +287,7 @@ def run_stage(stage: Stage, out_dir: Path, *, resume: bool, log: Callable[[str],
     finally:
         if writer is not None:
             writer.close()
-    return TrainResult(out_dir, out_dir / LAST, out_dir / BEST, history, stopped, stage.selection or select_key)
+    return TrainResult(out_dir, out_dir / LAST, out_dir / BEST, history, stopped, stage.selection.description)
 
 
 def select_best(history: list[dict], select_key: str, best_value: float | None,
@@ -332,6 +333,7 @@ def train_epoch(stage: Stage, epoch: int) -> dict:
     view, model, optimizer, loader = stage.view, stage.model, stage.optimizer, stage.loader
     device, precision, ema, ctx = stage.device, stage.precision, stage.ema, stage.ctx
     objective = stage.phase(epoch).objective
+    channels_last = stage.classifier is not None and stage.classifier.channels_last
     view.train()
     loader.set_epoch(epoch)
     sums: dict[str, torch.Tensor] = {}
@@ -343,7 +345,7 @@ def train_epoch(stage: Stage, epoch: int) -> dict:
     bar = tqdm(loader, desc=f"{stage.name} {epoch + 1}/{stage.epochs}", disable=not show, leave=False)
     lr = learning_rate(stage.schedule, epoch, 0, n_steps)
     for step, (x, y) in enumerate(bar):
-        x = to_channels_last(x, stage.channels_last)
+        x = to_channels_last(x, channels_last)
         lr = learning_rate(stage.schedule, epoch, step, n_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr

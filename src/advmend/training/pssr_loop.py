@@ -38,11 +38,11 @@ from advmend.evaluation.pssr import GRAYBOX, MASK, evaluate_pssr, restoration
 from advmend.evaluation.run import load_trained_model
 from advmend.io import file_sha256
 from advmend.training.build import attack_threat, build_attack, build_data, resolve_device
-from advmend.training.loop import SELECT, TrainResult, check_train_config, run_stage, train
+from advmend.training.loop import LATEST, SELECT, TrainResult, check_train_config, log_line, run_stage, train
 from advmend.training.precision import Precision
 from advmend.training.run_folder import BEST, LAST, unchanged_except
 from advmend.training.schedule import Schedule
-from advmend.training.stage import Phase, Stage
+from advmend.training.stage import Phase, Selection, Stage
 from advmend.training.trainers import TRAINERS
 
 CLASSIFIER_DIR = "classifier"
@@ -139,10 +139,10 @@ def _regenerator_stage(cfg: RunConfig, out_dir: Path, data, clf_path: Path, f, d
     loader = BatchLoader(data.train, p.batch_size, shuffle=True, device=device, augment=info["augment"],
                          drop_last=len(data.train) >= 2 * p.batch_size, seed=t.seed)  # fmt: skip
     weights = sum(v.numel() * v.element_size() for v in model.state_dict().values())
-    validate, select_key, goal, selection = None, "epoch", None, "the latest epoch (no validation split)"
+    validate, selection = None, LATEST
     if data.val is not None:
         validate = lambda m: _validate(m, data.val, val_attack, cfg, device)  # noqa: E731
-        select_key, goal, selection = pssr_selection(t.select, f, data.val, cfg, device)
+        selection = pssr_selection(t.select, f, data.val, cfg, device)
     # G's stage runs on one process with the classifier loop's precision switch (train.amp): the attack on
     # f, the surgery and both passes through G and f run under autocast. channels_last is left out: a quick
     # check on CPU found it slower for the U-Net (bf16's gain: python -m advmend.bench.pssr_speed --amp bf16).
@@ -151,7 +151,7 @@ def _regenerator_stage(cfg: RunConfig, out_dir: Path, data, clf_path: Path, f, d
         phases=(Phase(pretrain, p.pretrain_epochs, "pretrain"), Phase(objective, p.epochs, "adversarial")),
         optimizer=optimizer, schedule=Schedule(lr=p.lr, epochs=total, kind="cosine"),  # Adam, cosine (spec)
         loader=loader, device=device, precision=Precision(t.amp, device),
-        validate=validate, val_every=t.val_every, select_key=select_key, select_goal=goal, selection=selection,
+        validate=validate, val_every=t.val_every, selection=selection,
         record={
             "num_classes": info["num_classes"], "image_shape": list(info["image_shape"]),
             **asdict(attack_threat(p.attack, info["eps"])),
@@ -159,7 +159,7 @@ def _regenerator_stage(cfg: RunConfig, out_dir: Path, data, clf_path: Path, f, d
         },
         check_resume=lambda record: _check_resume(out_dir, record, cfg, info, clf_path),
         checkpoint_bytes=weights + 2 * sum(q.numel() * q.element_size() for q in trainable),  # Adam: 2 slots
-        progress=t.progress, rng_by_rank=False, lr_key="pssr.lr", log_suffix=_log_suffix,
+        progress=t.progress, lr_key="pssr.lr", log_line=_log_line,
     )  # fmt: skip
 
 
@@ -167,8 +167,8 @@ def _regenerator_stage(cfg: RunConfig, out_dir: Path, data, clf_path: Path, f, d
 CLEAN_GOAL_POINTS = 3.0
 
 
-def pssr_selection(select: str, f, val_data, cfg: RunConfig, device) -> tuple[str, Callable[[dict], bool] | None, str]:
-    """(metric, goal, description) of PSSR's model selection for `train.select`.
+def pssr_selection(select: str, f, val_data, cfg: RunConfig, device) -> Selection:
+    """PSSR's model selection for `train.select`.
 
     "robust" selects on what PSSR can provide: its gray-box validation accuracy (the attack crafted on
     f), among the epochs whose clean accuracy meets the goal (within CLEAN_GOAL_POINTS of f alone on
@@ -177,20 +177,18 @@ def pssr_selection(select: str, f, val_data, cfg: RunConfig, device) -> tuple[st
     identically 0 would leave the choice to chance. "clean" and "last" select as for a classifier.
     """
     if select != "robust":
-        return SELECT[select], None, f"{SELECT[select]} (train.select={select})"
+        return Selection(SELECT[select], f"{SELECT[select]} (train.select={select})")
     alone = 100 * evaluate(f, val_data, [], batch_size=cfg.eval.batch_size, device=device).clean_accuracy
     floor = alone - CLEAN_GOAL_POINTS
 
     def goal(rec: dict) -> bool:
         return rec.get("val_clean_acc", float("-inf")) >= floor
 
-    return (
+    return Selection(
         "val_graybox_acc",
+        f"val_graybox_acc among epochs with val_clean_acc >= {floor:.2f} (the classifier's {alone:.2f} "
+        f"- {CLEAN_GOAL_POINTS:g}) (train.select=robust)",
         goal,
-        (
-            f"val_graybox_acc among epochs with val_clean_acc >= {floor:.2f} (the classifier's {alone:.2f} "
-            f"- {CLEAN_GOAL_POINTS:g}) (train.select=robust)"
-        ),
     )
 
 
@@ -229,9 +227,13 @@ def _check_resume(out_dir: Path, record: dict, cfg: RunConfig, info: dict, clf_p
     return to_dict(cfg)
 
 
-def _log_suffix(rec: dict) -> str:
+def _log_line(rec: dict, epochs: int) -> str:
+    """The classifier's epoch line, then PSSR's phase, reconstruction loss, removed share and PSNR."""
     psnr = f" val psnr {rec['val_psnr']:.2f} dB" if "val_psnr" in rec else ""
-    return f" | {rec['stage']} | pix {rec['pix_adv']:.4f} removed {100 * rec['removed']:.1f}%{psnr}"
+    return (
+        log_line(rec, epochs)
+        + f" | {rec['stage']} | pix {rec['pix_adv']:.4f} removed {100 * rec['removed']:.1f}%{psnr}"
+    )
 
 
 SURROGATE_DIR = "transfer-surrogate-seed{seed}"

@@ -60,7 +60,8 @@ def open_run(stage: Stage, out_dir: Path, *, resume: bool, log: Callable[[str], 
     metrics.jsonl (rank 0); returns where the epochs start."""
     model, optimizer, precision, ctx, device = stage.model, stage.optimizer, stage.precision, stage.ctx, stage.device
     check_disk_space(out_dir, stage.checkpoint_bytes)
-    prepare_out_dir(out_dir, resume, ctx.rank, cfg=stage.out_dir_config)
+    options = stage.classifier
+    prepare_out_dir(out_dir, resume, ctx.rank, cfg=options.out_dir_config if options is not None else None)
     if ctx.is_main:
         remove_stale_temp_files(out_dir, log)
     ctx.barrier()
@@ -83,13 +84,13 @@ def open_run(stage: Stage, out_dir: Path, *, resume: bool, log: Callable[[str], 
         optimizer.load_state_dict(record["optimizer_state"])
         extra = record.get("extra_tensors", {})
         precision.load_state(record.get("scaler"))
-        if stage.ema is not None:
+        if options is not None and options.ema is not None:
             if any(k.startswith("ema.") for k in extra):
-                stage.ema.load_state_tensors(extra, (record.get("ema") or {}).get("updates", 0))
+                options.ema.load_state_tensors(extra, (record.get("ema") or {}).get("updates", 0))
             else:
-                stage.ema = ModelEMA(model, stage.ema.decay)
+                options.ema = ModelEMA(model, options.ema.decay)
                 log("--resume: the checkpoint has no EMA; the average restarts from the current weights")
-        prefix = f"rng.rank{ctx.rank}." if stage.rng_by_rank else "rng."
+        prefix = f"rng.rank{ctx.rank}." if options is not None else "rng."
         rng = {k[len(prefix) :]: v for k, v in extra.items() if k.startswith(prefix)}
         if rng:
             restore_rng_state(rng, device)
@@ -114,8 +115,9 @@ def append_metrics(out_dir: Path, rec: dict) -> None:
 
 
 def rng_tensors(stage: Stage) -> dict[str, torch.Tensor]:
-    """The RNG states a `last` checkpoint holds: every rank's, or this process's (`Stage.rng_by_rank`)."""
-    return _gather_rng(stage.ctx, stage.device) if stage.rng_by_rank else _rng(stage.device)
+    """The RNG states a `last` checkpoint holds: every rank's for the classifier's stage (it may run on
+    several), else this process's (`ClassifierOptions.ctx`)."""
+    return _gather_rng(stage.ctx, stage.device) if stage.classifier is not None else _rng(stage.device)
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -292,5 +294,5 @@ def _gather_rng(ctx: DistContext, device: torch.device) -> dict[str, torch.Tenso
 
 
 def _rng(device: torch.device) -> dict[str, torch.Tensor]:
-    """This process's RNG states, named rng.<generator> (a stage with `rng_by_rank` false)."""
+    """This process's RNG states, named rng.<generator> (a single-process stage: PSSR's)."""
     return {f"rng.{k}": v for k, v in rng_state_tensors(device).items()}

@@ -33,13 +33,52 @@ class Phase:
     label: str | None = None
 
 
-def _no_suffix(rec: dict) -> str:
-    return ""
+@dataclass(frozen=True)
+class Selection:
+    """How a stage's best checkpoint is chosen.
+
+    Attributes:
+        key: the metric the best checkpoint maximises (a key of the epoch record); "epoch" when there
+            is nothing to validate on (the best is then the latest epoch).
+        description: the choice in words, for the log and the command's output.
+        goal: a rule on the epoch record; epochs that meet it rank above those that do not
+            (`loop.select_best`), or None. PSSR's: its clean accuracy within a few points of the
+            classifier's alone.
+    """
+
+    key: str
+    description: str
+    goal: Callable[[dict], bool] | None = None
+
+
+@dataclass
+class ClassifierOptions:
+    """What only the classifier's stage has: training at scale and a folder of its own.
+
+    Attributes:
+        ctx: the distributed context: its checkpoints hold every rank's RNG states (rng.rank<r>.<generator>;
+            a stage without these options runs on one process and keeps rng.<generator>).
+        ema: the weight average, validated and kept as `best` (None: off).
+        patience: early stopping after this many validations without a new best (None: off). Its
+            checkpoint records carry "ema" and "early_stopping" (None when off); PSSR's have neither.
+        channels_last, tensorboard: the memory layout of its batches and its TensorBoard events.
+        out_dir_config: a new run may start over in a folder that holds only what a run of this config
+            writes before its first checkpoint (`run_folder.prepare_out_dir`); PSSR's folder also holds
+            its classifier's run, so it has no such rule.
+    """
+
+    out_dir_config: RunConfig
+    ctx: DistContext = field(default_factory=DistContext)
+    ema: ModelEMA | None = None
+    patience: int | None = None
+    channels_last: bool = False
+    tensorboard: bool = False
 
 
 @dataclass
 class Stage:
-    """One stage of training, as `run_stage` trains it (see the module docstring for why).
+    """One stage of training, as `run_stage` trains it (see the module docstring for why). Its fields are
+    what both stages have; what only the classifier's has is grouped in `classifier`.
 
     Attributes:
         name: names the epochs in the progress bar ("epoch", "pssr epoch").
@@ -51,30 +90,18 @@ class Stage:
         loader: the training batches (re-seeded per epoch, so resume needs no loader state).
         device, precision: where and in which precision (train.amp) the steps run.
         validate: the val_* metrics of a module (the EMA copy when there is one), or None: nothing to
-            validate on, and the best checkpoint is the latest epoch (select_key "epoch").
+            validate on (then `selection` is the latest epoch).
         val_every: validate every this many epochs, and after the last.
-        select_key: the metric the best checkpoint maximises (a key of the epoch record).
-        select_goal: a rule on the epoch record; epochs that meet it rank above those that do not
-            (`loop.select_best`), or None. PSSR's: its clean accuracy within a few points of the
-            classifier's alone.
-        selection: how the best checkpoint is chosen, in words, for the log and the command's output.
+        selection: how the best checkpoint is chosen (`Selection`).
         record: the stage's own checkpoint record fields (num_classes, image_shape, threat model, ...).
         check_resume: called with the record of the `last` checkpoint being resumed; raises when the
             run cannot continue with this stage, else returns the config the continued run records when
             it differs from the run's (then config.yaml is rewritten), or None.
         checkpoint_bytes: the size of one `last` checkpoint, for the disk-space check.
-        out_dir_config: with a config, a new run may start over in a folder that holds only what a run
-            of that config writes before its first checkpoint (`loop.prepare_out_dir`); PSSR's folder
-            also holds its classifier's run, so it gives none.
-        ema, ctx: the weight average and the distributed context, where they apply.
-        patience: early stopping after this many validations without a new best (None: off).
-        early_stopping: whether records carry "ema" and "early_stopping" (the classifier's do; PSSR's
-            checkpoints have neither key).
-        rng_by_rank: RNG states named rng.rank<r>.<generator>, gathered from every rank; else
-            rng.<generator> (PSSR's single-process checkpoints).
-        channels_last, progress, tensorboard: the speed and display switches that apply to the stage.
+        progress: whether a progress bar is shown.
         lr_key: the setting a non-finite loss error tells the user to lower.
-        log_suffix: what the stage adds to an epoch's log line.
+        log_line: an epoch's log line from its record and the stage's epoch count.
+        classifier: what only the classifier's stage has (`ClassifierOptions`), None for PSSR's.
     """
 
     name: str
@@ -89,23 +116,23 @@ class Stage:
     precision: Precision
     validate: Callable[[nn.Module], dict] | None
     val_every: int
-    select_key: str
+    selection: Selection
     record: dict
     check_resume: Callable[[dict], dict | None]
     checkpoint_bytes: int
-    out_dir_config: RunConfig | None = None
-    select_goal: Callable[[dict], bool] | None = None
-    selection: str = ""
-    ema: ModelEMA | None = None
-    ctx: DistContext = field(default_factory=DistContext)
-    patience: int | None = None
-    early_stopping: bool = False
-    rng_by_rank: bool = True
-    channels_last: bool = False
-    progress: bool = True
-    tensorboard: bool = False
-    lr_key: str = "train.lr"
-    log_suffix: Callable[[dict], str] = _no_suffix
+    progress: bool
+    lr_key: str
+    log_line: Callable[[dict, int], str]
+    classifier: ClassifierOptions | None = None
+
+    @property
+    def ctx(self) -> DistContext:
+        """The distributed context: the classifier's, else one process."""
+        return self.classifier.ctx if self.classifier is not None else DistContext()
+
+    @property
+    def ema(self) -> ModelEMA | None:
+        return self.classifier.ema if self.classifier is not None else None
 
     @property
     def epochs(self) -> int:
