@@ -151,3 +151,104 @@ def test_the_cycle_check_bites(tmp_path):
     with open(root / "training" / "objectives.py", "a") as f:
         f.write("\nfrom advmend.bench import throughput\n")  # bench imports training.objectives
     assert find_cycle(unit_graph(import_graph(root))) is not None
+
+
+# ----------------------------------------------------------------------------- defenses have one owner
+# A defense is one package under defenses/ plus its registrations: no code outside defenses/ asks which
+# defense a model or a config is. Two kinds of question are looked for in the source: a type test against
+# a class defined in defenses/ (isinstance / issubclass), and a read of a defense section's `enabled`
+# switch (`cfg.pssr.enabled`, `record["config"]["pssr"]["enabled"]`, `.get("pssr", {}).get("enabled")`).
+# The one place that reads the switches is each defense's registration (`defenses.registry.defense_of`).
+DEFENSE_PACKAGE = "defenses"
+
+
+def defense_classes(root: Path = SRC) -> set[str]:
+    """The names of the classes defined under defenses/, other than its protocols (`defenses.hooks`: what
+    any model may supply, the generic question training is meant to ask)."""
+    return {
+        node.name
+        for path in (root / DEFENSE_PACKAGE).rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path)))
+        if isinstance(node, ast.ClassDef) and "Protocol" not in _names(ast.Tuple(node.bases))
+    }
+
+
+def switch_sections() -> set[str]:
+    """The run config's sections that have an `enabled` switch (a defense's: fsr, pssr)."""
+    import dataclasses
+
+    from advmend.config import RunConfig
+
+    return {f.name for f in dataclasses.fields(RunConfig) if "enabled" in getattr(f.default_factory, "__dataclass_fields__", {})}  # type: ignore[arg-type]  # fmt: skip
+
+
+def _key(node: ast.AST) -> tuple[ast.AST, str] | None:
+    """(the object, the key) when `node` reads one key of it: `obj.key`, `obj["key"]` or `obj.get("key", ...)`."""
+    if isinstance(node, ast.Attribute):
+        return node.value, node.attr
+    if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
+        return node.value, node.slice.value
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get" and node.args
+            and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):  # fmt: skip
+        return node.func.value, node.args[0].value
+    return None
+
+
+def _names(node: ast.AST) -> set[str]:
+    """The class names a type test's second argument mentions (a name, a dotted name, or a tuple of them)."""
+    if isinstance(node, ast.Tuple):
+        return set().union(*(_names(e) for e in node.elts))
+    if isinstance(node, ast.Name):
+        return {node.id}
+    if isinstance(node, ast.Attribute):
+        return {node.attr}
+    return set()
+
+
+def defense_branches(root: Path = SRC) -> list[str]:
+    """Every place outside defenses/ that tests a defense's class or reads a defense section's switch."""
+    classes, sections = defense_classes(root), switch_sections()
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.parts[0] == DEFENSE_PACKAGE:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id in ("isinstance", "issubclass") and len(node.args) == 2):  # fmt: skip
+                hit = _names(node.args[1]) & classes
+                if hit:
+                    found.append(f"{rel}:{node.lineno} tests for {', '.join(sorted(hit))}")
+            read = _key(node)
+            if read is not None and read[1] == "enabled":
+                inner = _key(read[0])
+                if inner is not None and inner[1] in sections:
+                    found.append(f"{rel}:{node.lineno} reads {inner[1]}.enabled")
+    return found
+
+
+def test_no_defense_branch_outside_defenses():
+    """Training, evaluation, study and the CLI reach a defense through its hooks and registrations only."""
+    assert defense_classes() >= {"FSRModel", "PSSRModel"} and switch_sections() == {"fsr", "pssr"}
+    assert defense_branches() == []
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        "def f(model):\n    from advmend.defenses.insert import FSRModel\n    return isinstance(model, FSRModel)\n",
+        "def f(model, P):\n    import advmend.defenses.pssr.pipeline as p\n    return isinstance(model, (int, p.PSSRModel))\n",
+        "def f(cfg):\n    return cfg.pssr.enabled\n",
+        'def f(record):\n    return record["config"]["fsr"]["enabled"]\n',
+        'def f(record):\n    return record.get("config", {}).get("pssr", {}).get("enabled")\n',
+    ],
+)
+def test_the_defense_branch_check_bites(tmp_path, planted):
+    import shutil
+
+    root = tmp_path / "advmend"
+    shutil.copytree(SRC, root)
+    with open(root / "training" / "objectives.py", "a") as f:
+        f.write("\n\n" + planted)
+    found = defense_branches(root)
+    assert len(found) == 1 and found[0].startswith("training/objectives.py:")
