@@ -241,6 +241,21 @@ MUTANTS: list[Mutant] = [
         (T_OBJ + "test_pgd_at_fsr_loss_matches_the_spec",), "fsr.lambda_sep has no effect",
     ),
     Mutant(
+        "defense-loss-terms-ignored", "adversarial_forward",
+        "if not isinstance(model, AuxiliaryLoss):",
+        "if True:",
+        (T_OBJ + "test_pgd_at_fsr_loss_matches_the_spec",
+         "tests/test_defense_hooks.py::test_a_new_defense_trains_and_evaluates_through_its_registrations"),
+        "a model's own loss terms (FSR's, a new defense's) are never added to the objective",
+    ),
+    Mutant(
+        "wrapped-view-hides-defense-loss-terms", "training_view",
+        "return _AuxiliaryLossView(wrapped) if isinstance(model, AuxiliaryLoss) else wrapped",
+        "return wrapped",
+        ("tests/test_distributed.py::test_ddp_keeps_an_fsr_model_own_loss_terms",),
+        "under DDP / torch.compile the FSR terms silently drop out of the loss",
+    ),
+    Mutant(
         "pgd-at-trains-on-clean-inputs", "AdversarialCE.__call__",
         "model, x if x_adv is None else x_adv, y, self.lambda_sep, self.lambda_rec",
         "model, x, y, self.lambda_sep, self.lambda_rec",

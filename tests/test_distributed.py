@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -98,6 +99,28 @@ def test_two_gloo_processes_match_one_process(tmp_path, no_batchnorm):
     # Rank 0 alone writes: one set of files, every rank's RNG state in `last`.
     assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in single.iterdir())
     assert {k for k in record["extra_tensors"] if k.startswith("rng.")} == {"rng.rank0.cpu", "rng.rank1.cpu"}
+
+
+def _fsr_cfg() -> RunConfig:
+    cfg = _cfg(epochs=1)
+    return dataclasses.replace(cfg, fsr=dataclasses.replace(cfg.fsr, enabled=True))
+
+
+def _fsr_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # what torchrun sets  # fmt: skip
+    torch.set_num_threads(1)
+    train(_fsr_cfg(), out, log=lambda s: None)
+
+
+def test_ddp_keeps_an_fsr_model_own_loss_terms(tmp_path):
+    """Under DDP the objective trains a wrapper of the model: FSR's L_sep and L_rec must still reach the
+    loss (`training_view` hands objectives the model's `forward_with_loss` through the wrapper)."""
+    ddp = tmp_path / "ddp"
+    mp.spawn(_fsr_worker, args=(2, _free_port(), str(ddp)), nprocs=2, join=True)
+    (rec,) = [json.loads(s) for s in (ddp / "metrics.jsonl").read_text().splitlines()]
+    assert rec["fsr_sep"] > 0 and rec["fsr_rec"] > 0  # fsr.lambda_sep = fsr.lambda_rec = 1
+    assert rec["loss"] == pytest.approx(rec["ce"] + rec["fsr_sep"] + rec["fsr_rec"], rel=1e-5)
 
 
 def test_global_batch_must_split_evenly(tmp_path, monkeypatch):
