@@ -87,12 +87,13 @@ def run_protocol(
     """Evaluate on the test set (or its seeded `eval.n_examples` subset), run the sanity suite, and write
     report.json, report.md and accuracy_vs_eps.png (and the adversarial examples with `save_adv`).
 
-    A `PSSRModel` is evaluated under its labelled threat models (`evaluation.pssr.evaluate_pssr`; the
-    transfer source is `cfg.pssr.surrogate`, "not run" without one): the card's attack rows are
-    `<threat model>/<attack>` and its worst case is the headline; the sanity suite and the plot's sweep
-    attack the whole pipeline (white box, mask constant); the card adds the threat-model table and the
-    restoration quality of the clean images (`result.threats` holds them). `extra_attacks` are for
-    other models (a PSSR transfer source is `pssr.surrogate`)."""
+    A defense with its own threat models (its `evaluation.sections.SECTIONS` entry) is evaluated by that
+    entry. PSSR's (`evaluation.pssr.evaluate_pssr`; the transfer source is `cfg.pssr.surrogate`, "not
+    run" without one): the card's attack rows are `<threat model>/<attack>` and its worst case is the
+    headline; the sanity suite and the plot's sweep attack the whole pipeline (white box, mask
+    constant); the card adds the threat-model table and the restoration quality of the clean images
+    (`result.threats` holds them). `extra_attacks` are for the other models (a PSSR transfer source is
+    `pssr.surrogate`)."""
     ev = cfg.eval
     check_config(ev)  # the rules of loading, for a config built or changed in Python
     n = ev.n_examples
