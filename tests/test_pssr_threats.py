@@ -225,3 +225,17 @@ def test_restoration_says_where_the_error_and_the_clean_accuracy_go():
     text = " ".join(restoration_breakdown(q))
     assert f"{100 * q['removed']:.1f} % of them" in text and f"{a['surgery_interpolated']:.2f} %" in text
     assert restoration_breakdown({"psnr": 30.0, "ssim": 0.9, "n_examples": 4}) == []  # an older record
+
+
+def test_graybox_and_transfer_craft_with_the_protocol_pgd_or_a_pgd20_of_its_ball():
+    """Crafting on a source model needs the PGD core: a protocol's PGD attacks craft; a protocol of
+    external attacks only (AutoAttack) crafts with PGD-20 in its ball, so those threat models still run."""
+    from advmend.attacks.autoattack import AutoAttackSpec
+    from advmend.attacks.transfer import crafting_attacks
+
+    pgd10 = PGD(eps=8 / 255, steps=10, name="PGD-10")
+    assert crafting_attacks([AutoAttackSpec(eps=8 / 255), pgd10]) == [pgd10]
+    (made,) = crafting_attacks([AutoAttackSpec(eps=0.5, norm="l2")])
+    assert (made.eps, made.norm, made.steps, made.name) == (0.5, "l2", 20, "PGD-20")
+    assert made.step_size == pytest.approx(2.5 * 0.5 / 20)
+    assert crafting_attacks([]) == []
