@@ -121,3 +121,18 @@ def test_an_explicit_schedule_needs_no_train_config():
     assert learning_rate(cosine, 1, 1, 2) == pytest.approx(0.5e-3)
     t = TrainConfig(epochs=10, lr=0.2)  # piecewise: x0.1 at epochs round(7.5) = 8 and 9
     assert [learning_rate(Schedule.of(t), e, 0, 4) for e in range(10)] == pytest.approx([0.2] * 8 + [0.02, 0.002])
+
+
+def test_a_stage_holds_what_both_stages_give():
+    """No Stage field has a default one stage leaves untouched: what only the classifier's stage has
+    (DDP context, EMA, early stopping, channels_last, TensorBoard, its folder's start-over rule) is its
+    `ClassifierOptions`, the one optional field."""
+    import dataclasses
+
+    from advmend.training.stage import ClassifierOptions
+
+    optional = [f.name for f in dataclasses.fields(Stage)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]  # fmt: skip
+    assert optional == ["classifier"]
+    assert {f.name for f in dataclasses.fields(ClassifierOptions)} == {
+        "ctx", "ema", "patience", "channels_last", "tensorboard", "out_dir_config"}  # fmt: skip
