@@ -136,3 +136,19 @@ def test_a_stage_holds_what_both_stages_give():
     assert optional == ["classifier"]
     assert {f.name for f in dataclasses.fields(ClassifierOptions)} == {
         "ctx", "ema", "patience", "channels_last", "tensorboard", "out_dir_config"}  # fmt: skip
+
+
+def test_pssr_clean_accuracy_goal_ranks_the_best_checkpoint_in_the_loop(tmp_path, monkeypatch):
+    """The loop selects with the stage's whole `Selection`: an epoch missing PSSR's clean-accuracy goal
+    loses to one meeting it, whatever its gray-box accuracy. The validation numbers are scripted (the
+    stage's validate is its input here) so that the goal, not chance, decides."""
+    import advmend.training.pssr_loop as pssr_loop
+
+    clf = train(_cfg(), tmp_path / "clf", log=lambda _m: None)
+    scripted = iter([{"val_clean_acc": 100.0, "val_graybox_acc": 10.0, "val_robust_acc": 0.0},  # meets the goal
+                     {"val_clean_acc": -50.0, "val_graybox_acc": 90.0, "val_robust_acc": 0.0}])  # fmt: skip
+    monkeypatch.setattr(pssr_loop, "_validate", lambda *args: dict(next(scripted)))
+    res = train_pssr(_cfg(enabled=True, classifier=str(clf.best)), tmp_path / "pssr", log=lambda _m: None)
+    assert len(res.history) == 2
+    _, best = load_checkpoint(res.best)
+    assert best["best"] == {"epoch": 1, "metric": "val_graybox_acc", "value": 10.0} and best["epoch"] == 1
