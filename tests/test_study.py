@@ -68,7 +68,12 @@ def test_records_are_written_then_skipped(tmp_path):
     assert len(rec["metrics"]) == 3 and rec["train"]["epochs"] == 3
     ev = rec["eval"]
     assert ev["clean"]["n"] == 48 and len(ev["clean"]["correct"]) == 48
-    assert sorted(ev["attacks"]) == ["CW-30", "FGSM", "PGD-20"]
+    # An FSR row also meets the adaptive attack on its mask (its own cached stage); a plain row does not.
+    assert sorted(ev["attacks"]) == ["CW-30", "CW-30 BPDA-mask", "FGSM", "PGD-20", "PGD-20 BPDA-mask"]
+    assert sorted(json.loads(written[0].read_text())["eval"]["attacks"]) == ["CW-30", "FGSM", "PGD-20"]
+    assert (tmp_path / "runs" / "tiny" / "at_fsr-s0" / "study-eval" / "adaptive.json").is_file()
+    assert not (tmp_path / "runs" / "tiny" / "at-s0" / "study-eval" / "adaptive.json").exists()
+    assert ev["attacks"]["PGD-20 BPDA-mask"]["settings"]["bpda_backward_tau"] == 1.0
     assert ev["attack_indices"] == subset_indices(48, 0)[:24].tolist()
     for _name, a in ev["attacks"].items():
         assert a["n"] == 24 and len(a["correct"]) == 24
@@ -404,6 +409,26 @@ def test_an_ablation_is_compared_with_its_parent_as_well_as_judged_against_its_b
     assert list(cells) == ["fsr − at", "abl − at", "abl − fsr"]  # baselines first, then the comparisons
     assert cells["abl − at"][3].startswith("+10.00") and cells["abl − at"][-1] == "met"
     assert cells["abl − fsr"][3].startswith("+5.00") and cells["abl − fsr"][-1] == "—"  # not judged: not its baseline
+
+
+def test_an_attack_only_the_defense_ran_is_shown_but_never_paired(tmp_path):
+    """FSR's adaptive attack runs on FSR rows only: its column shows the FSR row's accuracy, "—" for the
+    baseline, and no paired difference (there is nothing on the other side to pair with)."""
+    n = 100
+    base = lambda k: "1" * k + "0" * (n - k)  # noqa: E731
+    records = [
+        _record("at-s0", base(40), {"PGD-20": base(20)}, base(20)),
+        _record("fsr-s0", base(40), {"PGD-20": base(30), "PGD-20 BPDA-mask": base(12)}, base(12)),
+    ]
+    rows = [{"name": "at", "seeds": [0]}, {"name": "fsr", "seeds": [0], "baseline": "at"}]
+    _write_syn(tmp_path / "rec", records, rows)
+    text, _ = render(tmp_path / "rec", plot=False)
+    col = _cells(text, "row").index("PGD-20 BPDA-mask")
+    assert _cells(text, "row")[col - 1] == "PGD-20"  # beside the attack it adapts
+    assert _cells(text, "fsr")[col] == "12.00" and _cells(text, "at")[col] == "—"
+    dcol = _cells(text, "row − baseline").index("PGD-20 BPDA-mask")
+    assert _cells(text, "fsr − at")[dcol] == "—"
+    assert _cells(text, "fsr − at")[_cells(text, "row − baseline").index("worst")].startswith("-8.00")
 
 
 @pytest.mark.parametrize("compare", [["nope"], ["abl"], ["at"]])

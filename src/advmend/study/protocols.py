@@ -1,7 +1,8 @@
 """A study's evaluation of one run, registered per defense (`advmend.defenses.registry.DEFENSES` names).
 
 An entry is `protocol(model, test, eps, study, device, checkpoint, run_cfg, cache_dir, progress, log) -> dict`
-(the record's "eval" section): the classifier protocol (`runner.evaluate_run`, for "none" and "fsr")
+(the record's "eval" section): the classifier protocol (`runner.evaluate_run`, for "none"; FSR's adds the adaptive attack on its
+mask, `runner.evaluate_fsr_run`)
 and PSSR's (`pssr_eval.evaluate_pssr_run`, against the classifier it protects). Both evaluate on the
 subsets below: nested prefixes of one seeded permutation of the test split.
 """
