@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from advmend.cli import main
+from advmend.io import file_sha256
 from advmend.study.records import SCHEMA, STUDY_FILE, RecordError, load_record
 from advmend.study.render import render
 from advmend.study.runner import plan_study, run_study, still_training, subset_indices
@@ -93,6 +94,39 @@ def test_records_are_written_then_skipped(tmp_path):
     assert not list((tmp_path / "rec").rglob("*.safetensors"))
     model, cfg, _ = load_trained_model(weights, torch.device("cpu"))
     assert cfg.fsr.enabled
+
+
+def test_a_study_takes_over_a_run_another_study_trained_from_the_same_config(tmp_path, monkeypatch):
+    """A test study that reuses a tuning study: the run with the same config hash is not trained again (its
+    weights are the tuning run's, bit for bit, and its record says so); a run whose config differs is."""
+    rows = [{"name": "at", "seeds": [0]}]
+    tune = _study(tmp_path, rows, test=False)
+    tune.rename(tmp_path / "tune.yaml")
+    data = yaml.safe_load((tmp_path / "tune.yaml").read_text())
+    data["id"] = "tune"
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(data))
+    run_study(tmp_path / "tune.yaml", log=_quiet)
+    tuned = tmp_path / "runs" / "tune" / "at-s0" / "best.safetensors"
+
+    rows = [{"name": "at", "seeds": [0, 1]}]
+    path = _study(tmp_path, rows)
+    data = yaml.safe_load(path.read_text())
+    data["reuse"] = ["tune.yaml"]
+    path.write_text(yaml.safe_dump(data))
+    seen: list[str] = []
+    real, epochs = loop_mod.train_epoch, []
+    monkeypatch.setattr(loop_mod, "train_epoch", lambda *a, **k: epochs.append(1) or real(*a, **k))
+    written = run_study(path, log=seen.append)
+    assert len(epochs) == 3  # seed 1's three epochs; seed 0 trains none
+    recs = {p.stem: json.loads(p.read_text()) for p in written}
+    assert recs["at-s0"]["trained_by"]["study"] == "tune" and recs["at-s0"]["trained_by"]["run"] == "at-s0"
+    assert "trained_by" not in recs["at-s1"]  # seed 1 has another config: trained here
+    assert recs["at-s0"]["checkpoint"]["sha256"] == file_sha256(tuned)
+    assert recs["at-s0"]["metrics"] == json.loads((tmp_path / "rec" / "tune" / "at-s0.json").read_text())["metrics"]
+    assert any("trained as tune/at-s0" in line for line in seen)
+    assert recs["at-s0"]["eval"]["clean"]["n"] == 48  # evaluated on the test split all the same
+    assert (tmp_path / "runs" / "tiny" / "at-s0" / "trained_by.json").is_file()
+    assert not list((tmp_path / "runs" / "tiny").glob("*.copying"))
 
 
 def test_subsets_nest_and_do_not_follow_the_class_order():

@@ -48,10 +48,19 @@ class ThroughSoftMask:
                                generator=generator, progress=progress)  # fmt: skip
 
 
+def _plain_attacks(eps: float, norm: str) -> tuple[PGD, PGD]:
+    """PGD-20 and CW-30 with the FSR paper's settings (step eps/10, no random start, CW kappa 50)."""
+    cw30 = cw_margin(eps, norm, steps=30, step_size=eps / 10, kappa=50.0, name="CW-30")
+    return paper_protocol(eps, norm)[1], cw30
+
+
+def adaptive_attacks(eps: float, norm: str = "linf") -> list[ThroughSoftMask]:
+    """PGD-20 and CW-30 through FSR's softened mask: what the study adds to an FSR row's evaluation."""
+    return [ThroughSoftMask(a) for a in _plain_attacks(eps, norm)]
+
+
 @PROTOCOLS.register("fsr-adaptive", cascade=False, sanity_full=False)
 def fsr_adaptive_protocol(eps: float, norm: str = "linf") -> list:
     """PGD-20 and CW-30 (the FSR paper's settings), and both again through FSR's softened mask (BPDA)."""
-    step = eps / 10
-    pgd20 = paper_protocol(eps, norm)[1]
-    cw30 = cw_margin(eps, norm, steps=30, step_size=step, kappa=50.0, name="CW-30")
+    pgd20, cw30 = _plain_attacks(eps, norm)
     return [pgd20, ThroughSoftMask(pgd20), cw30, ThroughSoftMask(cw30)]

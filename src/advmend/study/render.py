@@ -399,10 +399,11 @@ def plot_study(study: Study, path: Path) -> None:
     for k, row in enumerate(rows):
         recs = _row_records(study, row)
         xs = np.arange(len(metrics)) + (k - (len(rows) - 1) / 2) * width
-        means = [mean_std([_acc(r, m) for r in recs])[0] for m in metrics]
+        accs = [[_acc(r, m) for r in recs if _has(r, m)] for m in metrics]  # an attack the row did not run: no bar
+        means = [mean_std(a)[0] if a else float("nan") for a in accs]
         ax.bar(xs, means, width=width * 0.9, label=f"{row['name']} (n={len(recs)})")
-        for x, m in zip(xs, metrics):
-            ax.scatter([x] * len(recs), [_acc(r, m) for r in recs], color="black", s=6, zorder=3)
+        for x, a in zip(xs, accs):
+            ax.scatter([x] * len(a), a, color="black", s=6, zorder=3)
     ax.set_xticks(np.arange(len(metrics)), metrics)
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"{study.id}: mean over seeds (bars), each seed (dots)")

@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from advmend.checkpoint import load_checkpoint
 from advmend.config import to_dict
 from advmend.data import take
 from advmend.data.arrays import ImageDataset
-from advmend.defenses.fsr_adaptive import ThroughSoftMask, fsr_adaptive_protocol
+from advmend.defenses.fsr_adaptive import adaptive_attacks
 from advmend.defenses.registry import defense_of
 from advmend.evaluation.evaluate import EvalResult, evaluate
 from advmend.evaluation.load import load_trained_model, test_split
@@ -58,6 +58,7 @@ from advmend.training.run_folder import LAST
 # random start). PGD-100 is left out: on these models it moves PGD-20 by a fraction of a point and
 # costs five times as much; AutoAttack is the strong attack of the study.
 STUDY_ATTACKS = ("FGSM", "PGD-20", "CW-30")
+TRAINED_BY = "trained_by.json"  # in a run folder taken over from another study (`reuse_training`)
 
 
 @dataclass
@@ -258,9 +259,8 @@ def evaluate_fsr_run(model, test: ImageDataset, eps: float, study: StudyConfig, 
     """The classifier's protocol plus the adaptive attack on FSR's mask (`fsr_adaptive`): PGD-20 and CW-30
     differentiated through the softened mask, on the attack subset. Both count in the worst case, so an FSR
     row's robustness is never measured only by attacks its near-step mask may blind."""
-    adaptive = [a for a in fsr_adaptive_protocol(eps, "linf") if isinstance(a, ThroughSoftMask)]
     return evaluate_run(model, test, eps, study, device, checkpoint, run_cfg, cache_dir, progress, log,
-                        adaptive=adaptive)  # fmt: skip
+                        adaptive=adaptive_attacks(eps, "linf"))  # fmt: skip
 
 
 @STUDY_PROTOCOLS.register("none")
@@ -340,19 +340,52 @@ def evaluate_run(model, test: ImageDataset, eps: float, study: StudyConfig, devi
     }
 
 
+def reuse_training(plan: StudyPlan, spec: RunSpec, run_dir: Path, log: Callable[[str], None]) -> dict | None:
+    """Take over a finished run of a study in `plan.study.reuse` trained from the same config (same hash):
+    its run folder is copied to `run_dir` (whole, or not at all) and what trained it is returned for the
+    record; None when no such run is on this machine. Only a run whose record exists and names the very
+    checkpoint in its folder (same SHA-256) is taken: a run still training or retrained since is not."""
+    for other_file in plan.study.reuse:
+        other = plan_study(Path(plan.source).parent / other_file)
+        for s in other.specs:
+            rec_path, src = record_path(other.records_dir, s.run_id), other.runs_dir / s.run_id
+            if s.config_sha256 != spec.config_sha256 or not rec_path.is_file() or not (src / LAST).is_file():
+                continue
+            rec = load_record(rec_path, other.study.id, s.config_sha256)
+            best = src / Path(rec["checkpoint"]["file"]).name
+            if not best.is_file() or file_sha256(best) != rec["checkpoint"]["sha256"]:
+                continue
+            tmp = run_dir.with_name(f"{run_dir.name}.copying")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("study-eval", "eval*", TRAINED_BY))
+            origin = {"study": other.study.id, "run": s.run_id, "name": rec["config"]["name"], "commit": rec["commit"],
+                      "finished": rec["finished"]}  # fmt: skip
+            write_json(tmp / TRAINED_BY, origin)  # kept with the weights: an evaluation resumed later still knows
+            os.replace(tmp, run_dir)
+            log(f"{spec.run_id}: trained as {other.study.id}/{s.run_id} (same config); its run folder copied")
+            return origin
+    return None
+
+
 def run_one(plan: StudyPlan, spec: RunSpec, *, progress: bool = False, log: Callable[[str], None] = print) -> Path:
-    """Train (or resume) one run, evaluate it and write its record; returns the record's path."""
+    """Train (or resume, or take over from a study it reuses) one run, evaluate it and write its record;
+    returns the record's path."""
     run_dir = plan.runs_dir / spec.run_id
-    resume = (run_dir / LAST).exists()
-    if run_dir.exists() and not resume:
+    if run_dir.exists() and not (run_dir / LAST).exists():
         # An attempt stopped before its first checkpoint: nothing to resume. The folder belongs to the
         # study runner (runs/<study>/<run>), so start that run again from scratch.
         shutil.rmtree(run_dir)
+    if not run_dir.exists():
+        reuse_training(plan, spec, run_dir, log)
+    trained_by = read_json(run_dir / TRAINED_BY, "run origin") if (run_dir / TRAINED_BY).is_file() else None
+    resume = (run_dir / LAST).exists()
     log(f"{spec.run_id}: {'resuming' if resume else 'training'} in {run_dir}")
     load_start = hardware()
     t0 = time.perf_counter()
     sub_log = lambda s: log(f"  {s}")  # noqa: E731
-    result = train_run(spec.cfg, run_dir, resume=resume, log=sub_log)
+    # A run taken over keeps the name it was trained under (a name is not part of the result or its hash).
+    cfg = replace(spec.cfg, name=trained_by["name"]) if trained_by else spec.cfg
+    result = train_run(cfg, run_dir, resume=resume, log=sub_log)
     train_wall = time.perf_counter() - t0
     device = resolve_device(spec.cfg.train.device)
     model, run_cfg, ckpt = load_trained_model(result.best, device)
@@ -392,6 +425,7 @@ def run_one(plan: StudyPlan, spec: RunSpec, *, progress: bool = False, log: Call
             "wall_seconds_this_attempt": round(train_wall, 1),
         },
         "eval": ev,
+        **({"trained_by": trained_by} if trained_by else {}),
         "hardware": {"at_start": load_start, "at_end": hardware()},
         "versions": versions(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

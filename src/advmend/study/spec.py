@@ -78,6 +78,9 @@ class StudyConfig:
     eval: StudyEval = field(default_factory=StudyEval)
     rows: tuple[StudyRow, ...] = ()
     launch: StudyLaunch = field(default_factory=StudyLaunch)
+    # Other study files (relative to this one) whose finished runs this study takes over instead of training
+    # again when a run's config hash is the same: a tuning study's selected run is the test study's seed.
+    reuse: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
