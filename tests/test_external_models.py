@@ -14,6 +14,7 @@ import torch
 
 from advmend.checkpoint import load_checkpoint
 from advmend.config import ModelConfig, RunConfig, from_dict, load_run_config, to_dict
+from advmend.data import dataset_radii
 from advmend.defenses.classifier import build_classifier
 from advmend.errors import ConfigError
 from advmend.evaluation.run import load_trained_model
@@ -60,7 +61,7 @@ def test_one_pgd_at_step_with_fsr_changes_every_trainable_weight(name, options, 
     cfg = _cfg(name, options, layer, train={"method": method})
     model = build_classifier(cfg, 10, SHAPE)
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
-    objective = build_objective(cfg, 8 / 255)
+    objective = build_objective(cfg, dataset_radii("cifar10"))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.rand(4, *SHAPE), torch.arange(4)
     model.train()

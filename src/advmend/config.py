@@ -21,6 +21,7 @@ from advmend.data.corruptions import check_corruptions
 from advmend.errors import ConfigError
 from advmend.models.external import is_external
 from advmend.models.registry import check_model_options
+from advmend.types import STANDARD_RADII
 from advmend.values import from_dict
 
 # The choices of string settings whose meaning lives above this module: the layers that act on them
@@ -53,6 +54,12 @@ def _check_weight(value: float, key: str) -> None:
         raise ConfigError(f"{key} must be a finite number >= 0, got {value}")
 
 
+# A field with this metadata is left out of the resolved config (`to_dict`) while it holds its default: a
+# setting added after configs were written leaves their resolved dicts, and the study records' config
+# hashes (`advmend.study.spec.config_digest`), as they were.
+RECORDED_WHEN_SET = {"recorded_when_set": True}
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which data, where it lives, and how it is split and augmented."""
@@ -65,20 +72,19 @@ class DataConfig:
     val_size: int = 1000  # seeded held-out validation split taken from the training split
     augment: bool | None = None  # None: the dataset's standard (pad-4 crop + flip on CIFAR)
     seed: int = 0
+    # The STANDARD_RADII row an attack with eps null uses ("cifar10", "imagenet"); None: the data set's own,
+    # or for a folder/npz by its image size (data.dataset_radii).
+    radii: str | None = field(default=None, metadata=RECORDED_WHEN_SET)
 
     def checked(self, path: str = "") -> DataConfig:
         p = path or "data"
+        if self.radii is not None and self.radii not in STANDARD_RADII:
+            raise ConfigError(f"{p}.radii must be one of {sorted(STANDARD_RADII)}, got {self.radii!r}")
         if self.val_size < 0:
             raise ConfigError(f"{p}.val_size must be >= 0, got {self.val_size}")
         if self.train_subset is not None and self.train_subset < 1:
             raise ConfigError(f"{p}.train_subset must be >= 1, got {self.train_subset}")
         return self
-
-
-# A field with this metadata is left out of the resolved config (`to_dict`) while it holds its default: a
-# setting added after configs were written leaves their resolved dicts, and the study records' config
-# hashes (`advmend.study.spec.config_digest`), as they were.
-RECORDED_WHEN_SET = {"recorded_when_set": True}
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,6 @@ def evaluate_source(
 
     from advmend.attacks.presets import PROTOCOLS
     from advmend.config import DataConfig, RunConfig, apply_overrides, from_dict, to_dict
-    from advmend.data.sources import dataset_info
     from advmend.defenses.registry import defense_meta
     from advmend.evaluation.load import load_trained_model
     from advmend.evaluation.user_model import load_user_model
@@ -146,7 +145,7 @@ def evaluate_source(
     if model_ref is not None:
         model, meta = load_user_model(model_ref, weights, dev)
         cfg = RunConfig(name=model_ref.partition(":")[2], data=DataConfig(name=dataset or "cifar10"))
-        record = {"eps": dataset_info(cfg.data.name)["eps"]}
+        record: dict = {}  # no training attack: evaluated at the data set's standard radius
     else:
         assert checkpoint is not None  # check_source: a checkpoint or a model reference
         model, cfg, record = load_trained_model(checkpoint, dev)
@@ -205,7 +204,7 @@ def evaluate_checkpoint(
     """
     from advmend.attacks.pgd import PGD
     from advmend.attacks.transfer import Transfer
-    from advmend.data.sources import dataset_info
+    from advmend.data.sources import dataset_radii
     from advmend.defenses.registry import defense_of
     from advmend.evaluation.load import load_trained_model, test_split
     from advmend.evaluation.report import format_table
@@ -216,17 +215,17 @@ def evaluate_checkpoint(
     out_dir = Path(out_dir)
     check_output(out_dir, save_adv)
     ev = cfg.eval
-    if eps is None:  # the checkpoint's threat model, or the data set's for another norm
-        eps = evaluation_threat(record, ev.norm, dataset_info(cfg.data.name)["eps"]).eps
     extra = []
     if prepare is not None:
         cfg, meta = prepare(cfg, checkpoint, meta, log)
-    if transfer_from:
-        surrogate, _, _ = load_trained_model(transfer_from, device)
-        extra.append(Transfer(surrogate, PGD(eps=eps, steps=20, norm=ev.norm, name="PGD-20"), str(transfer_from)))
     test = test_split(cfg.data)
     check_data_fits_model(test, image_shape=record.get("image_shape"), num_classes=record.get("num_classes"),
                           model=model, device=device, source=source or checkpoint)  # fmt: skip
+    if eps is None:  # the checkpoint's threat model, or the data set's (by its image size) for another norm
+        eps = evaluation_threat(record, ev.norm, dataset_radii(cfg.data.name, test.image_shape, cfg.data.radii)).eps
+    if transfer_from:
+        surrogate, _, _ = load_trained_model(transfer_from, device)
+        extra.append(Transfer(surrogate, PGD(eps=eps, steps=20, norm=ev.norm, name="PGD-20"), str(transfer_from)))
     with undo_on_failure(out_dir, save_adv):  # a failed evaluation leaves no half-written report
         result = run_protocol(model, test, cfg, eps, device, out_dir, dict(meta, title=cfg.name), progress=progress,
                               extra_attacks=extra, save_adv=save_adv)  # fmt: skip
