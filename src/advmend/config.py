@@ -298,7 +298,7 @@ class PSSRConfig:
     surgery: bool = True  # false: the "without surgery" ablation
     mode: str = "full"  # full regeneration | hole (regenerate only the removed pixels)
     width: int = 32
-    depth: int | None = None  # U-Net stages; None: 3 for sides divisible by 8, 2 for 4
+    depth: int | None = None  # U-Net stages; None: from the image size (regenerator.auto_depth)
     dropout: float = 0.1
     residual: bool = False  # G predicts a correction of the surgical image (identity at initialisation)
     lambda_pix: float = 1.0
