@@ -19,6 +19,7 @@ import yaml
 
 from advmend.data.corruptions import check_corruptions
 from advmend.errors import ConfigError
+from advmend.io import check_input_path
 from advmend.models.external import is_external
 from advmend.models.registry import check_model_options
 from advmend.types import STANDARD_RADII
@@ -467,7 +468,7 @@ def _deepcopy(d: Any) -> Any:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing file or bad YAML is a ConfigError naming the file."""
-    p = Path(path)
+    p = check_input_path(path, "config file")
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} not found (see `advmend list` for bundled configs)")
     try:
@@ -499,7 +500,7 @@ def bundled_configs() -> list[str]:
 
 def resolve_config_path(name_or_path: str) -> Path:
     """A path to a YAML file, or the name of a bundled config such as `quickstart` or `cifar10/pgdat_resnet18`."""
-    p = Path(name_or_path)
+    p = check_input_path(name_or_path, "config")
     if p.is_file():
         return p
     bundled = CONFIG_DIR / (name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")

@@ -14,7 +14,6 @@ provide (PSSR's default transfer surrogate) comes in as `prepare`
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,25 +32,17 @@ def _first_missing(path: Path) -> Path | None:
 
 
 def check_output(out_dir: Path, save_adv: str | None = None) -> None:
-    """ConfigError, before any work, when the report folder (or --save-adv file) cannot be written."""
+    """A one-line error, before any work, when the report folder (or --save-adv file) cannot be written
+    (`io.check_output_path`: a name too long, a file in the way, no permission, a read-only file system)."""
     from advmend.errors import ConfigError
     from advmend.evaluation.run import ADV_SUFFIXES
+    from advmend.io import check_output_path
 
     if save_adv and Path(save_adv).suffix not in ADV_SUFFIXES:  # before a PSSR transfer surrogate is trained
         raise ConfigError(f"--save-adv needs a file ending in one of {ADV_SUFFIXES}, got {Path(save_adv).name!r}")
-    targets = [("--out", Path(out_dir), True)] + ([("--save-adv", Path(save_adv), False)] if save_adv else [])
-    for flag, path, is_folder in targets:
-        if is_folder and path.exists() and not path.is_dir():
-            raise ConfigError(f"{flag} {path}: exists and is not a folder; give a folder for the report files "
-                              "(report.json, report.md, accuracy_vs_eps.png)")  # fmt: skip
-        if not is_folder and path.is_dir():
-            raise ConfigError(f"{flag} {path}: is a folder; give a file name (e.g. adv.pt)")
-        top = _first_missing(path if is_folder else path.parent)
-        anc = path if is_folder and top is None else (top.parent if top is not None else path.parent)
-        if not anc.is_dir():
-            raise ConfigError(f"{flag} {path}: {anc} is a file, not a folder; choose another {flag}")
-        if not os.access(anc, os.W_OK | os.X_OK):
-            raise ConfigError(f"{flag} {path}: folder {anc} is not writable; choose another {flag}")
+    check_output_path(out_dir, "--out", folder=True)
+    if save_adv:
+        check_output_path(save_adv, "--save-adv", folder=False)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from advmend.errors import CheckpointError, ConfigError
-from advmend.io import file_sha256
+from advmend.io import check_input_path, file_sha256
 
 
 def build_user_model(spec: str) -> nn.Module:
@@ -40,7 +40,7 @@ def build_user_model(spec: str) -> nn.Module:
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file, or of a .pt/.pth state dict (loaded with weights_only=True)."""
-    path = Path(path)
+    path = check_input_path(path, "--weights")
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
     try:
