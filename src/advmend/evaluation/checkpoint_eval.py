@@ -96,7 +96,9 @@ def check_source(checkpoint, model_ref, weights, dataset) -> None:
     from advmend.errors import ConfigError
 
     if (checkpoint is None) == (model_ref is None):
-        raise ConfigError("advmend eval needs either a CHECKPOINT or --model module:function (with --weights)")
+        raise ConfigError(
+            "advmend eval needs either a CHECKPOINT, or --model module:function or --model timm/ARCH (with --weights)"
+        )
     if model_ref is None and (weights or dataset):
         raise ConfigError("--weights and --dataset go with --model; a checkpoint records its own")
 
@@ -118,25 +120,30 @@ def evaluate_source(
     log=print,
 ):
     """Evaluate a checkpoint, or a user's model (`model_ref` "module:function" with `weights` and its
-    `dataset`), under its run config with `overrides` ((dotted key, value) pairs on eval.* and data.*)
-    applied, on `device` (a torch.device; default CPU); the report goes to `out` (default: next to the
-    checkpoint, `eval_dir`). Returns the `EvalResult`."""
+    `dataset`), or a library model by name (`model_ref` "timm/ARCH" or "torchvision/ARCH" with `weights`, or
+    `model.pretrained` among the overrides), under its run config with `overrides` ((dotted key, value) pairs
+    on eval.*, data.* and, for a library model, model.*) applied, on `device` (a torch.device; default CPU);
+    the report goes to `out` (default: next to the checkpoint, `eval_dir`). Returns the `EvalResult`."""
     import torch
 
     from advmend.attacks.presets import PROTOCOLS
     from advmend.config import DataConfig, RunConfig, apply_overrides, from_dict, to_dict
     from advmend.defenses.registry import defense_meta
     from advmend.evaluation.load import load_trained_model
-    from advmend.evaluation.user_model import load_user_model
+    from advmend.evaluation.user_model import load_library_model, load_user_model
+    from advmend.models.external import is_external
 
     check_source(checkpoint, model_ref, weights, dataset)
     if out:  # before any work: an unusable --out used to fail only when the report was written
         check_output(Path(out), save_adv)
     dev = torch.device(device if device is not None else "cpu")
-    if model_ref is not None:
+    if model_ref is not None and is_external(model_ref):
+        model, cfg, meta = load_library_model(model_ref, weights, dataset, overrides, dev)
+        record: dict = {}  # no training attack: evaluated at the data set's standard radius
+    elif model_ref is not None:
         model, meta = load_user_model(model_ref, weights, dev)
         cfg = RunConfig(name=model_ref.partition(":")[2], data=DataConfig(name=dataset or "cifar10"))
-        record: dict = {}  # no training attack: evaluated at the data set's standard radius
+        record = {}
     else:
         assert checkpoint is not None  # check_source: a checkpoint or a model reference
         model, cfg, record = load_trained_model(checkpoint, dev)
