@@ -212,7 +212,8 @@ def _step(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, cfg: PGD) ->
     elif cfg.norm == "linf":
         delta = (delta + cfg.alpha * grad.sign()).clamp(-cfg.eps, cfg.eps)
     else:
-        delta = delta + cfg.alpha * grad / l2_norms(grad).clamp_min(1e-12)
+        g_norm = l2_norms(grad).clamp_min(1e-12)
+        delta = delta + cfg.alpha * grad / g_norm
         radius = l2_radius(cfg.eps, x)
         delta = delta * (radius / l2_norms(delta).clamp_min(radius))
     return (x + delta).clamp(0, 1) - x
@@ -232,14 +233,18 @@ def _fp16_autocast() -> bool:
     return False
 
 
-def _input_grad(model, x, delta, y, cfg: PGD, loss_fn, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient of the summed per-example loss w.r.t. delta (averaged over `cfg.eot` draws) and the
-    first draw's logits (detached)."""
+def _input_grad(model, x, delta, y, cfg: PGD, loss_fn, scale: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Gradient of the summed per-example loss w.r.t. delta (averaged over `cfg.eot` draws), the first
+    draw's logits (detached) and the iterate x + delta they were computed on (detached: `keep_best` keeps
+    it without adding x and delta again)."""
     grad: torch.Tensor | None = None
     first: torch.Tensor | None = None
+    x_in = x
     for _ in range(cfg.eot):
         delta.requires_grad_(True)
-        logits = model(x + delta)
+        x_in = x + delta
+        logits = model(x_in)
         if first is None:
             first = check_logits(logits, x.shape[0]).detach()
         loss = loss_fn(logits, y, cfg.kappa).float()
@@ -247,7 +252,7 @@ def _input_grad(model, x, delta, y, cfg: PGD, loss_fn, scale: float) -> tuple[to
         grad = g if grad is None else grad + g
     delta.requires_grad_(False)
     assert grad is not None and first is not None  # cfg.eot >= 1
-    return grad / cfg.eot, first
+    return grad if cfg.eot == 1 else grad / cfg.eot, first, x_in.detach()
 
 
 def _hit(logits: torch.Tensor, y: torch.Tensor, cfg: PGD) -> torch.Tensor:
@@ -266,13 +271,13 @@ def _run_once(
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     scale = FP16_GRAD_SCALE if _fp16_autocast() else 1.0
     for _ in range(cfg.steps):
-        grad, logits = _input_grad(model, x, delta, y, cfg, loss_fn, scale)
+        grad, logits, x_in = _input_grad(model, x, delta, y, cfg, loss_fn, scale)
         delta = delta.detach()
         if cfg.keep_best:
             # Keep the first iterate that fools each example: later steps may undo it.
             newly = _hit(logits, y, cfg) & ~fooled
             assert best is not None  # set when keep_best
-            best = torch.where(newly.view(-1, 1, 1, 1), x + delta, best)
+            best = torch.where(newly.view(-1, 1, 1, 1), x_in, best)
             fooled |= newly
         delta = _step(delta, grad, x, cfg)
     x_adv = x + delta
