@@ -98,8 +98,8 @@ def build_data(cfg: DataConfig, *, need_train: bool = True, need_test: bool = Tr
 def data_radii(cfg: DataConfig, image_shape: tuple[int, ...] | None = None) -> Radii:
     """The standard radii of a run's data (`data.radii`, else by data set and image size). Before the data
     is loaded, `image_shape` is unknown: a folder's `image_size` option stands in for it."""
-    if image_shape is None and cfg.options.get("image_size") is not None:
-        side = int(cfg.options["image_size"])
+    side = cfg.options.get("image_size")
+    if image_shape is None and isinstance(side, int) and not isinstance(side, bool):  # a bad one: the loader's error
         image_shape = (3, side, side)
     return dataset_radii(cfg.name, image_shape, cfg.radii)
 
