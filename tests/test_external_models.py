@@ -14,10 +14,11 @@ import torch
 
 from advmend.checkpoint import load_checkpoint
 from advmend.config import ModelConfig, RunConfig, from_dict, load_run_config, to_dict
+from advmend.data import dataset_radii
 from advmend.defenses.classifier import build_classifier
 from advmend.errors import ConfigError
 from advmend.evaluation.run import load_trained_model
-from advmend.models import describe_normalization
+from advmend.models import create_model, describe_normalization
 from advmend.training.build import build_objective
 from advmend.training.loop import LAST, train
 from advmend.training.run import evaluate_after_training
@@ -60,7 +61,7 @@ def test_one_pgd_at_step_with_fsr_changes_every_trainable_weight(name, options, 
     cfg = _cfg(name, options, layer, train={"method": method})
     model = build_classifier(cfg, 10, SHAPE)
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
-    objective = build_objective(cfg, 8 / 255)
+    objective = build_objective(cfg, dataset_radii("cifar10"))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.rand(4, *SHAPE), torch.arange(4)
     model.train()
@@ -284,9 +285,28 @@ def test_a_checkpoint_rebuilds_without_its_initial_weights_file(tmp_path):
 
 
 def test_bench_compares_the_evaluation_with_the_bare_models_pgd():
-    from advmend.bench.external_speed import bench_external_eval
+    from advmend.bench.external_speed import bench_external_eval, format_external_rows
 
-    row = bench_external_eval("torchvision/squeezenet1_1", n=4, batch_size=2, steps=1, repeats=1)
-    assert row.advmend_s > 0 and row.bare_s > 0 and row.ratio == row.advmend_s / row.bare_s
+    row = bench_external_eval("torchvision/squeezenet1_1", n=4, batch_size=2, steps=1, repeats=3)
+    assert row.advmend_s > 0 and row.bare_s > 0 and len(row.ratios) == 3
+    assert row.ratio == sorted(row.ratios)[1] and "[" in format_external_rows([row], "here")  # median, and spread
     bad = _advmend("bench", "--external-eval", "--models", "small_cnn")
     assert bad.returncode == 2 and "timm/ARCH and torchvision/ARCH" in bad.stderr
+
+
+def test_the_bare_loop_counts_what_the_evaluation_counts():
+    """The baseline does the evaluation's work, no less: the same normalisation, and an example fooled at
+    any iterate counts as fooled; so both count the same robust examples."""
+    from advmend.attacks.pgd import PGD
+    from advmend.bench.external_speed import _bare_pgd_eval
+    from advmend.data import ArrayDataset
+    from advmend.evaluation import evaluate
+
+    torch.manual_seed(0)
+    model = create_model("torchvision/squeezenet1_1", num_classes=10).eval()
+    images = torch.randint(0, 256, (16, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    labels = model(images.float() / 255).argmax(1).detach()
+    attack = PGD(eps=2 / 255, steps=3, step_size=1 / 255, random_start=False)
+    result = evaluate(model, ArrayDataset(images, labels, tuple("0123456789")), [attack], batch_size=8)
+    robust = _bare_pgd_eval(model.net, model.normalize.mean, model.normalize.std, images, labels, attack, 8)
+    assert 0 < robust < 16 and robust == int(result.attacks[0].correct.sum())

@@ -18,7 +18,7 @@ from advmend.attacks import PGD, AutoAttackSpec, cw_margin, fgsm, pgd, protocol_
 from advmend.attacks.l1 import L1_QUANTILE, l1_direction, l1_size, project_l1_box, random_l1
 from advmend.cli import main
 from advmend.data import ArrayDataset, load_dataset
-from advmend.data.sources import DATASET_INFO
+from advmend.data.sources import DATASET_INFO, dataset_radii
 from advmend.errors import ConfigError
 from advmend.evaluation import evaluate
 from advmend.evaluation.evaluate import check_bound
@@ -226,22 +226,23 @@ def test_l1_protocols_build_l1_attacks():
 
 
 def test_default_radii_are_robustbenchs():
-    assert ThreatModel.resolve("l1", None, 8 / 255) == ThreatModel("l1", 12.0) == ThreatModel("l1", L1_EPS)
-    assert ThreatModel.resolve("l1", None, 8 / 255, "cifar10") == ThreatModel("l1", 12.0)
-    assert ThreatModel.resolve("l2", None, 4 / 255, "imagenet") == ThreatModel("l2", 3.0)
-    assert ThreatModel.resolve("l1", 6.0, 8 / 255) == ThreatModel("l1", 6.0)
+    cifar, imagenet = dataset_radii("cifar10"), dataset_radii("folder", (3, 224, 224))
+    assert ThreatModel.resolve("l1", None, cifar) == ThreatModel("l1", 12.0) == ThreatModel("l1", L1_EPS)
+    assert ThreatModel.resolve("l2", None, imagenet) == ThreatModel("l2", 3.0)
+    assert ThreatModel.resolve("l1", 6.0, cifar) == ThreatModel("l1", 6.0)
+    assert ThreatModel.resolve("l1", 6.0, imagenet) == ThreatModel("l1", 6.0)  # a given radius needs no row
     assert STANDARD_RADII["imagenet"]["linf"] == 4 / 255
     assert STANDARD_RADII["cifar10"]["linf"] == DATASET_INFO["cifar10"]["eps"]  # one L-inf radius, not two
-    with pytest.raises(ConfigError, match="imagenet has no standard l1 radius"):
-        ThreatModel.resolve("l1", None, 4 / 255, "imagenet")
-    assert evaluation_threat({"eps": 8 / 255, "norm": "linf"}, "l1", 8 / 255) == ThreatModel("l1", 12.0)
-    assert evaluation_threat({"eps": 6.0, "norm": "l1"}, "l1", 8 / 255) == ThreatModel("l1", 6.0)
+    with pytest.raises(ConfigError, match="'folder' \\(standard radii of imagenet\\) has no standard l1 radius"):
+        ThreatModel.resolve("l1", None, imagenet)
+    assert evaluation_threat({"eps": 8 / 255, "norm": "linf"}, "l1", cifar) == ThreatModel("l1", 12.0)
+    assert evaluation_threat({"eps": 6.0, "norm": "l1"}, "l1", cifar) == ThreatModel("l1", 6.0)
 
 
 @pytest.mark.parametrize("eps", [-1.0, math.inf, math.nan])
 def test_a_negative_or_non_finite_l1_radius_is_refused(eps):
     with pytest.raises(ConfigError, match="finite"):
-        ThreatModel.resolve("l1", eps, 8 / 255)
+        ThreatModel.resolve("l1", eps, dataset_radii("cifar10"))
     with pytest.raises(ConfigError, match="finite"):
         PGD(eps=eps, norm="l1")
     with pytest.raises(ConfigError, match="eps"):

@@ -21,7 +21,7 @@ from advmend.attacks import PGD, pgd
 from advmend.attacks.losses import LOSSES
 from advmend.cli import main
 from advmend.config import bundled_configs, load_run_config
-from advmend.data import dataset_info
+from advmend.data import dataset_radii
 from advmend.defenses import FSRModel, fsr_losses
 from advmend.errors import ConfigError
 from advmend.models import create_model
@@ -302,7 +302,7 @@ def test_registry_has_every_method():
 @pytest.mark.parametrize("name", bundled_configs())
 def test_bundled_config_builds_its_objective(name):
     cfg = load_run_config(name)
-    obj = build_objective(cfg, dataset_info(cfg.data.name)["eps"])
+    obj = build_objective(cfg, dataset_radii(cfg.data.name))
     assert callable(obj)
     expected = {"trades": TRADES, "mart": MART}.get(cfg.train.method, AdversarialCE)
     assert isinstance(obj, expected)
@@ -314,7 +314,7 @@ def test_bundled_config_builds_its_objective(name):
 
 def _build(name: str, *overrides: str):
     cfg = load_run_config(name, list(overrides))
-    return build_objective(cfg, 8 / 255)
+    return build_objective(cfg, dataset_radii("cifar10"))
 
 
 def test_beta_defaults_and_overrides():

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from advmend.errors import CheckpointError
-from advmend.io import commit_renames, versions, write_temp
+from advmend.io import check_input_path, commit_renames, versions, write_temp
 
 # Format 2 seals the record with the tensors (metadata key SEAL_KEY). Format 1 files carried a digest of
 # the tensors alone: their record (config, eps) cannot be verified, so they are refused, not trusted;
@@ -169,7 +169,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     The record's "optimizer_state" holds the optimizer state dict when one was saved, and
     "extra_tensors" the `extra_tensors` passed to `save_checkpoint`, when there were any.
     """
-    path = Path(path)
+    path = check_input_path(path, "checkpoint")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} not found")
     try:

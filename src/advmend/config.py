@@ -19,8 +19,10 @@ import yaml
 
 from advmend.data.corruptions import check_corruptions
 from advmend.errors import ConfigError
+from advmend.io import check_input_path
 from advmend.models.external import is_external
 from advmend.models.registry import check_model_options
+from advmend.types import STANDARD_RADII
 from advmend.values import from_dict
 
 # The choices of string settings whose meaning lives above this module: the layers that act on them
@@ -53,6 +55,12 @@ def _check_weight(value: float, key: str) -> None:
         raise ConfigError(f"{key} must be a finite number >= 0, got {value}")
 
 
+# A field with this metadata is left out of the resolved config (`to_dict`) while it holds its default: a
+# setting added after configs were written leaves their resolved dicts, and the study records' config
+# hashes (`advmend.study.spec.config_digest`), as they were.
+RECORDED_WHEN_SET = {"recorded_when_set": True}
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which data, where it lives, and how it is split and augmented."""
@@ -65,20 +73,19 @@ class DataConfig:
     val_size: int = 1000  # seeded held-out validation split taken from the training split
     augment: bool | None = None  # None: the dataset's standard (pad-4 crop + flip on CIFAR)
     seed: int = 0
+    # The STANDARD_RADII row an attack with eps null uses ("cifar10", "imagenet"); None: the data set's own,
+    # or for a folder/npz by its image size (data.dataset_radii).
+    radii: str | None = field(default=None, metadata=RECORDED_WHEN_SET)
 
     def checked(self, path: str = "") -> DataConfig:
         p = path or "data"
+        if self.radii is not None and self.radii not in STANDARD_RADII:
+            raise ConfigError(f"{p}.radii must be one of {sorted(STANDARD_RADII)}, got {self.radii!r}")
         if self.val_size < 0:
             raise ConfigError(f"{p}.val_size must be >= 0, got {self.val_size}")
         if self.train_subset is not None and self.train_subset < 1:
             raise ConfigError(f"{p}.train_subset must be >= 1, got {self.train_subset}")
         return self
-
-
-# A field with this metadata is left out of the resolved config (`to_dict`) while it holds its default: a
-# setting added after configs were written leaves their resolved dicts, and the study records' config
-# hashes (`advmend.study.spec.config_digest`), as they were.
-RECORDED_WHEN_SET = {"recorded_when_set": True}
 
 
 @dataclass(frozen=True)
@@ -292,7 +299,7 @@ class PSSRConfig:
     surgery: bool = True  # false: the "without surgery" ablation
     mode: str = "full"  # full regeneration | hole (regenerate only the removed pixels)
     width: int = 32
-    depth: int | None = None  # U-Net stages; None: 3 for sides divisible by 8, 2 for 4
+    depth: int | None = None  # U-Net stages; None: from the image size (regenerator.auto_depth)
     dropout: float = 0.1
     residual: bool = False  # G predicts a correction of the surgical image (identity at initialisation)
     lambda_pix: float = 1.0
@@ -461,7 +468,7 @@ def _deepcopy(d: Any) -> Any:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing file or bad YAML is a ConfigError naming the file."""
-    p = Path(path)
+    p = check_input_path(path, "config file")
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} not found (see `advmend list` for bundled configs)")
     try:
@@ -493,7 +500,7 @@ def bundled_configs() -> list[str]:
 
 def resolve_config_path(name_or_path: str) -> Path:
     """A path to a YAML file, or the name of a bundled config such as `quickstart` or `cifar10/pgdat_resnet18`."""
-    p = Path(name_or_path)
+    p = check_input_path(name_or_path, "config")
     if p.is_file():
         return p
     bundled = CONFIG_DIR / (name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")

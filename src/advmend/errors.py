@@ -24,3 +24,8 @@ class CheckpointError(AdvmendError):
 
 class ModelContractError(AdvmendError):
     """A model does not honour the contract: [0,1] images in, one (N, K) logits tensor out."""
+
+
+class PathError(AdvmendError):
+    """A path the file system refuses: a name too long, no permission, a read-only file system, a file where
+    a folder must be. The message names the path and what to do."""

@@ -51,13 +51,33 @@ class AttackRun:
 # The standard radius of each threat model, as RobustBench and the AutoAttack papers use them (Croce &
 # Hein 2020 for L-inf and L2; Croce & Hein 2021, "Mind the box", for L1 on CIFAR-10). ImageNet's models are
 # evaluated at 224 x 224; it has no standard L1 radius. Every built-in data set is 32 x 32 (28 x 28 for
-# MNIST) and shares CIFAR-10's L2 and L1 radii; its L-inf radius is its own (data.DATASET_INFO).
+# MNIST) and shares CIFAR-10's L2 and L1 radii; its L-inf radius is its own (data.DATASET_INFO). A data set
+# without radii of its own (an image folder, an .npz file) uses one row, chosen by `data.radii` or its
+# image size (`data.dataset_radii`).
 STANDARD_RADII: dict[str, dict[str, float]] = {
     "cifar10": {"linf": 8 / 255, "l2": 0.5, "l1": 12.0},
     "imagenet": {"linf": 4 / 255, "l2": 3.0},
 }
 L2_EPS = STANDARD_RADII["cifar10"]["l2"]
 L1_EPS = STANDARD_RADII["cifar10"]["l1"]
+
+
+@dataclass(frozen=True)
+class Radii:
+    """A data set's standard radius for each norm it has one for (`eps`: norm -> radius), with the data set's
+    name and the `STANDARD_RADII` row they come from, so a missing radius is reported where it matters."""
+
+    dataset: str
+    row: str
+    eps: dict[str, float]
+
+    def of(self, norm: str) -> float:
+        if norm not in self.eps:
+            raise ConfigError(
+                f"data set {self.dataset!r} (standard radii of {self.row}) has no standard {norm} radius: "
+                f"give the attack's eps (e.g. --set train.attack.eps=... or advmend eval --eps ...)"
+            )
+        return self.eps[norm]
 
 
 @dataclass(frozen=True)
@@ -68,18 +88,12 @@ class ThreatModel:
     eps: float
 
     @classmethod
-    def resolve(cls, norm: str, eps: float | None, dataset_eps: float, dataset: str | None = None) -> ThreatModel:
-        """The one place where "eps None" is decided: the data set's standard L-inf radius (`dataset_eps`,
-        e.g. 8/255 for CIFAR-10) for norm linf; for l2 and l1 the `STANDARD_RADII` row of `dataset`, CIFAR-10's
-        (`L2_EPS`, `L1_EPS`) for a data set without a row of its own. A given eps must be finite and >= 0."""
+    def resolve(cls, norm: str, eps: float | None, radii: Radii) -> ThreatModel:
+        """The one place where "eps None" is decided: the data set's standard radius for `norm` (`radii`,
+        e.g. 8/255 L-inf and 0.5 L2 for CIFAR-10, 4/255 and 3.0 for an ImageNet-sized folder). A given eps
+        must be finite and >= 0."""
         if eps is None:
-            if norm == "linf":
-                eps = dataset_eps
-            else:
-                row = STANDARD_RADII.get(dataset or "cifar10", STANDARD_RADII["cifar10"])
-                if norm not in row:
-                    raise ConfigError(f"{dataset} has no standard {norm} radius: give the attack's eps")
-                eps = row[norm]
+            eps = radii.of(norm)
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
             raise ConfigError(f"the {norm} radius eps must be a finite number >= 0, got {eps!r}")
         return cls(norm, float(eps))

@@ -170,6 +170,20 @@ def fgsm(eps: float, norm: str = "linf") -> PGD:
     return PGD(eps=eps, steps=1, step_size=eps, norm=norm, random_start=False, name="FGSM")
 
 
+def l2_norms(t: torch.Tensor) -> torch.Tensor:
+    """Per-example L2 norm of a batch, shaped (n, 1, 1, 1) to scale it. A sum of squares, not `Tensor.norm`:
+    on CPU torch's float32 norm kernel drifts by ~1e-4 relative over a 224 x 224 x 3 image (the sum's cascade
+    stays within ~1e-7), which would put a projected L2 example outside the ball the evaluation checks."""
+    return (t * t).flatten(1).sum(1).sqrt().view(-1, *([1] * (t.dim() - 1)))
+
+
+def l2_radius(eps: float, x: torch.Tensor) -> float:
+    """The radius an L2 projection aims at so that the stored x + d lies in the eps-ball however it rounds:
+    each pixel of x + d in [0, 1] moves by at most half a unit in the last place (finfo.eps / 4 below 1), so
+    by sqrt(n) of those together (about 1e-5 for a 224 x 224 x 3 float32 image; at most eps / 2)."""
+    return eps - min(math.sqrt(x[0].numel()) * torch.finfo(x.dtype).eps / 4, eps / 2)
+
+
 def _random_start(x: torch.Tensor, cfg: PGD, generator: torch.Generator | None) -> torch.Tensor:
     if cfg.norm == "l1":
         return l1_random_start(x, cfg.eps, generator, NORMAL_START_STD if cfg.start == "normal" else None)
@@ -178,16 +192,16 @@ def _random_start(x: torch.Tensor, cfg: PGD, generator: torch.Generator | None) 
         if cfg.norm == "linf":
             delta = delta.clamp(-cfg.eps, cfg.eps)
         else:
-            d_norm = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-            delta = delta * (cfg.eps / d_norm.clamp_min(cfg.eps))
+            radius = l2_radius(cfg.eps, x)
+            delta = delta * (radius / l2_norms(delta).clamp_min(radius))
     elif cfg.norm == "linf":
         u = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         delta = (2 * u - 1) * cfg.eps
     else:  # uniform direction, radius with the ball's volume distribution
         g = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        direction = g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        direction = g / l2_norms(g).clamp_min(1e-12)
         r = torch.rand(x.shape[0], device=x.device, dtype=x.dtype, generator=generator)
-        delta = direction * (cfg.eps * r.pow(1.0 / x[0].numel())).view(-1, 1, 1, 1)
+        delta = direction * (l2_radius(cfg.eps, x) * r.pow(1.0 / x[0].numel())).view(-1, 1, 1, 1)
     return (x + delta).clamp(0, 1) - x
 
 
@@ -198,10 +212,10 @@ def _step(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, cfg: PGD) ->
     elif cfg.norm == "linf":
         delta = (delta + cfg.alpha * grad.sign()).clamp(-cfg.eps, cfg.eps)
     else:
-        g_norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        g_norm = l2_norms(grad).clamp_min(1e-12)
         delta = delta + cfg.alpha * grad / g_norm
-        d_norm = delta.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-        delta = delta * (cfg.eps / d_norm.clamp_min(cfg.eps))
+        radius = l2_radius(cfg.eps, x)
+        delta = delta * (radius / l2_norms(delta).clamp_min(radius))
     return (x + delta).clamp(0, 1) - x
 
 
@@ -219,14 +233,18 @@ def _fp16_autocast() -> bool:
     return False
 
 
-def _input_grad(model, x, delta, y, cfg: PGD, loss_fn, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient of the summed per-example loss w.r.t. delta (averaged over `cfg.eot` draws) and the
-    first draw's logits (detached)."""
+def _input_grad(model, x, delta, y, cfg: PGD, loss_fn, scale: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Gradient of the summed per-example loss w.r.t. delta (averaged over `cfg.eot` draws), the first
+    draw's logits (detached) and the iterate x + delta they were computed on (detached: `keep_best` keeps
+    it without adding x and delta again)."""
     grad: torch.Tensor | None = None
     first: torch.Tensor | None = None
+    x_in = x
     for _ in range(cfg.eot):
         delta.requires_grad_(True)
-        logits = model(x + delta)
+        x_in = x + delta
+        logits = model(x_in)
         if first is None:
             first = check_logits(logits, x.shape[0]).detach()
         loss = loss_fn(logits, y, cfg.kappa).float()
@@ -234,7 +252,7 @@ def _input_grad(model, x, delta, y, cfg: PGD, loss_fn, scale: float) -> tuple[to
         grad = g if grad is None else grad + g
     delta.requires_grad_(False)
     assert grad is not None and first is not None  # cfg.eot >= 1
-    return grad / cfg.eot, first
+    return grad if cfg.eot == 1 else grad / cfg.eot, first, x_in.detach()
 
 
 def _hit(logits: torch.Tensor, y: torch.Tensor, cfg: PGD) -> torch.Tensor:
@@ -253,13 +271,13 @@ def _run_once(
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     scale = FP16_GRAD_SCALE if _fp16_autocast() else 1.0
     for _ in range(cfg.steps):
-        grad, logits = _input_grad(model, x, delta, y, cfg, loss_fn, scale)
+        grad, logits, x_in = _input_grad(model, x, delta, y, cfg, loss_fn, scale)
         delta = delta.detach()
         if cfg.keep_best:
             # Keep the first iterate that fools each example: later steps may undo it.
             newly = _hit(logits, y, cfg) & ~fooled
             assert best is not None  # set when keep_best
-            best = torch.where(newly.view(-1, 1, 1, 1), x + delta, best)
+            best = torch.where(newly.view(-1, 1, 1, 1), x_in, best)
             fooled |= newly
         delta = _step(delta, grad, x, cfg)
     x_adv = x + delta

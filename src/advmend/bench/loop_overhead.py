@@ -104,13 +104,13 @@ def bench_loop(base: str = "cifar10/pgdat_small_cnn_cpu", *, n_images: int = 500
                rounds: int = 2) -> list[LoopRow]:  # fmt: skip
     """images/s of the product's loop and of the minimal loop on the same images, alternating `rounds`
     times (so that a busy machine slows both alike); the first epoch of each run is warm-up."""
-    from advmend.data.sources import dataset_info
     from advmend.defenses.build import build_model
     from advmend.training.build import attack_threat, build_data
     from advmend.training.loop import train
 
     cfg = loop_config(base, n_images, epochs)
-    train_set = build_data(cfg.data, need_test=False).train  # the images `advmend train` trains on
+    data = build_data(cfg.data, need_test=False)
+    train_set = data.train  # the images `advmend train` trains on
     assert train_set is not None  # need_train
     product, minimal = LoopRow("advmend train", []), LoopRow("minimal PGD-AT loop", [])
     for _ in range(rounds):
@@ -123,7 +123,7 @@ def bench_loop(base: str = "cifar10/pgdat_small_cnn_cpu", *, n_images: int = 500
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         attack = cfg.train.attack
-        eps = attack_threat(attack, dataset_info(cfg.data.name)["eps"]).eps  # eps None: the data set's radius
+        eps = attack_threat(attack, data.info["radii"]).eps  # eps None: the data set's radius, as training
         minimal.epochs_ips += minimal_pgd_at(
             model,
             train_set.images,

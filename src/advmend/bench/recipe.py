@@ -17,7 +17,7 @@ from advmend.config import RunConfig
 from advmend.data.sources import dataset_info
 from advmend.defenses.build import build_model
 from advmend.errors import ConfigError
-from advmend.training.build import build_objective
+from advmend.training.build import build_objective, data_radii
 
 
 @dataclass
@@ -37,7 +37,8 @@ def recipe_step(cfg: RunConfig, switch: str, batch_size: int, device: torch.devi
         raise ConfigError(f"advmend bench --config needs a data set of known image shape, got {cfg.data.name!r}")
     torch.manual_seed(0)
     model = build_model(cfg, info["num_classes"], tuple(info["image_shape"]))
-    return switched_step(model, build_objective(cfg, info["eps"]), switch, image_shape=tuple(info["image_shape"]),
+    radii = data_radii(cfg.data, tuple(info["image_shape"]))
+    return switched_step(model, build_objective(cfg, radii), switch, image_shape=tuple(info["image_shape"]),
                          num_classes=info["num_classes"], batch_size=batch_size, device=device, lr=cfg.train.lr,
                          momentum=cfg.train.momentum)  # fmt: skip
 

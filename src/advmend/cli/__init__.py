@@ -63,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError):  # a stdout without a file descriptor (io.UnsupportedOperation)
             pass
         return 128 + getattr(signal, "SIGPIPE", 13)
+    except OSError as e:
+        # What the file system refused where no earlier check could see it coming (a disk that filled up,
+        # permissions changed during the run): one line naming the path, as for every other bad input.
+        from advmend.io import describe_os_error
+
+        print(f"advmend: error: {_one_line(ValueError(describe_os_error(e, 'cannot use')))}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("advmend: interrupted; the last complete checkpoint is intact (use --resume)", file=sys.stderr)
         return 130

@@ -57,14 +57,24 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _write_json(path: str, payload: dict) -> None:
+    """The results as JSON, written whole or not at all (the path was checked before the measurement)."""
+    from advmend.io import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(payload, indent=2) + "\n")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from advmend.bench.throughput import bench_model, format_rows
     from advmend.errors import ConfigError
+    from advmend.io import check_output_path
     from advmend.models import MODELS
     from advmend.training.build import resolve_device
 
+    if args.json:  # before minutes of measurement, not after
+        check_output_path(args.json, "--json", folder=False)
     if args.folder_memory:
         from advmend.bench.folder_memory import format_result
         from advmend.bench.folder_memory import run as bench_folder
@@ -72,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         res = bench_folder(Path(args.folder_memory))
         print(format_result(res, 200, 2000))
         if args.json:
-            Path(args.json).write_text(json.dumps({str(k): v for k, v in res.items()}, indent=2) + "\n")
+            _write_json(args.json, {str(k): v for k, v in res.items()})
         return 0
     if args.loop:
         from advmend.bench.loop_overhead import bench_loop, format_loop_rows
@@ -81,9 +91,10 @@ def run(args: argparse.Namespace) -> int:
         where = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
         print(f"device: {where}\n\n" + format_loop_rows(loop_rows))
         if args.json:
-            Path(args.json).write_text(json.dumps({"device": where, "torch": torch.__version__, "loop": [
-                {"loop": r.loop, "epochs_images_per_s": r.epochs_ips, "images_per_s": r.ips} for r in loop_rows]},
-                indent=2) + "\n")  # fmt: skip
+            rows_json = [
+                {"loop": r.loop, "epochs_images_per_s": r.epochs_ips, "images_per_s": r.ips} for r in loop_rows
+            ]
+            _write_json(args.json, {"device": where, "torch": torch.__version__, "loop": rows_json})
         return 0
     device = resolve_device(args.device, "--device")
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
@@ -108,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         payload = {"device": where, "torch": torch.__version__, "rows": [
             {**r.__dict__, "at_cost": r.at_cost, "fsr_overhead": r.fsr_overhead} for r in rows]}  # fmt: skip
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+        _write_json(args.json, payload)
     return 0
 
 
@@ -129,8 +140,8 @@ def _run_external(args: argparse.Namespace, names: list[str], device, where: str
             for n in names]  # fmt: skip
     print(format_external_rows(rows, where))
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": where, "external_eval": [
-            {**r.__dict__, "ratio": r.ratio} for r in rows]}, indent=2) + "\n")  # fmt: skip
+        _write_json(args.json, {"device": where, "external_eval": [
+            {**r.__dict__, "ratio": r.ratio} for r in rows]})  # fmt: skip
     return 0
 
 
@@ -155,8 +166,7 @@ def _run_recipe(args: argparse.Namespace, device, where: str) -> int:
                         iters=args.iters, warmup=args.warmup, device=device)  # fmt: skip
     print(format_recipe_rows(rows, where))
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": where, "torch": torch.__version__,
-                                               "recipe": [r.__dict__ for r in rows]}, indent=2) + "\n")  # fmt: skip
+        _write_json(args.json, {"device": where, "torch": torch.__version__, "recipe": [r.__dict__ for r in rows]})
     return 0
 
 
@@ -192,5 +202,5 @@ def _run_scale(args: argparse.Namespace, names: list[str], device, where: str) -
               f"scaling {ips[n] / ips[1]:.2f}x")  # fmt: skip
         payload["ddp"] = {"procs": n, "images_per_s": {str(k): v for k, v in ips.items()}}
     if args.json:
-        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+        _write_json(args.json, payload)
     return 0

@@ -2,6 +2,7 @@
 
     advmend eval CHECKPOINT [--protocol NAME] [--n-examples N] [--set key=value ...] [--out DIR]
     advmend eval --model module:function --weights FILE --dataset cifar10 [--eps 8/255] [--norm linf]
+    advmend eval --model timm/resnet50 --weights FILE --dataset folder --set data.options.path=DIR ...
 
 Writes report.json, report.md and accuracy_vs_eps.png; the sanity suite runs with every evaluation.
 """
@@ -16,7 +17,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint's (or your model's) robustness on the test set")
     p.add_argument("checkpoint", nargs="?", help="a .safetensors checkpoint written by advmend train")
     p.add_argument("--model", help="your own model instead of a checkpoint: module:function returning an nn.Module "
-                                   "([0,1] images in, logits out)")  # fmt: skip
+                                   "([0,1] images in, logits out), or a library model timm/ARCH or torchvision/ARCH "
+                                   "(--set model.* applies to it)")  # fmt: skip
     p.add_argument("--weights", help="weights of --model: .safetensors, or a .pt/.pth state dict of tensors")
     p.add_argument("--dataset", help="data set of --model (default cifar10; see `advmend list`)")
     p.add_argument(
@@ -73,10 +75,12 @@ def run(args: argparse.Namespace) -> int:
     from advmend.config import parse_overrides
     from advmend.errors import ConfigError
     from advmend.evaluation.checkpoint_eval import check_output, check_source, evaluate_source
+    from advmend.models.external import is_external
     from advmend.training.build import resolve_device
     from advmend.training.run import prepare_evaluation
 
-    overrides = parse_overrides(args.overrides, sections=("data", "eval"))
+    library = args.model is not None and is_external(args.model)  # timm/ARCH: model.* settings apply too
+    overrides = parse_overrides(args.overrides, sections=("data", "eval", "model") if library else ("data", "eval"))
     check_source(args.checkpoint, args.model, args.weights, args.dataset)
     if args.protocol:
         PROTOCOLS.get(args.protocol)

@@ -14,10 +14,11 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from advmend.io import check_input_path, check_output_path
     from advmend.training.curves import plot_curves, read_metrics
 
-    records = read_metrics(args.run_dir)
-    out = Path(args.out) if args.out else Path(args.run_dir) / "curves.png"
+    records = read_metrics(check_input_path(args.run_dir, "run folder"))
+    out = check_output_path(args.out or Path(args.run_dir) / "curves.png", "--out", folder=False)
     plot_curves(records, out, title=Path(args.run_dir).resolve().name)
     print(f"wrote {out} ({len(records)} epochs)")
     return 0

@@ -50,6 +50,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from advmend.errors import ConfigError
+    from advmend.io import check_output_path
     from advmend.study.pssr_analysis import FindingSettings, run_finding
 
     for item in args.overrides:
@@ -61,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
                            ("--rho", args.rho, args.rho is None or 0 <= args.rho <= 1)):  # fmt: skip
         if not ok:
             raise ConfigError(f"{key}: invalid value {value!r}")
+    if args.out:  # the default is a folder beside the checkpoint, where advmend train wrote it
+        check_output_path(args.out, "--out", folder=True)
     lines, out, grid = run_finding(FindingSettings.of(args))
     print("\n".join(lines[2:]))
     print(f"wrote {out / 'finding.md'}, finding.json, finding.png" + (", grid.png" if grid else ""))

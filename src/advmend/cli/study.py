@@ -38,8 +38,10 @@ def add_parser(sub) -> None:
 
 def run_study_command(args: argparse.Namespace) -> int:
     from advmend.errors import ConfigError
+    from advmend.io import check_input_path
     from advmend.study.runner import run_study
 
+    check_input_path(args.study, "study file")
     if args.max_runs is not None and args.max_runs < 0:
         raise ConfigError(f"--max-runs must be >= 0, got {args.max_runs}")
     check_launcher_flags(args, STUDY_FLAGS)
@@ -103,12 +105,14 @@ def launch_study_command(args: argparse.Namespace, only: list[str] | None) -> in
 
 def run_results_command(args: argparse.Namespace) -> int:
     from advmend.errors import ConfigError
-    from advmend.io import atomic_write_text
+    from advmend.io import atomic_write_text, check_input_path, check_output_path
     from advmend.study.readme import render_readme
     from advmend.study.render import render
 
-    root = Path(args.root)
+    root = check_input_path(args.root, "records folder")
     out = Path(args.out) if args.out else root.with_suffix(".md")
+    if not args.check:
+        check_output_path(out, "--out", folder=False)
     if args.readme is None:  # the repository's README when ROOT is <repo>/docs/results
         default = root.resolve().parent.parent / "README.md"
         readme = default if default.is_file() else None

@@ -43,9 +43,10 @@ def run(args: argparse.Namespace) -> int:
     if args.launcher:
         return launch_train_command(args, functools.partial(run_launched, args))
     from advmend.config import load_run_config
+    from advmend.io import check_output_path
     from advmend.training.run import train_and_evaluate
 
     cfg = load_run_config(args.config, args.overrides)
-    out_dir = Path(args.out or cfg.out_dir or Path("runs") / cfg.name)
+    out_dir = check_output_path(args.out or cfg.out_dir or Path("runs") / cfg.name, "--out", folder=True)
     train_and_evaluate(cfg, out_dir, resume=args.resume, main_rank=os.environ.get("RANK", "0") == "0")
     return 0

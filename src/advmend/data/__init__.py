@@ -20,6 +20,7 @@ from advmend.data.sources import (
     DATASETS,
     SPLITS,
     dataset_info,
+    dataset_radii,
     load_dataset,
     resolve_root,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "SPLITS",
     "augment_batch",
     "dataset_info",
+    "dataset_radii",
     "derive_seed",
     "from_numpy",
     "load_dataset",

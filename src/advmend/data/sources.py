@@ -28,9 +28,10 @@ from advmend.data.arrays import ArrayDataset, derive_seed, from_numpy
 from advmend.data.folder import ImageFolder
 from advmend.errors import ConfigError, DataError
 from advmend.registry import Registry
+from advmend.types import STANDARD_RADII, Radii
 from advmend.values import parse_number
 
-__all__ = ["DATASETS", "DATASET_INFO", "SPLITS", "dataset_info", "load_dataset", "resolve_root"]
+__all__ = ["DATASETS", "DATASET_INFO", "SPLITS", "dataset_info", "dataset_radii", "load_dataset", "resolve_root"]
 
 DATASETS: Registry[Callable[..., ArrayDataset | ImageFolder]] = Registry("dataset")
 SPLITS = ("train", "test")
@@ -84,6 +85,38 @@ def dataset_info(name: str, *, channels: int = 3) -> dict[str, Any]:
         # An image folder trains with a random-resized crop and flip, made while decoding.
         "augment": name == "folder", "num_classes": None, "image_shape": None,
     }  # fmt: skip
+
+
+# The smallest image side at which a data set without radii of its own is taken as ImageNet-like: ImageNet
+# models are evaluated at 224 x 224, and the ImageNet radii (4/255, L2 3.0) are sized for that many pixels.
+IMAGENET_SIDE = 224
+
+
+def dataset_radii(name: str, image_shape: tuple[int, ...] | None = None, row: str | None = None) -> Radii:
+    """The standard attack radius of each norm on a data set (what an attack with eps null uses).
+
+    Args:
+        name: A registered data set name.
+        image_shape: (C, H, W) of its images, when known; it decides the row of a data set without radii
+            of its own (folder, npz, synthetic): ImageNet's for images of at least `IMAGENET_SIDE` pixels a
+            side, else CIFAR-10's.
+        row: A `STANDARD_RADII` row chosen by the user (`data.radii`); it overrides both rules.
+
+    A built-in data set keeps its own L-inf radius (MNIST 0.3) and CIFAR-10's L2 and L1 radii.
+
+    Raises:
+        ConfigError: Unknown data set name or row.
+    """
+    info = dataset_info(name)
+    if row is not None:
+        if row not in STANDARD_RADII:
+            raise ConfigError(f"data.radii must be one of {sorted(STANDARD_RADII)}, got {row!r}")
+        return Radii(name, row, dict(STANDARD_RADII[row]))
+    if name in DATASET_INFO:
+        return Radii(name, "cifar10", STANDARD_RADII["cifar10"] | {"linf": float(info["eps"])})
+    large = image_shape is not None and min(image_shape[-2:]) >= IMAGENET_SIDE
+    row = "imagenet" if large else "cifar10"
+    return Radii(name, row, dict(STANDARD_RADII[row]))
 
 
 def resolve_root(root: str | os.PathLike[str] | None) -> Path:

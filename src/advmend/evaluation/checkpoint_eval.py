@@ -14,7 +14,6 @@ provide (PSSR's default transfer surrogate) comes in as `prepare`
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,25 +32,17 @@ def _first_missing(path: Path) -> Path | None:
 
 
 def check_output(out_dir: Path, save_adv: str | None = None) -> None:
-    """ConfigError, before any work, when the report folder (or --save-adv file) cannot be written."""
+    """A one-line error, before any work, when the report folder (or --save-adv file) cannot be written
+    (`io.check_output_path`: a name too long, a file in the way, no permission, a read-only file system)."""
     from advmend.errors import ConfigError
     from advmend.evaluation.run import ADV_SUFFIXES
+    from advmend.io import check_output_path
 
     if save_adv and Path(save_adv).suffix not in ADV_SUFFIXES:  # before a PSSR transfer surrogate is trained
         raise ConfigError(f"--save-adv needs a file ending in one of {ADV_SUFFIXES}, got {Path(save_adv).name!r}")
-    targets = [("--out", Path(out_dir), True)] + ([("--save-adv", Path(save_adv), False)] if save_adv else [])
-    for flag, path, is_folder in targets:
-        if is_folder and path.exists() and not path.is_dir():
-            raise ConfigError(f"{flag} {path}: exists and is not a folder; give a folder for the report files "
-                              "(report.json, report.md, accuracy_vs_eps.png)")  # fmt: skip
-        if not is_folder and path.is_dir():
-            raise ConfigError(f"{flag} {path}: is a folder; give a file name (e.g. adv.pt)")
-        top = _first_missing(path if is_folder else path.parent)
-        anc = path if is_folder and top is None else (top.parent if top is not None else path.parent)
-        if not anc.is_dir():
-            raise ConfigError(f"{flag} {path}: {anc} is a file, not a folder; choose another {flag}")
-        if not os.access(anc, os.W_OK | os.X_OK):
-            raise ConfigError(f"{flag} {path}: folder {anc} is not writable; choose another {flag}")
+    check_output_path(out_dir, "--out", folder=True)
+    if save_adv:
+        check_output_path(save_adv, "--save-adv", folder=False)
 
 
 @contextlib.contextmanager
@@ -105,7 +96,9 @@ def check_source(checkpoint, model_ref, weights, dataset) -> None:
     from advmend.errors import ConfigError
 
     if (checkpoint is None) == (model_ref is None):
-        raise ConfigError("advmend eval needs either a CHECKPOINT or --model module:function (with --weights)")
+        raise ConfigError(
+            "advmend eval needs either a CHECKPOINT, or --model module:function or --model timm/ARCH (with --weights)"
+        )
     if model_ref is None and (weights or dataset):
         raise ConfigError("--weights and --dataset go with --model; a checkpoint records its own")
 
@@ -127,26 +120,30 @@ def evaluate_source(
     log=print,
 ):
     """Evaluate a checkpoint, or a user's model (`model_ref` "module:function" with `weights` and its
-    `dataset`), under its run config with `overrides` ((dotted key, value) pairs on eval.* and data.*)
-    applied, on `device` (a torch.device; default CPU); the report goes to `out` (default: next to the
-    checkpoint, `eval_dir`). Returns the `EvalResult`."""
+    `dataset`), or a library model by name (`model_ref` "timm/ARCH" or "torchvision/ARCH" with `weights`, or
+    `model.pretrained` among the overrides), under its run config with `overrides` ((dotted key, value) pairs
+    on eval.*, data.* and, for a library model, model.*) applied, on `device` (a torch.device; default CPU);
+    the report goes to `out` (default: next to the checkpoint, `eval_dir`). Returns the `EvalResult`."""
     import torch
 
     from advmend.attacks.presets import PROTOCOLS
     from advmend.config import DataConfig, RunConfig, apply_overrides, from_dict, to_dict
-    from advmend.data.sources import dataset_info
     from advmend.defenses.registry import defense_meta
     from advmend.evaluation.load import load_trained_model
-    from advmend.evaluation.user_model import load_user_model
+    from advmend.evaluation.user_model import load_library_model, load_user_model
+    from advmend.models.external import is_external
 
     check_source(checkpoint, model_ref, weights, dataset)
     if out:  # before any work: an unusable --out used to fail only when the report was written
         check_output(Path(out), save_adv)
     dev = torch.device(device if device is not None else "cpu")
-    if model_ref is not None:
+    if model_ref is not None and is_external(model_ref):
+        model, cfg, meta = load_library_model(model_ref, weights, dataset, overrides, dev)
+        record: dict = {}  # no training attack: evaluated at the data set's standard radius
+    elif model_ref is not None:
         model, meta = load_user_model(model_ref, weights, dev)
         cfg = RunConfig(name=model_ref.partition(":")[2], data=DataConfig(name=dataset or "cifar10"))
-        record = {"eps": dataset_info(cfg.data.name)["eps"]}
+        record = {}
     else:
         assert checkpoint is not None  # check_source: a checkpoint or a model reference
         model, cfg, record = load_trained_model(checkpoint, dev)
@@ -205,7 +202,7 @@ def evaluate_checkpoint(
     """
     from advmend.attacks.pgd import PGD
     from advmend.attacks.transfer import Transfer
-    from advmend.data.sources import dataset_info
+    from advmend.data.sources import dataset_radii
     from advmend.defenses.registry import defense_of
     from advmend.evaluation.load import load_trained_model, test_split
     from advmend.evaluation.report import format_table
@@ -216,17 +213,17 @@ def evaluate_checkpoint(
     out_dir = Path(out_dir)
     check_output(out_dir, save_adv)
     ev = cfg.eval
-    if eps is None:  # the checkpoint's threat model, or the data set's for another norm
-        eps = evaluation_threat(record, ev.norm, dataset_info(cfg.data.name)["eps"]).eps
     extra = []
     if prepare is not None:
         cfg, meta = prepare(cfg, checkpoint, meta, log)
-    if transfer_from:
-        surrogate, _, _ = load_trained_model(transfer_from, device)
-        extra.append(Transfer(surrogate, PGD(eps=eps, steps=20, norm=ev.norm, name="PGD-20"), str(transfer_from)))
     test = test_split(cfg.data)
     check_data_fits_model(test, image_shape=record.get("image_shape"), num_classes=record.get("num_classes"),
                           model=model, device=device, source=source or checkpoint)  # fmt: skip
+    if eps is None:  # the checkpoint's threat model, or the data set's (by its image size) for another norm
+        eps = evaluation_threat(record, ev.norm, dataset_radii(cfg.data.name, test.image_shape, cfg.data.radii)).eps
+    if transfer_from:
+        surrogate, _, _ = load_trained_model(transfer_from, device)
+        extra.append(Transfer(surrogate, PGD(eps=eps, steps=20, norm=ev.norm, name="PGD-20"), str(transfer_from)))
     with undo_on_failure(out_dir, save_adv):  # a failed evaluation leaves no half-written report
         result = run_protocol(model, test, cfg, eps, device, out_dir, dict(meta, title=cfg.name), progress=progress,
                               extra_attacks=extra, save_adv=save_adv)  # fmt: skip

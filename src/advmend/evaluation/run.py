@@ -29,17 +29,21 @@ from advmend.evaluation.sanity import run_sanity
 from advmend.evaluation.sections import SECTIONS
 from advmend.io import atomic_write_bytes, file_sha256
 from advmend.models import describe_normalization
-from advmend.types import ThreatModel
+from advmend.types import Radii, ThreatModel
 
 ADV_SUFFIXES = (".pt", ".pth", ".safetensors")
 
 
-def evaluation_threat(record: dict, norm: str, dataset_eps: float) -> ThreatModel:
+def evaluation_threat(record: dict, norm: str, radii: Radii) -> ThreatModel:
     """The threat model to evaluate a checkpoint under when no eps is given: the one its training attack
     used (recorded with it) when `norm` is that attack's norm, else the data set's standard radius for
-    `norm`. Checkpoints from before the norm was recorded were trained under L-inf."""
-    trained = ThreatModel(record.get("norm", "linf"), float(record["eps"]))
-    return trained if trained.norm == norm else ThreatModel.resolve(norm, None, dataset_eps)
+    `norm` (`radii`). Checkpoints from before the norm was recorded were trained under L-inf; a user's
+    model has no training attack (no "eps" in its record) and is evaluated at the data set's radius."""
+    if "eps" in record:
+        trained = ThreatModel(record.get("norm", "linf"), float(record["eps"]))
+        if trained.norm == norm:
+            return trained
+    return ThreatModel.resolve(norm, None, radii)
 
 
 def save_adversarial(path: str | Path, result: EvalResult) -> str:

@@ -1,8 +1,11 @@
-"""A user's own model for `advmend eval --model module:function --weights FILE`.
+"""A user's own model for `advmend eval --model module:function --weights FILE`, or a library model by name
+for `advmend eval --model timm/ARCH --weights FILE` (or `--set model.pretrained=true`).
 
 The function is called with no arguments and must return an `nn.Module` that maps [0, 1] images to
 logits (normalisation inside). Weights are read without executing pickled code: safetensors, or a
-.pt/.pth state dict through `torch.load(weights_only=True)`.
+.pt/.pth state dict through `torch.load(weights_only=True)`. A library model is built as `advmend train`
+builds it (`model.*` of a run config: its normalisation, options, weights), for the classes and image
+shape of the data set it is evaluated on.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 from torch import nn
 
 from advmend.errors import CheckpointError, ConfigError
-from advmend.io import file_sha256
+from advmend.io import check_input_path, file_sha256
 
 
 def build_user_model(spec: str) -> nn.Module:
@@ -40,7 +43,7 @@ def build_user_model(spec: str) -> nn.Module:
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file, or of a .pt/.pth state dict (loaded with weights_only=True)."""
-    path = Path(path)
+    path = check_input_path(path, "--weights")
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
     try:
@@ -76,3 +79,27 @@ def load_user_model(spec: str, weights: str | Path | None, device: torch.device)
             raise CheckpointError(f"{weights}: weights do not match the model from {spec} ({first})") from None
         meta.update(checkpoint=str(weights), checkpoint_sha256=file_sha256(weights))
     return model.to(device).eval(), meta
+
+
+def load_library_model(name: str, weights: str | None, dataset: str | None, overrides, device: torch.device):
+    """A timm/torchvision model by name, built from a run config whose `model` section is `name` with
+    `weights` (`model.weights`) and whose data set is `dataset` (default cifar10), `overrides` applied
+    (model.pretrained, model.normalize, model.options, data.*, eval.*). Its class count and image shape
+    come from the test split. Returns the model (on `device`, eval mode), the config and the report's
+    metadata (the model's name, and the weights file with its SHA-256)."""
+    from advmend.config import DataConfig, ModelConfig, RunConfig, apply_overrides, from_dict, to_dict
+    from advmend.defenses.build import build_model
+    from advmend.evaluation.load import test_split
+
+    base = RunConfig(name=name.replace("/", "_"), data=DataConfig(name=dataset or "cifar10"),
+                     model=ModelConfig(name=name, weights=weights))  # fmt: skip
+    cfg = from_dict(RunConfig, apply_overrides(to_dict(base), list(overrides)))
+    if cfg.model.weights is None and not cfg.model.pretrained:
+        raise ConfigError(f"--model {name}: give its weights (--weights FILE) or --set model.pretrained=true; "
+                          "a randomly initialised model has no robustness to measure")  # fmt: skip
+    test = test_split(cfg.data)
+    model = build_model(cfg, test.num_classes, test.image_shape)
+    meta: dict = {"model": name}
+    if cfg.model.weights is not None:
+        meta.update(checkpoint=str(cfg.model.weights), checkpoint_sha256=file_sha256(cfg.model.weights))
+    return model.to(device).eval(), cfg, meta

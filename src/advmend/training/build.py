@@ -17,6 +17,7 @@ from advmend.attacks.pgd import PGD
 from advmend.config import AttackConfig, DataConfig, RunConfig, check_config
 from advmend.data import (
     dataset_info,
+    dataset_radii,
     load_dataset,
     split_train_val,
     subset,
@@ -28,7 +29,7 @@ from advmend.registry import Registry
 from advmend.training.mart import MART, MART_BETA
 from advmend.training.objectives import AdversarialCE, fast_at_attack
 from advmend.training.trades import TRADES, TRADES_BETA, trades_attack
-from advmend.types import ThreatModel
+from advmend.types import Radii, ThreatModel
 from advmend.validate import check_data_fits_model
 
 OBJECTIVES: Registry = Registry("training method")
@@ -89,19 +90,30 @@ def build_data(cfg: DataConfig, *, need_train: bool = True, need_test: bool = Tr
             | {"num_classes": ref.num_classes, "image_shape": ref.image_shape}
         )
     info["augment"] = info["augment"] if cfg.augment is None else cfg.augment
+    info["radii"] = data_radii(cfg, ref.image_shape)
+    info["eps"] = info["radii"].eps["linf"]
     return DataSplits(train, val, test, info)
 
 
-def attack_threat(cfg: AttackConfig, dataset_eps: float) -> ThreatModel:
+def data_radii(cfg: DataConfig, image_shape: tuple[int, ...] | None = None) -> Radii:
+    """The standard radii of a run's data (`data.radii`, else by data set and image size). Before the data
+    is loaded, `image_shape` is unknown: a folder's `image_size` option stands in for it."""
+    side = cfg.options.get("image_size")
+    if image_shape is None and isinstance(side, int) and not isinstance(side, bool):  # a bad one: the loader's error
+        image_shape = (3, side, side)
+    return dataset_radii(cfg.name, image_shape, cfg.radii)
+
+
+def attack_threat(cfg: AttackConfig, radii: Radii) -> ThreatModel:
     """The threat model of an attack section (eps None: the data set's radius for its norm)."""
-    return ThreatModel.resolve(cfg.norm, cfg.eps, dataset_eps)
+    return ThreatModel.resolve(cfg.norm, cfg.eps, radii)
 
 
-def build_attack(cfg: AttackConfig, dataset_eps: float, *, keep_best: bool, name: str = "") -> PGD:
+def build_attack(cfg: AttackConfig, radii: Radii, *, keep_best: bool, name: str = "") -> PGD:
     """A PGD configuration from its config section: every field of the section is a PGD field of the same
     name and meaning, taken as it is, with eps resolved by `attack_threat`."""
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    fields["eps"] = attack_threat(cfg, dataset_eps).eps
+    fields["eps"] = attack_threat(cfg, radii).eps
     return PGD(**fields, keep_best=keep_best, name=name or f"PGD-{cfg.steps}")
 
 
@@ -122,29 +134,29 @@ def _beta(cfg: RunConfig, default: float | None) -> float | None:
     return default if beta is None else beta
 
 
-def _label_attack(cfg: RunConfig, eps: float) -> PGD:
+def _label_attack(cfg: RunConfig, radii: Radii) -> PGD:
     """`train.attack` as a PGD on the labels; training uses the last iterate, as Madry et al. (keep_best=False)."""
     if cfg.train.attack.loss == "kl":
         raise ConfigError(
             f"train.attack.loss 'kl' is TRADES' inner loss; method {cfg.train.method!r} needs ce or margin"
         )
-    return build_attack(cfg.train.attack, eps, keep_best=False)
+    return build_attack(cfg.train.attack, radii, keep_best=False)
 
 
 @OBJECTIVES.register("pgd_at")
-def _pgd_at(cfg: RunConfig, eps: float) -> AdversarialCE:
+def _pgd_at(cfg: RunConfig, radii: Radii) -> AdversarialCE:
     _beta(cfg, None)
-    return AdversarialCE(_label_attack(cfg, eps), cfg.fsr.lambda_sep, cfg.fsr.lambda_rec)
+    return AdversarialCE(_label_attack(cfg, radii), cfg.fsr.lambda_sep, cfg.fsr.lambda_rec)
 
 
 @OBJECTIVES.register("standard")
-def _standard(cfg: RunConfig, eps: float) -> AdversarialCE:
+def _standard(cfg: RunConfig, radii: Radii) -> AdversarialCE:
     _beta(cfg, None)
     return AdversarialCE(None, cfg.fsr.lambda_sep, cfg.fsr.lambda_rec)
 
 
 @OBJECTIVES.register("trades")
-def _trades(cfg: RunConfig, eps: float) -> TRADES:
+def _trades(cfg: RunConfig, radii: Radii) -> TRADES:
     a = cfg.train.attack
     if a.loss not in ("ce", "kl"):  # "ce" is the section's default; TRADES always maximises the KL
         raise ConfigError(f"train.attack.loss must be kl for method trades, got {a.loss!r}")
@@ -155,17 +167,17 @@ def _trades(cfg: RunConfig, eps: float) -> TRADES:
         )
     if a.restarts != 1:
         raise ConfigError(f"train.attack.restarts must be 1 for method trades, got {a.restarts}")
-    attack = trades_attack(attack_threat(a, eps).eps, a.steps, a.step_size, norm=a.norm)
+    attack = trades_attack(attack_threat(a, radii).eps, a.steps, a.step_size, norm=a.norm)
     return TRADES(attack, _beta(cfg, TRADES_BETA), cfg.fsr.lambda_sep, cfg.fsr.lambda_rec)
 
 
 @OBJECTIVES.register("mart")
-def _mart(cfg: RunConfig, eps: float) -> MART:
-    return MART(_label_attack(cfg, eps), _beta(cfg, MART_BETA), cfg.fsr.lambda_sep, cfg.fsr.lambda_rec)
+def _mart(cfg: RunConfig, radii: Radii) -> MART:
+    return MART(_label_attack(cfg, radii), _beta(cfg, MART_BETA), cfg.fsr.lambda_sep, cfg.fsr.lambda_rec)
 
 
 @OBJECTIVES.register("fast_at")
-def _fast_at(cfg: RunConfig, eps: float) -> AdversarialCE:
+def _fast_at(cfg: RunConfig, radii: Radii) -> AdversarialCE:
     _beta(cfg, None)
     a = cfg.train.attack
     if a.steps != 1:
@@ -177,19 +189,20 @@ def _fast_at(cfg: RunConfig, eps: float) -> AdversarialCE:
         )
     if a.loss != "ce" or a.restarts != 1:
         raise ConfigError(f"method fast_at needs train.attack.loss ce and restarts 1, got {a.loss!r} and {a.restarts}")
-    attack = fast_at_attack(attack_threat(a, eps).eps, norm=a.norm, step_size=a.step_size)
+    attack = fast_at_attack(attack_threat(a, radii).eps, norm=a.norm, step_size=a.step_size)
     return AdversarialCE(attack, cfg.fsr.lambda_sep, cfg.fsr.lambda_rec)
 
 
-def build_objective(cfg: RunConfig, eps: float):
-    """The training objective named by `train.method`, with its settings checked."""
-    return OBJECTIVES.get(cfg.train.method)(cfg, eps)
+def build_objective(cfg: RunConfig, radii: Radii):
+    """The training objective named by `train.method`, with its settings checked; an attack with eps null
+    takes the data set's radius for its norm from `radii`."""
+    return OBJECTIVES.get(cfg.train.method)(cfg, radii)
 
 
 def check_objective(cfg: RunConfig) -> None:
     """Build the training objective and the validation attack once at the data set's standard radius, so
     that what depends on `train.method` (TRADES' attack, train.beta, fast AT's one step) and the attack
     sections fail before any data is loaded; nothing is drawn at random. The loop builds them again."""
-    eps = dataset_info(cfg.data.name)["eps"]
-    build_objective(cfg, eps)
-    build_attack(cfg.train.val_attack, eps, keep_best=True)
+    radii = data_radii(cfg.data)
+    build_objective(cfg, radii)
+    build_attack(cfg.train.val_attack, radii, keep_best=True)

@@ -175,8 +175,8 @@ def classifier_stage(cfg: RunConfig, out_dir: Path, ctx: DistContext, device: to
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    objective = build_objective(cfg, info["eps"])
-    val_attack = build_attack(t.val_attack, info["eps"], keep_best=True, name=f"PGD-{t.val_attack.steps}")
+    objective = build_objective(cfg, info["radii"])
+    val_attack = build_attack(t.val_attack, info["radii"], keep_best=True, name=f"PGD-{t.val_attack.steps}")
     optimizer = torch.optim.SGD(
         model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.nesterov
     )
@@ -203,7 +203,7 @@ def classifier_stage(cfg: RunConfig, out_dir: Path, ctx: DistContext, device: to
             "image_shape": list(info["image_shape"]),
             # What the training attack really used (train.attack.eps, or the data set's radius when null):
             # evaluation reads it back as the checkpoint's threat model.
-            **asdict(attack_threat(t.attack, info["eps"])),
+            **asdict(attack_threat(t.attack, info["radii"])),
             "world_size": ctx.world_size,
             "normalization": describe_normalization(model),  # its source; the values are sealed buffers too
         },

@@ -126,7 +126,7 @@ def _regenerator_stage(cfg: RunConfig, out_dir: Path, data, clf_path: Path, f, d
     trainable = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=p.lr)
     objective = PSSRObjective(
-        build_attack(p.attack, info["eps"], keep_best=False), threat=p.threat, lambda_pix=p.lambda_pix,
+        build_attack(p.attack, info["radii"], keep_best=False), threat=p.threat, lambda_pix=p.lambda_pix,
         lambda_pix_clean=p.lambda_pix_clean, lambda_sem=p.lambda_sem, lambda_ce=p.lambda_ce, lambda_feat=p.lambda_feat,
         lambda_feat_clean=p.lambda_feat_clean, lambda_rd=p.lambda_rd, rdrop=p.rdrop,
     )  # fmt: skip
@@ -135,7 +135,7 @@ def _regenerator_stage(cfg: RunConfig, out_dir: Path, data, clf_path: Path, f, d
     # restorer. One epoch counter over both phases keeps --resume exact.
     pretrain = PSSRObjective(None, lambda_pix=p.lambda_pix or 1.0, lambda_sem=0.0, lambda_feat=0.0, lambda_rd=0.0)
     total = p.pretrain_epochs + p.epochs
-    val_attack = build_attack(t.val_attack, info["eps"], keep_best=True, name=f"PGD-{t.val_attack.steps}")
+    val_attack = build_attack(t.val_attack, info["radii"], keep_best=True, name=f"PGD-{t.val_attack.steps}")
     loader = BatchLoader(data.train, p.batch_size, shuffle=True, device=device, augment=info["augment"],
                          drop_last=len(data.train) >= 2 * p.batch_size, seed=t.seed)  # fmt: skip
     weights = sum(v.numel() * v.element_size() for v in model.state_dict().values())
@@ -154,7 +154,7 @@ def _regenerator_stage(cfg: RunConfig, out_dir: Path, data, clf_path: Path, f, d
         validate=validate, val_every=t.val_every, selection=selection,
         record={
             "num_classes": info["num_classes"], "image_shape": list(info["image_shape"]),
-            **asdict(attack_threat(p.attack, info["eps"])),
+            **asdict(attack_threat(p.attack, info["radii"])),
             "classifier": {"path": str(clf_path), "sha256": file_sha256(clf_path)},
         },
         check_resume=lambda record: _check_resume(out_dir, record, cfg, info, clf_path),

@@ -12,8 +12,10 @@ Choices, and why:
 - GroupNorm rather than BatchNorm: the output for one image must not depend on the other images in
   the batch (clean and adversarial images share a batch in training; attacks see one function).
 - Max-pool down, bilinear up + conv: no checkerboard artefacts from transposed convolutions.
-- Depth from the image size: 3 down/up stages when H and W are divisible by 8 (32x32 -> 4x4),
-  2 when divisible by 4 (28x28 MNIST -> 7x7); anything else is a clear error.
+- Depth from the image size: 3 down/up stages when H and W are divisible by 8 (32x32 -> 4x4), 2 when
+  divisible by 4 (28x28 MNIST -> 7x7), and a 4th for larger images whose sides are divisible by 16 with
+  a bottleneck of at least 4 pixels a side (64x64 -> 4x4, 224x224 -> 14x14): three stages would leave a
+  224-px image's deepest stage at 28x28, a small view of its context. Other sides are a clear error.
 """
 
 from __future__ import annotations
@@ -30,15 +32,27 @@ from advmend.errors import ConfigError, InputError
 _EPS = 1e-3  # clamp before logit: black or white pixels keep finite logits and gradients
 
 
+MAX_DEPTH = 4
+MIN_BOTTLENECK = 4  # pixels a side at the deepest stage that earns a stage beyond the third
+
+
 def auto_depth(height: int, width: int) -> int:
-    """3 stages if H, W are divisible by 8, 2 if divisible by 4; ConfigError otherwise."""
-    for depth in (3, 2):
-        if height % 2**depth == 0 and width % 2**depth == 0:
-            return depth
-    raise ConfigError(
-        f"the PSSR regenerator needs image sides divisible by 4 (2 U-Net stages) or 8 (3 stages), got "
-        f"{height}x{width}; resize or pad the images (e.g. data.options.image_size)"
-    )
+    """The number of U-Net stages for (H, W) images: 3 if H, W are divisible by 8, 2 if by 4, and one more
+    (up to `MAX_DEPTH`) each time the sides stay divisible and the bottleneck keeps `MIN_BOTTLENECK`
+    pixels a side; ConfigError when the sides are not divisible by 4."""
+    if height % 4 or width % 4 or min(height, width) < 4:
+        raise ConfigError(
+            f"the PSSR regenerator needs image sides divisible by 4 (2 U-Net stages), 8 (3 stages) or 16 "
+            f"(4 stages, images of 64 px and more), got {height}x{width}; resize the images "
+            f"(data.options.image_size) or set pssr.depth"
+        )
+    depth = 3 if height % 8 == 0 and width % 8 == 0 else 2
+    while depth < MAX_DEPTH:
+        scale = 2 ** (depth + 1)
+        if height % scale or width % scale or min(height, width) // scale < MIN_BOTTLENECK:
+            break
+        depth += 1
+    return depth
 
 
 def fill_holes(surgical: torch.Tensor, mask: torch.Tensor, windows: Sequence[int] = (3, 5, 9)) -> torch.Tensor:
@@ -76,7 +90,7 @@ class Regenerator(nn.Module):
 
     Args:
         channels: image channels C (the input has C + 1: the image and the mask).
-        image_size: (H, W) it will see; fixes the depth when `depth` is None.
+        image_size: (H, W) it will see (the data's, `pssr_pipeline`); fixes the depth when `depth` is None.
         width: channels of the first stage; stage i has width * 2^i.
         dropout: dropout probability after every decoder stage (0 disables it).
         depth: number of down/up stages; None picks it from `image_size` (see `auto_depth`).
@@ -93,8 +107,8 @@ class Regenerator(nn.Module):
 
     def __init__(
         self,
-        channels: int = 3,
-        image_size: Sequence[int] = (32, 32),
+        channels: int,
+        image_size: Sequence[int],
         *,
         width: int = 32,
         dropout: float = 0.1,
