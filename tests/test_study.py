@@ -129,6 +129,21 @@ def test_a_study_takes_over_a_run_another_study_trained_from_the_same_config(tmp
     assert not list((tmp_path / "runs" / "tiny").glob("*.copying"))
 
 
+def test_every_bundled_study_loads_and_a_missing_reuse_is_one_line(tmp_path):
+    from advmend.config import CONFIG_DIR
+    from advmend.errors import ConfigError
+
+    studies = sorted((CONFIG_DIR / "study").glob("*.yaml"))
+    assert len(studies) >= 5
+    for path in studies:
+        plan_study(path)  # rows resolve, records match, every reused study file exists
+    path = _study(tmp_path)
+    data = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump(dict(data, reuse=["nope.yaml"])))
+    with pytest.raises(ConfigError, match="reuse 'nope.yaml' is not a study file"):
+        plan_study(path)
+
+
 def test_subsets_nest_and_do_not_follow_the_class_order():
     perm = subset_indices(10000, 0)
     assert sorted(perm.tolist()) == list(range(10000))

@@ -135,6 +135,9 @@ def load_study(path: str | Path) -> StudyConfig:
                 raise ConfigError(
                     f"{p}: row {r.name!r}: compare {other!r} is not another row of this study (nor its baseline)"
                 )
+    for other in study.reuse:
+        if not (p.parent / other).is_file():
+            raise ConfigError(f"{p}: reuse {other!r} is not a study file (a path relative to this study's file)")
     e = study.eval
     if e.clean_n is not None and e.clean_n < 1 or e.attack_n < 1 or e.autoattack_n < 0 or e.batch_size < 1:
         raise ConfigError(f"{p}: eval sizes must be positive (autoattack_n may be 0), got {e}")
