@@ -127,6 +127,8 @@ def test_a_study_takes_over_a_run_another_study_trained_from_the_same_config(tmp
     assert recs["at-s0"]["eval"]["clean"]["n"] == 48  # evaluated on the test split all the same
     assert (tmp_path / "runs" / "tiny" / "at-s0" / "trained_by.json").is_file()
     assert not list((tmp_path / "runs" / "tiny").glob("*.copying"))
+    text, _ = render(tmp_path / "rec", plot=False)
+    assert "| at-s0 (trained as tune/at-s0, commit " in text  # the per-run table says where it was trained
 
 
 def test_every_bundled_study_loads_and_a_missing_reuse_is_one_line(tmp_path):

@@ -372,7 +372,13 @@ def render_study(study: Study, png_name: str | None) -> str:
             continue
         hw = r["hardware"]
         commit = (r["commit"].get("sha") or "unknown")[:10] + (" (dirty)" if r["commit"].get("dirty") else "")
-        lines.append(f"| {run_id} | {r['checkpoint']['best_epoch']}/{r['train']['epochs']} | "
+        by = r.get("trained_by")  # a run taken over from another study: where it was trained, and by which code
+        name = (
+            f"{run_id} (trained as {by['study']}/{by['run']}, commit {(by['commit'].get('sha') or '?')[:10]})"
+            if by
+            else run_id
+        )
+        lines.append(f"| {name} | {r['checkpoint']['best_epoch']}/{r['train']['epochs']} | "
                      f"{r['train']['seconds'] / 60:.1f} | {r['train']['images_per_s']:.1f} | "
                      f"{r['eval']['seconds'] / 60:.1f} | {hw['at_start'].get('load_average_1m', '?')}/"
                      f"{hw['at_end'].get('load_average_1m', '?')} | {commit} |")  # fmt: skip
