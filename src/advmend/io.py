@@ -131,7 +131,7 @@ def describe_os_error(err: OSError, what: str = "") -> str:
 
 def _too_long(path: Path, what: str) -> None:
     """PathError when a component of `path`, or the whole, is longer than the file system allows."""
-    anchor = _existing_ancestor(path)
+    anchor = existing_ancestor(path)
     try:
         name_max, path_max = os.pathconf(anchor, "PC_NAME_MAX"), os.pathconf(anchor, "PC_PATH_MAX")
     except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no such limit: POSIX's usual
@@ -145,7 +145,7 @@ def _too_long(path: Path, what: str) -> None:
                         "use a shorter path")  # fmt: skip
 
 
-def _existing_ancestor(path: Path) -> Path:
+def existing_ancestor(path: Path) -> Path:
     """The nearest part of `path` (itself or a parent) that exists, a file or a folder."""
     path = path.absolute()
     while True:
@@ -169,7 +169,7 @@ def check_output_path(path: str | os.PathLike[str], what: str, *, folder: bool) 
         kind = "a file" if folder else "a folder"
         need = "a folder for its files" if folder else "a file name"
         raise PathError(f"{what} {shown(path)}: exists and is {kind}; give {need}")
-    anchor = _existing_ancestor(path if folder else path.parent)
+    anchor = existing_ancestor(path if folder else path.parent)
     if not anchor.is_dir():
         raise PathError(f"{what} {shown(path)}: {anchor} is a file, not a folder; choose another {what}")
     try:
@@ -198,7 +198,7 @@ def check_input_path(path: str | os.PathLike[str], what: str) -> Path:
         return path
     except NotADirectoryError:
         raise PathError(
-            f"{what} {shown(path)}: {_existing_ancestor(path)} is a file, not a folder; check the path"
+            f"{what} {shown(path)}: {existing_ancestor(path)} is a file, not a folder; check the path"
         ) from None
     except OSError as err:
         raise PathError(describe_os_error(err, what)) from None

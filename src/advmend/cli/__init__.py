@@ -22,6 +22,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"advmend: error: {message} (see `{self.prog} --help`)\n")
 
 
+def add_set_flag(p: argparse.ArgumentParser, help_text: str, metavar: str = "KEY=VALUE") -> None:
+    """The repeatable `--set KEY=VALUE` of every command that takes config overrides (into `args.overrides`);
+    which keys a command accepts is its own rule (`config.parse_overrides(..., sections=)`)."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar=metavar, help=help_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from advmend.cli import bench, evaluate, listing, plot, pssr, study, train
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from advmend.cli import add_set_flag
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint's (or your model's) robustness on the test set")
@@ -29,14 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--n-examples", type=int, help="evaluate a seeded subset of this many test examples")
     p.add_argument("--batch-size", type=int, help="examples per forward pass")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a data or eval setting, e.g. --set data.root=DIR (repeatable)",
-    )
+    add_set_flag(p, "override a data or eval setting, e.g. --set data.root=DIR (repeatable)")
     p.add_argument("--out", help="report folder (default: next to the checkpoint, eval-<protocol>)")
     p.add_argument("--sanity-full", action="store_true", help="also run the costly sanity checks S01-S04")
     p.add_argument(

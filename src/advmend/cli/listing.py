@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from advmend.cli import add_set_flag
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("list", help="list models, defenses, training methods, attacks, protocols, datasets, configs")
@@ -19,14 +21,7 @@ def add_parser(sub) -> None:
     q.add_argument("--data", default="cifar10", help="the data set whose image shape and classes the model takes")
     q.add_argument("--shape", help="image shape C,H,W instead of the data set's (e.g. 3,64,64)")
     q.add_argument("--classes", type=int, help="number of classes instead of the data set's")
-    q.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="model.KEY=VALUE",
-        help="a model setting, e.g. --set model.options.img_size=32 (repeatable)",
-    )
+    add_set_flag(q, "a model setting, e.g. --set model.options.img_size=32 (repeatable)", metavar="model.KEY=VALUE")
     q.set_defaults(func=run_layers)
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 
+from advmend.cli import add_set_flag
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -36,14 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", type=int, default=8, help="examples in the image grid (0: no grid.png)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a data setting, e.g. --set data.root=DIR (repeatable)",
-    )
+    add_set_flag(p, "override a data setting, e.g. --set data.root=DIR (repeatable)")
     p.add_argument("--out", help="output folder (default: next to the checkpoint, pssr-analysis)")
     p.set_defaults(func=run)
 

@@ -12,20 +12,14 @@ import functools
 import os
 from pathlib import Path
 
+from advmend.cli import add_set_flag
 from advmend.cli.launcher_flags import TRAIN_FLAGS, add_launcher_flags, check_launcher_flags, launch_train_command
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("train", help="train a classifier from a YAML config (a path or a bundled name)")
     p.add_argument("config", help="YAML file or bundled config name (see `advmend list`)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set train.epochs=5 (repeatable)",
-    )
+    add_set_flag(p, "override a config value, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--out", help="output folder (default: out_dir from the config, else runs/<name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in the output folder from last.safetensors")
     add_launcher_flags(p, study=False)

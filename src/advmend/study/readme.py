@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 from advmend.study.records import RecordError
-from advmend.study.render import Study, _acc, _ci, _pm, _row_records, _rows, load_study_records, paired
+from advmend.study.render import Study, _acc, _ci, _has, _pm, _row_records, _rows, load_study_records, paired
 
 BEGIN = re.compile(r"<!-- results:begin study=([A-Za-z0-9_.-]+) -->")
 END = "<!-- results:end -->"
@@ -38,7 +38,7 @@ def central_table(study: Study) -> str:
         if not recs:
             continue
         cells = [row["name"], f"{len(recs)}/{len(row['seeds'])}"]
-        cells += [_pm([_acc(r, m) for r in recs if m == "clean" or m in r["eval"]["attacks"]]) for m in metrics]
+        cells += [_pm([_acc(r, m) for r in recs if _has(r, m)]) for m in metrics]
         base = by_name.get(row.get("baseline") or "")
         diffs = [paired(study, row, base, m) if base else None for m in metrics]
         seeds = max((d[0] for d in diffs if d is not None), default=0)

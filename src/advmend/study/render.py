@@ -129,8 +129,7 @@ def _metrics(study: Study, *, indicators: bool = True) -> list[str]:
     has both PGD-20 and AutoAttack (`indicators`)."""
     names = {k for rec in study.records.values() if rec.get("eval") for k in rec["eval"]["attacks"]}
     known = [k for k in ORDER if k in names]
-    both = study.records and all({"PGD-20", "AutoAttack"} <= set(r["eval"]["attacks"]) for r in study.records.values()
-                                 if r.get("eval"))  # fmt: skip
+    both = study.records and all(_has(r, MISSED) for r in study.records.values() if r.get("eval"))
     return ["clean", *known, *sorted(names - set(known)), "worst", *([MISSED] if indicators and both else [])]
 
 

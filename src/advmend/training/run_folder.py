@@ -25,7 +25,7 @@ from torch import nn
 from advmend.checkpoint import load_checkpoint, save_checkpoint
 from advmend.config import RunConfig, from_dict, parse_yaml, to_dict
 from advmend.errors import CheckpointError, ConfigError
-from advmend.io import atomic_write_text, stale_temp_files
+from advmend.io import atomic_write_text, existing_ancestor, stale_temp_files
 from advmend.training.curves import read_history
 from advmend.training.distributed import DistContext
 from advmend.training.ema import ModelEMA
@@ -120,13 +120,6 @@ def rng_tensors(stage: Stage) -> dict[str, torch.Tensor]:
     return _gather_rng(stage.ctx, stage.device) if stage.classifier is not None else _rng(stage.device)
 
 
-def _existing_ancestor(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def checkpoint_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, ema: bool) -> int:
     """Bytes of one `last` checkpoint: weights and buffers, one optimizer slot per parameter (SGD
     momentum) and the EMA copy; the JSON record is small next to them."""
@@ -138,7 +131,7 @@ def checkpoint_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, ema: bo
 
 def check_disk_space(out_dir: Path, need: int) -> None:
     """ConfigError, before training, when the output filesystem cannot hold the checkpoints."""
-    free = shutil.disk_usage(_existing_ancestor(out_dir)).free
+    free = shutil.disk_usage(existing_ancestor(out_dir)).free
     if free < DISK_FACTOR * need:
         raise ConfigError(
             f"not enough disk space for checkpoints in {out_dir}: {free / 2**20:.1f} MiB free, "
