@@ -1,15 +1,18 @@
 """The central results table in README.md, rendered from the run records like docs/results.md.
 
-README.md holds a block between two markers; the begin marker names the study whose table goes there:
+README.md holds blocks between two markers; a begin marker names what goes there, a study's table or
+the table of FSR's gains across studies:
 
     <!-- results:begin study=cifar10_cpu -->
     (generated: never edit by hand)
     <!-- results:end -->
+    <!-- results:begin fsr-gain -->
+    <!-- results:end -->
 
-`advmend results ROOT` rewrites the block from ROOT/<study>/ and `advmend results ROOT --check` fails when
-it differs, so the front page cannot drift from the records. The table is a short view of the results
-page's own numbers (the same means, paired differences and bootstrap intervals): clean, PGD-20 and
-AutoAttack for every row, each row against its baseline.
+`advmend results ROOT` rewrites every block from the records under ROOT and `advmend results ROOT --check`
+fails when one differs, so the front page cannot drift from the records. A study's table is a short view of
+the results page's own numbers (the same means, paired differences and bootstrap intervals): clean, PGD-20
+and AutoAttack for every row, each row against its baseline; the FSR table is the results page's own.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from advmend.study.records import RecordError
+from advmend.study.fsr_gain import LEGEND, fsr_gains, gain_table
+from advmend.study.records import STUDY_FILE, RecordError
 from advmend.study.render import Study, _acc, _ci, _has, _pm, _row_records, _rows, load_study_records, paired
 
-BEGIN = re.compile(r"<!-- results:begin study=([A-Za-z0-9_.-]+) -->")
+BEGIN = re.compile(r"<!-- results:begin (study=[A-Za-z0-9_.-]+|fsr-gain) -->")
 END = "<!-- results:end -->"
 # The front page keeps the three numbers a reader compares first; every other attack is on the results page.
 METRICS = ("clean", "PGD-20", "AutoAttack")
@@ -48,31 +52,52 @@ def central_table(study: Study) -> str:
     return "\n".join(lines)
 
 
-def _block(text: str, where: str) -> tuple[int, int, str] | None:
-    """(start, end, study id) of the block's inner text, or None when the text has no block."""
+def _blocks(text: str, where: str) -> list[tuple[int, int, str]]:
+    """(start, end, what) of each block's inner text, in order; what is "study=ID" or "fsr-gain"."""
     begins = list(BEGIN.finditer(text))
-    if not begins and END not in text:
-        return None
-    if len(begins) != 1 or text.count(END) != 1 or text.index(END) < begins[0].end():
-        raise RecordError(f"{where}: needs exactly one '<!-- results:begin study=ID -->' followed by one '{END}'")
-    return begins[0].end(), text.index(END), begins[0].group(1)
+    ends = [m.start() for m in re.finditer(re.escape(END), text)]
+    bounds = [b.end() for b in begins[1:]] + [len(text)]
+    ok = len(ends) == len(begins) and all(b.end() <= e < nxt for b, e, nxt in zip(begins, ends, bounds))
+    if not ok:
+        raise RecordError(f"{where}: every '<!-- results:begin study=ID -->' (or 'fsr-gain') needs exactly one "
+                          f"'{END}' after it, before the next begin marker")  # fmt: skip
+    whats = [b.group(1) for b in begins]
+    if twice := sorted({w for w in whats if whats.count(w) > 1}):
+        raise RecordError(f"{where}: the results block {twice[0]} appears more than once; keep exactly one")
+    return [(b.end(), e, b.group(1)) for b, e in zip(begins, ends)]
 
 
-def render_readme(text: str, root: Path, where: str) -> str | None:
-    """`text` (a README) with its results block rewritten from the records under `root`; None when it
-    has no block. A malformed block or a study without records is a RecordError naming `where`."""
-    found = _block(text, where)
-    if found is None:
-        return None
-    start, end, study_id = found
+def _study_block(root: Path, study_id: str, where: str) -> str:
     folder = Path(root) / study_id
     if not folder.is_dir():
         raise RecordError(f"{where}: its results block names study {study_id!r}, which has no folder under {root}")
     study = load_study_records(folder)
     if not study.records:
         raise RecordError(f"{where}: study {study_id!r} has no finished run to put in the results block")
+    return central_table(study) + "\n\n" + legend(study)
+
+
+def _fsr_gain_block(root: Path, where: str) -> str:
+    studies = [load_study_records(p.parent) for p in sorted(Path(root).glob(f"*/{STUDY_FILE}"))]
+    gains = fsr_gains(studies)
+    if not gains:
+        raise RecordError(f"{where}: its fsr-gain block has no FSR row with a finished baseline under {root}")
+    return gain_table(gains) + "\n\n" + LEGEND
+
+
+def render_readme(text: str, root: Path, where: str) -> str | None:
+    """`text` (a README) with every results block rewritten from the records under `root`; None when it
+    has no block. A malformed block or a block without records is a RecordError naming `where`."""
+    blocks = _blocks(text, where)
+    if not blocks:
+        return None
     note = "<!-- generated by `advmend results` from the run records: do not edit by hand -->"
-    return text[:start] + "\n" + note + "\n\n" + central_table(study) + "\n\n" + legend(study) + "\n" + text[end:]
+    out, pos = [], 0
+    for start, end, what in blocks:
+        inner = _fsr_gain_block(root, where) if what == "fsr-gain" else _study_block(root, what[6:], where)
+        out += [text[pos:start], "\n" + note + "\n\n" + inner + "\n"]
+        pos = end
+    return "".join(out) + text[pos:]
 
 
 def legend(study: Study) -> str:

@@ -544,6 +544,14 @@ def render(root: str | Path, *, plot: bool = True) -> tuple[str, list[Path]]:
         if study.records and study.definition.get("eval", {}).get("test") is not False:
             png = f"{root.name}/{study.id}.png"  # relative to ROOT.md, which sits next to ROOT
         parts.append(render_study(study, png))
+    # Imported here: fsr_gain builds on this module's paired differences.
+    from advmend.study.fsr_gain import FSR_GAIN_PNG, fsr_gains, plot_gain, render_gain
+
+    if gains := fsr_gains(studies):
+        if plot:
+            plot_gain(gains, root / FSR_GAIN_PNG)
+            pngs.append(root / FSR_GAIN_PNG)
+        parts.append(render_gain(gains, f"{root.name}/{FSR_GAIN_PNG}"))
     if findings := render_findings(root, studies):
         parts.append(findings)
     return "\n".join(parts).rstrip() + "\n", pngs
