@@ -46,3 +46,28 @@ def test_recipe_bench_times_the_configs_own_step(capsys):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # a real optimiser step
     assert main(["bench", "--config", "quickstart", "--switches", "compile", "--device", "cpu"]) == 2
     assert "unknown" in capsys.readouterr().err
+
+
+def test_recipe_bench_set_overrides_the_config(capsys, monkeypatch):
+    """`--config C --set fsr.enabled=true` times C's step with FSR (the ResNet recipe has none of its own);
+    --set without --config and an unknown key are one-line errors."""
+    import advmend.bench.recipe as recipe
+
+    seen = {}
+
+    def fake_bench(name, cfg, switches, **kw):
+        seen["name"], seen["fsr"], seen["lambda"] = name, cfg.fsr.enabled, cfg.fsr.lambda_sep
+        return []
+
+    monkeypatch.setattr(recipe, "bench_recipe", fake_bench)
+    argv = ["bench", "--config", "cifar10/pgdat_preact_resnet18_cpu", "--device", "cpu"]
+    assert main([*argv, "--set", "fsr.enabled=true", "--set", "fsr.lambda_sep=0.3"]) == 0
+    assert seen == {"name": "cifar10/pgdat_preact_resnet18_cpu --set fsr.enabled=true --set fsr.lambda_sep=0.3",
+                    "fsr": True, "lambda": 0.3}  # fmt: skip
+    assert main(argv) == 0 and seen["fsr"] is False
+    capsys.readouterr()
+    assert main(["bench", "--set", "fsr.enabled=true", "--device", "cpu"]) == 2
+    assert "give --config" in capsys.readouterr().err
+    assert main([*argv, "--set", "fsr.nope=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nope" in err

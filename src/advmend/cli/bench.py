@@ -7,6 +7,8 @@ import json
 import platform
 from pathlib import Path
 
+from advmend.cli import add_set_flag
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="measure forward+backward and PGD-10 AT images/s, with and without FSR")
@@ -33,6 +35,8 @@ def add_parser(sub) -> None:
         help="instead: the training step of this run config (its model, FSR, objective and "
         "attack) under --switches (default off,channels_last,bf16)",
     )
+    add_set_flag(p, "with --config: override one of that config's keys (repeatable), e.g. fsr.enabled=true to "
+                 "time the same step with FSR")  # fmt: skip
     p.add_argument(
         "--folder-memory",
         metavar="DIR",
@@ -75,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.json:  # before minutes of measurement, not after
         check_output_path(args.json, "--json", folder=False)
+    if args.overrides and not args.config:
+        raise ConfigError("--set overrides a key of --config's run config; give --config CONFIG")
     if args.folder_memory:
         from advmend.bench.folder_memory import format_result
         from advmend.bench.folder_memory import run as bench_folder
@@ -153,7 +159,7 @@ def _run_recipe(args: argparse.Namespace, device, where: str) -> int:
     from advmend.config import load_run_config
     from advmend.errors import ConfigError
 
-    cfg = load_run_config(args.config)
+    cfg = load_run_config(args.config, args.overrides)
     if (args.batch_size is not None and args.batch_size < 1) or args.iters < 1 or args.warmup < 0:
         raise ConfigError("--batch-size and --iters must be >= 1, --warmup >= 0")
     switches = [s.strip() for s in (args.switches or "off,channels_last,bf16").split(",") if s.strip()]
@@ -162,7 +168,8 @@ def _run_recipe(args: argparse.Namespace, device, where: str) -> int:
         raise ConfigError(f"--switches with --config: unknown {bad}; choose from off,channels_last,bf16,fp16")
     if "fp16" in switches and device.type != "cuda":
         raise ConfigError("--switches: fp16 is measured on CUDA only (CPU fp16 kernels are not a speed-up)")
-    rows = bench_recipe(args.config, cfg, switches, batch_size=args.batch_size,
+    name = " ".join([args.config, *(f"--set {o}" for o in args.overrides)])
+    rows = bench_recipe(name, cfg, switches, batch_size=args.batch_size,
                         iters=args.iters, warmup=args.warmup, device=device)  # fmt: skip
     print(format_recipe_rows(rows, where))
     if args.json:
