@@ -12,9 +12,10 @@ from test_study import _record
 from advmend.cli import main
 from advmend.config import RunConfig, from_dict
 from advmend.study.fsr_gain import fsr_gains, verdict
+from advmend.study.page import render
 from advmend.study.readme import render_readme
 from advmend.study.records import STUDY_FILE, RecordError
-from advmend.study.render import load_study_records, render
+from advmend.study.render import load_study_records
 from advmend.study.spec import config_digest
 
 N = 100

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from advmend.study.finding import load_finding
+from advmend.study.page import render
 from advmend.study.records import RecordError
-from advmend.study.render import FINDING_TITLE, render
+from advmend.study.render import FINDING_TITLE
 from advmend.study.stats import paired_bootstrap
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 16

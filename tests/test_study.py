@@ -19,8 +19,8 @@ import yaml
 
 from advmend.cli import main
 from advmend.io import file_sha256
+from advmend.study.page import render
 from advmend.study.records import SCHEMA, STUDY_FILE, RecordError, load_record
-from advmend.study.render import render
 from advmend.study.runner import plan_study, run_study, still_training, subset_indices
 from advmend.study.stats import mean_std, paired_bootstrap
 from advmend.training import loop as loop_mod

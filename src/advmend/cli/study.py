@@ -106,8 +106,8 @@ def launch_study_command(args: argparse.Namespace, only: list[str] | None) -> in
 def run_results_command(args: argparse.Namespace) -> int:
     from advmend.errors import ConfigError
     from advmend.io import atomic_write_text, check_input_path, check_output_path
+    from advmend.study.page import render
     from advmend.study.readme import render_readme
-    from advmend.study.render import render
 
     root = check_input_path(args.root, "records folder")
     out = Path(args.out) if args.out else root.with_suffix(".md")
