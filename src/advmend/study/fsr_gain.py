@@ -164,7 +164,8 @@ def plot_gain(gains: list[Gain], path: Path) -> None:
     ax.set_xlabel("training compute of one FSR run (core-hours, log scale)")
     ax.set_ylabel("Δ AutoAttack vs baseline (points)")
     ax.set_title("FSR's AutoAttack gain (mean, 95 % paired bootstrap interval)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # rows without AutoAttack give no point
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     save_png(fig, path)
