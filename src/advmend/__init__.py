@@ -6,12 +6,26 @@ first call, not here). Each docstring holds a short example that runs as written
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from advmend._version import __version__
+
+if TYPE_CHECKING:  # annotations only: `import advmend` does not import torch
+    from collections.abc import Callable, Sequence
+    from pathlib import Path
+
+    from torch import nn
+
+    from advmend.config import RunConfig
+    from advmend.defenses.insert import FSRModel
+    from advmend.defenses.pssr.pipeline import PSSRModel
+    from advmend.evaluation.evaluate import EvalResult
+    from advmend.training.loop import TrainResult
 
 __all__ = ["__version__", "add_pssr", "evaluate", "insert_fsr", "load", "train"]
 
 
-def insert_fsr(backbone, at, num_classes: int, **options):
+def insert_fsr(backbone: nn.Module, at: str | Sequence[str], num_classes: int, **options: Any) -> FSRModel:
     """Insert FSR blocks (feature separation and recalibration) after the named layers of a classifier.
 
     Args:
@@ -24,7 +38,7 @@ def insert_fsr(backbone, at, num_classes: int, **options):
 
     Returns:
         The `advmend.defenses.FSRModel`: called on images it returns the logits; trained with
-        `advmend.train` (config `fsr.enabled: true`) its FSR losses are added to the objective.
+            `advmend.train` (config `fsr.enabled: true`) its FSR losses are added to the objective.
 
     Example:
         >>> import torch, advmend
@@ -39,7 +53,7 @@ def insert_fsr(backbone, at, num_classes: int, **options):
     return insert(backbone, at, num_classes, **options)
 
 
-def add_pssr(classifier, image_shape, **options):
+def add_pssr(classifier: nn.Module, image_shape: Sequence[int], **options: Any) -> PSSRModel:
     """Put PSSR (pixel surgery, then semantic regeneration) in front of a classifier: PSSR's entry point.
 
     The returned pipeline removes an input's salient pixels (scored by the classifier's input
@@ -65,11 +79,16 @@ def add_pssr(classifier, image_shape, **options):
         torch.Size([2, 10])
     """
     from advmend.defenses.pssr.pipeline import pssr_pipeline
+    from advmend.errors import ConfigError
 
-    return pssr_pipeline(classifier, tuple(image_shape), **options)
+    if len(image_shape) != 3:
+        raise ConfigError(f"image_shape {tuple(image_shape)}: give (C, H, W), e.g. (3, 32, 32)")
+    c, h, w = (int(v) for v in image_shape)
+    return pssr_pipeline(classifier, (c, h, w), **options)
 
 
-def train(config, out_dir=None, *, overrides=(), resume: bool = False, log=print):
+def train(config: str | Path | RunConfig, out_dir: str | Path | None = None, *, overrides: Sequence[str] = (),
+          resume: bool = False, log: Callable[[str], None] = print) -> TrainResult:  # fmt: skip
     """Train the run a config describes (a classifier, FSR or PSSR) into a run folder.
 
     Args:
@@ -82,8 +101,8 @@ def train(config, out_dir=None, *, overrides=(), resume: bool = False, log=print
 
     Returns:
         The `TrainResult`: `best` and `last` checkpoints, the per-epoch `history`, and `selection`
-        (how the best checkpoint was chosen). The test set is not touched: evaluate `best` with
-        `advmend.evaluate`.
+            (how the best checkpoint was chosen). The test set is not touched: evaluate `best` with
+            `advmend.evaluate`.
 
     Example:
         >>> import tempfile, advmend
@@ -104,8 +123,9 @@ def train(config, out_dir=None, *, overrides=(), resume: bool = False, log=print
     return train_run(cfg, out, resume=resume, log=log)
 
 
-def evaluate(checkpoint, *, protocol=None, n_examples=None, out=None, device: str = "auto", overrides=(),
-             progress: bool = False):  # fmt: skip
+def evaluate(checkpoint: str | Path, *, protocol: str | None = None, n_examples: int | None = None,
+             out: str | Path | None = None, device: str = "auto", overrides: Sequence[str] = (),
+             progress: bool = False) -> EvalResult:  # fmt: skip
     """Evaluate a checkpoint under an attack protocol and write its report card, as `advmend eval` does.
 
     Attacks, the sanity suite (gradient-masking checks) and the report (report.json, report.md,
@@ -147,7 +167,7 @@ def evaluate(checkpoint, *, protocol=None, n_examples=None, out=None, device: st
                            log=print if progress else (lambda _m: None))  # fmt: skip
 
 
-def load(checkpoint, device: str = "cpu"):
+def load(checkpoint: str | Path, device: str = "cpu") -> nn.Module:
     """The model a checkpoint was trained as (classifier, FSR model or PSSR pipeline), weights verified.
 
     Args:
@@ -156,7 +176,7 @@ def load(checkpoint, device: str = "cpu"):
 
     Returns:
         The `nn.Module` in eval mode ([0, 1] images in, logits out). Its run config and checkpoint
-        record: `advmend.evaluation.load.load_trained_model`.
+            record: `advmend.evaluation.load.load_trained_model`.
 
     Example:
         >>> import tempfile, torch, advmend
