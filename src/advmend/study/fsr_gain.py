@@ -28,7 +28,7 @@ class Gain:
     row: str
     baseline: str
     backbone: str  # model name and width, e.g. "preact_resnet18 (width 16)"
-    method: str  # the training method both rows share, e.g. "pgdat"
+    method: str  # the training method both rows share, e.g. "PGD-AT"
     weight: str  # FSR's loss weights, e.g. "0.3" (lambda_sep = lambda_rec) or "sep 1, rec 0.5"
     seeds: int  # seeds paired
     diffs: dict  # metric -> (mean, low, high) or None (a metric one side lacks)
