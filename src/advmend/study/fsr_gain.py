@@ -119,7 +119,9 @@ LEGEND = (
     f'"Δ {MISSED}" above 0: FSR raises the share of examples that survive PGD-20 but not AutoAttack, a sign '
     "that it hides weak points from a plain gradient attack (gradient masking) rather than removing them. "
     "Training compute: the mean training time of one run times its torch threads, on the CPUs the per-run "
-    "tables name."
+    "tables name; these are wall-clock hours on a shared machine whose load differed between runs (the per-run "
+    "tables give it), so the column places each row on the compute axis but does not measure FSR's own cost "
+    "(`advmend bench --config CONFIG --set fsr.enabled=true` does, docs/performance.md)."
 )
 
 
