@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from advmend.study.render import MISSED, Study, _row_records, _rows, paired
+from advmend.study.render import MISSED, Study, _ci, _row_records, _rows, paired
 from advmend.study.stats import mean_std
 
 FSR_GAIN_PNG = "fsr_gain.png"
@@ -94,10 +94,6 @@ def verdict(diff: tuple[float, float, float] | None) -> str:
     return "no measurable difference"
 
 
-def _ci(d: tuple[float, float, float] | None) -> str:
-    return "—" if d is None else f"{d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}]"
-
-
 def gain_table(gains: list[Gain]) -> str:
     """Markdown: one line per FSR row, its paired differences against its baseline and the verdict on
     AutoAttack."""
@@ -106,7 +102,7 @@ def gain_table(gains: list[Gain]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|---|---|---:|---:|---:|" + "---:|" * len(GAIN_METRICS) + "---|"]
     for g in gains:
         cells = [g.backbone, f"`{g.study}`: {g.row} − {g.baseline}", g.weight, str(g.seeds),
-                 f"{g.core_hours:.2f} / {g.baseline_core_hours:.2f}", *(_ci(g.diffs[m]) for m in GAIN_METRICS),
+                 f"{g.core_hours:.2f} / {g.baseline_core_hours:.2f}", *("—" if g.diffs[m] is None else _ci(g.diffs[m]) for m in GAIN_METRICS),
                  verdict(g.diffs["AutoAttack"])]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -32,10 +32,10 @@ def render(root: str | Path, *, plot: bool = True) -> tuple[str, list[Path]]:
         study = load_study_records(folder)
         studies.append(study)
         png = None
-        if plot and study.records and study.definition.get("eval", {}).get("test") is not False:
-            plot_study(study, root / f"{study.id}.png")
-            pngs.append(root / f"{study.id}.png")
         if study.records and study.definition.get("eval", {}).get("test") is not False:
+            if plot:
+                plot_study(study, root / f"{study.id}.png")
+                pngs.append(root / f"{study.id}.png")
             png = f"{root.name}/{study.id}.png"  # relative to ROOT.md, which sits next to ROOT
         parts.append(render_study(study, png))
     if gains := fsr_gains(studies):
