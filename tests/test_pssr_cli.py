@@ -320,3 +320,11 @@ def test_both_train_paths_go_through_the_one_after_training_evaluation(run, tmp_
     assert (clf_dir / "accuracy_vs_eps.png").is_file() and (pssr_dir / "accuracy_vs_eps.png").is_file()
     out = capsys.readouterr().out
     assert out.count("best checkpoint (epoch") == 2 and "headline (worst over all threat models)" in out
+
+
+@pytest.mark.parametrize("item", ["train.lr=1", "model.name=small_cnn", "data.root"])
+def test_pssr_analysis_changes_only_data_settings(tmp_path, capsys, item):
+    # refused in one line before the checkpoint is read (this one does not even exist)
+    assert main(["pssr-analysis", str(tmp_path / "none.safetensors"), "--set", item]) == 2
+    line = _error_line(capsys)
+    assert item in line and ("only data.*" in line or "key.sub=value" in line)

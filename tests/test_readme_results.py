@@ -77,10 +77,11 @@ def test_results_rewrites_the_readme_block_and_check_catches_a_hand_edit(tmp_pat
 def test_a_bad_block_is_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, readme, why):
     repo = _repo(tmp_path, readme)
     monkeypatch.chdir(repo)
-    assert main(["results", "docs/results", "--no-plot"]) == 2
+    assert main(["results", "docs/results"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and why in err and "README.md" in err
     assert not (repo / "docs" / "results.md").exists()  # the page is not written either
+    assert not list((repo / "docs" / "results").glob("*.png"))  # nor its pictures
     assert (repo / "README.md").read_text() == readme
 
 

@@ -44,13 +44,12 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from advmend.config import parse_overrides
     from advmend.errors import ConfigError
     from advmend.io import check_output_path
     from advmend.study.pssr_analysis import FindingSettings, run_finding
 
-    for item in args.overrides:
-        if not item.split("=", 1)[0].strip().startswith("data."):
-            raise ConfigError(f"advmend pssr-analysis --set only changes data.* settings, got {item!r}")
+    parse_overrides(args.overrides, sections=("data",))  # the run's data only, checked before anything loads
     for key, value, ok in (("--n-examples", args.n_examples, args.n_examples >= 1), ("--steps", args.steps, args.steps >= 1),
                            ("--batch-size", args.batch_size, args.batch_size >= 1), ("--grid", args.grid, args.grid >= 0),
                            ("--alpha", args.alpha, args.alpha is None or args.alpha > 0),

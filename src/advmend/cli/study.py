@@ -106,7 +106,7 @@ def launch_study_command(args: argparse.Namespace, only: list[str] | None) -> in
 def run_results_command(args: argparse.Namespace) -> int:
     from advmend.errors import ConfigError
     from advmend.io import atomic_write_text, check_input_path, check_output_path
-    from advmend.study.page import render
+    from advmend.study.page import render_page
     from advmend.study.readme import render_readme
 
     root = check_input_path(args.root, "records folder")
@@ -120,8 +120,9 @@ def run_results_command(args: argparse.Namespace) -> int:
         readme = Path(args.readme) if args.readme else None
         if readme is not None and not readme.is_file():
             raise ConfigError(f"--readme {readme}: no such file")
-    text, pngs = render(root, plot=not (args.no_plot or args.check))
-    # Every text is computed before anything is written: a bad README block leaves both files as they were.
+    text, plots = render_page(root)
+    # Every text is computed before anything is written (PNGs included): a bad README block leaves the
+    # page, the README and the pictures as they were.
     targets = [(out, text)]
     if readme is not None:
         current = readme.read_text()
@@ -136,6 +137,9 @@ def run_results_command(args: argparse.Namespace) -> int:
                 )
         print(" and ".join(str(p) for p, _ in targets) + " match the records")
         return 0
+    pngs = [] if args.no_plot else [path for path, _ in plots]
+    for path, draw in [] if args.no_plot else plots:
+        draw(path)
     for path, expected in targets:
         atomic_write_text(path, expected)
     print("wrote " + ", ".join(str(p) for p, _ in targets) + "".join(f", {p}" for p in pngs))

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from advmend.study.finding import finding_folders
@@ -13,6 +15,17 @@ from advmend.study.render import load_study_records, plot_study, render_findings
 
 def render(root: str | Path, *, plot: bool = True) -> tuple[str, list[Path]]:
     """The text of results.md for every study folder under `root`, and the PNGs written."""
+    text, plots = render_page(root)
+    if not plot:
+        return text, []
+    for path, draw in plots:
+        draw(path)
+    return text, [path for path, _ in plots]
+
+
+def render_page(root: str | Path) -> tuple[str, list[tuple[Path, Callable[[Path], None]]]]:
+    """The text of results.md for every study folder under `root`, and the PNGs it shows, each with the
+    function that draws it: drawn by the caller once every text it writes is known to be good."""
     root = Path(root)
     if not root.is_dir():
         raise RecordError(f"{root}: no such records folder (run `advmend study STUDY.yaml` first)")
@@ -27,22 +40,19 @@ def render(root: str | Path, *, plot: bool = True) -> tuple[str, list[Path]]:
              "results docs/results --check` from the repository root, verifies it). Each record is written by "
              "`advmend study STUDY.yaml`, which trains, evaluates and records every run of a study (with the "
              "SHA-256 of the evaluated checkpoint); rerun it to reproduce a run.", ""]  # fmt: skip
-    pngs, studies = [], []
+    plots: list[tuple[Path, Callable[[Path], None]]] = []
+    studies = []
     for folder in folders:
         study = load_study_records(folder)
         studies.append(study)
         png = None
         if study.records and study.definition.get("eval", {}).get("test") is not False:
-            if plot:
-                plot_study(study, root / f"{study.id}.png")
-                pngs.append(root / f"{study.id}.png")
+            plots.append((root / f"{study.id}.png", partial(plot_study, study)))
             png = f"{root.name}/{study.id}.png"  # relative to ROOT.md, which sits next to ROOT
         parts.append(render_study(study, png))
     if gains := fsr_gains(studies):
-        if plot:
-            plot_gain(gains, root / FSR_GAIN_PNG)
-            pngs.append(root / FSR_GAIN_PNG)
+        plots.append((root / FSR_GAIN_PNG, partial(plot_gain, gains)))
         parts.append(render_gain(gains, f"{root.name}/{FSR_GAIN_PNG}"))
     if findings := render_findings(root, studies):
         parts.append(findings)
-    return "\n".join(parts).rstrip() + "\n", pngs
+    return "\n".join(parts).rstrip() + "\n", plots
