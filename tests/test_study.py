@@ -21,6 +21,7 @@ from advmend.cli import main
 from advmend.io import file_sha256
 from advmend.study.page import render
 from advmend.study.records import SCHEMA, STUDY_FILE, RecordError, load_record
+from advmend.study.render import _ci, classifier_record, pssr_autoattack_against_classifier
 from advmend.study.runner import plan_study, run_study, still_training, subset_indices
 from advmend.study.stats import mean_std, paired_bootstrap
 from advmend.training import loop as loop_mod
@@ -623,3 +624,45 @@ def test_a_pssr_row_protects_another_rows_classifier_and_is_judged_against_it(tm
     text, _ = render(tmp_path / "rec", plot=False)
     assert "PSSR against the classifier it protects" in text and "| pssr_at-s0 |" in text
     assert f"surgery with its holes interpolated {q['surgery_interpolated_accuracy']:.2f} %" in text
+    # the classifier's own AutoAttack, found by its results, against AutoAttack on the whole pipeline
+    aa = pssr_autoattack_against_classifier(rec, classifier_record(rec, [at]))
+    row = next(line for line in text.splitlines() if line.startswith("| pssr_at-s0 | "))
+    assert aa is not None and f"| {aa[0]:.2f} | " in row and _ci(aa[1]) in row
+
+
+def _pssr_pair(n: int = 100, f_aa: int = 40, pipe_aa: int = 25) -> tuple[dict, dict]:
+    """A classifier record and a PSSR record in front of it: the same clean and PGD-20 results for f, and
+    AutoAttack right on `f_aa` of the first n examples for f alone, `pipe_aa` (a subset) for the pipeline."""
+    bits = lambda k, m=n: "1" * k + "0" * (m - k)  # noqa: E731
+    f = _record("at-s0", bits(60, 2 * n), {"PGD-20": bits(30, 2 * n), "AutoAttack": bits(f_aa, 2 * n)}, bits(f_aa))
+    f["eval"]["attack_indices"] = list(range(2 * n))
+    p = _record("pssr_at-s0", bits(58, 2 * n), {"whitebox-bpda-mask/AutoAttack": bits(pipe_aa)}, bits(pipe_aa))
+    p["eval"].update(attack_indices=list(range(n)), kind="pssr",
+                     classifier_alone={"clean": {"correct": bits(60, 2 * n)}, "PGD-20": {"correct": bits(30, n)}})  # fmt: skip
+    return f, p
+
+
+def test_pssr_against_its_classifiers_autoattack_has_the_planted_answer():
+    f, p = _pssr_pair(f_aa=40, pipe_aa=25)
+    assert classifier_record(p, [f]) is f
+    acc, (mean, low, high) = pssr_autoattack_against_classifier(p, f)
+    assert (
+        acc == 40.0 and mean == pytest.approx(-15.0) and low < -15.0 < high < 0
+    )  # 15 of 100 examples lost, none gained
+    f, p = _pssr_pair(f_aa=30, pipe_aa=30)
+    assert pssr_autoattack_against_classifier(p, f)[1] == (0.0, 0.0, 0.0)  # identical: zero, zero width
+
+
+def test_a_pssr_record_finds_only_its_own_classifier():
+    f, p = _pssr_pair()
+    other = json.loads(json.dumps(f))
+    other["eval"]["clean"]["correct"] = "0" + f["eval"]["clean"]["correct"][1:]  # another model: one result differs
+    assert classifier_record(p, [other]) is None and classifier_record(p, [other, f]) is f
+    assert classifier_record(p, [f, json.loads(json.dumps(f))]) is None  # two candidates: none is taken
+    shifted = json.loads(json.dumps(f))
+    shifted["eval"]["attack_indices"] = list(range(1, 201))  # other examples
+    assert classifier_record(p, [shifted]) is None
+    assert pssr_autoattack_against_classifier(p, None) is None
+    fewer = json.loads(json.dumps(f))
+    fewer["eval"]["attacks"]["AutoAttack"] = {"n": 50, "correct": "1" * 50}  # f's AutoAttack on fewer examples
+    assert pssr_autoattack_against_classifier(p, fewer) is None

@@ -41,15 +41,15 @@ def render_page(root: str | Path) -> tuple[str, list[tuple[Path, Callable[[Path]
              "`advmend study STUDY.yaml`, which trains, evaluates and records every run of a study (with the "
              "SHA-256 of the evaluated checkpoint); rerun it to reproduce a run.", ""]  # fmt: skip
     plots: list[tuple[Path, Callable[[Path], None]]] = []
-    studies = []
-    for folder in folders:
-        study = load_study_records(folder)
-        studies.append(study)
+    studies = [load_study_records(folder) for folder in folders]
+    # A PSSR row protects a classifier of any study (its own or another): each looks its classifier up here.
+    classifiers = [r for s in studies for r in s.records.values() if r.get("eval") and r["eval"].get("kind") != "pssr"]
+    for study in studies:
         png = None
         if study.records and study.definition.get("eval", {}).get("test") is not False:
             plots.append((root / f"{study.id}.png", partial(plot_study, study)))
             png = f"{root.name}/{study.id}.png"  # relative to ROOT.md, which sits next to ROOT
-        parts.append(render_study(study, png))
+        parts.append(render_study(study, png, classifiers))
     if gains := fsr_gains(studies):
         plots.append((root / FSR_GAIN_PNG, partial(plot_gain, gains)))
         parts.append(render_gain(gains, f"{root.name}/{FSR_GAIN_PNG}"))
