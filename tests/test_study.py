@@ -646,9 +646,8 @@ def test_pssr_against_its_classifiers_autoattack_has_the_planted_answer():
     f, p = _pssr_pair(f_aa=40, pipe_aa=25)
     assert classifier_record(p, [f]) is f
     acc, (mean, low, high) = pssr_autoattack_against_classifier(p, f)
-    assert (
-        acc == 40.0 and mean == pytest.approx(-15.0) and low < -15.0 < high < 0
-    )  # 15 of 100 examples lost, none gained
+    # 15 of 100 examples lost, none gained
+    assert acc == 40.0 and mean == pytest.approx(-15.0) and low < -15.0 < high < 0
     f, p = _pssr_pair(f_aa=30, pipe_aa=30)
     assert pssr_autoattack_against_classifier(p, f)[1] == (0.0, 0.0, 0.0)  # identical: zero, zero width
 

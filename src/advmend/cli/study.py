@@ -137,11 +137,10 @@ def run_results_command(args: argparse.Namespace) -> int:
                 )
         print(" and ".join(str(p) for p, _ in targets) + " match the records")
         return 0
-    pngs = [] if args.no_plot else [path for path, _ in plots]
-    if not args.no_plot:
-        for path, draw in plots:
-            draw(path)
+    for path, draw in [] if args.no_plot else plots:
+        draw(path)
     for path, expected in targets:
         atomic_write_text(path, expected)
-    print("wrote " + ", ".join(str(p) for p, _ in targets) + "".join(f", {p}" for p in pngs))
+    pngs = "" if args.no_plot else "".join(f", {path}" for path, _ in plots)
+    print("wrote " + ", ".join(str(p) for p, _ in targets) + pngs)
     return 0

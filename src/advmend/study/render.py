@@ -199,9 +199,11 @@ def classifier_record(rec: dict, classifiers: Sequence[dict]) -> dict | None:
     more than one."""
     ev = rec["eval"]
     alone, idx = ev["classifier_alone"], ev.get("attack_indices")
+    if idx is None:
+        return None
     n = len(alone["PGD-20"]["correct"])
     hits = [c for c in classifiers
-            if c["eval"]["clean"]["correct"] == alone["clean"]["correct"] and idx is not None
+            if c["eval"]["clean"]["correct"] == alone["clean"]["correct"]
             and c["eval"].get("attack_indices", [])[:n] == idx[:n]
             and (c["eval"]["attacks"].get("PGD-20") or {}).get("correct", "")[:n] == alone["PGD-20"]["correct"]]  # fmt: skip
     return hits[0] if len(hits) == 1 else None
@@ -220,7 +222,7 @@ def pssr_autoattack_against_classifier(
     alone = f_rec["eval"]["attacks"].get("AutoAttack")
     if alone is None or alone["n"] < pipe["n"]:
         return None
-    f = _bits(f_rec, alone)[: pipe["n"]]
+    f = _bits(f_rec, alone)[: pipe["n"]]  # PSSR's AutoAttack subset is a prefix of f's
     return 100.0 * float(f.mean()), paired_bootstrap((_bits(rec, pipe) - f)[None, :])
 
 
